@@ -1,0 +1,73 @@
+"""``reduce``: run one method on a token tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.budget import resolve_keep
+from tokensieve.core.reduction import Reduction
+from tokensieve.core.registry import get_method
+from tokensieve.core.signals import SIGNAL_NAMES, build_signals, check_tokens
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    """A method and its settings as plain data (printable, comparable, serialisable)."""
+
+    method: str
+    keep: int | float
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "keep": self.keep, "options": dict(self.options),
+                "seed": self.seed}
+
+
+def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keyword arguments into (signals, method options) by the fixed signal names."""
+    signals = {k: v for k, v in kwargs.items() if k in SIGNAL_NAMES}
+    options = {k: v for k, v in kwargs.items() if k not in SIGNAL_NAMES}
+    return signals, options
+
+
+def reduce(
+    tokens: Tensor,
+    method: str,
+    keep: int | float,
+    *,
+    seed: int | None = 0,
+    **kwargs: Any,
+) -> Reduction:
+    """Reduce a token set ``[B, N, D]`` to ``keep`` tokens with ``method``.
+
+    Args:
+        tokens: ``[B, N, D]`` floating-point tokens.
+        method: a name from ``list_methods()``.
+        keep: an int count in ``[1, N]`` or a float fraction in ``(0, 1]``.
+        seed: seeds the methods that draw random numbers (``None``: torch's global RNG).
+        **kwargs: signals by their fixed names (``cls_attn``, ``attn_received``, ``keys``,
+            ``values``, ``text``, ``text_mask``, ``grid``, ``partitions``) and the
+            method's options (see ``describe(method).defaults()``).
+
+    Returns:
+        A :class:`Reduction` with ``.tokens`` ``[B, K', D]`` and ``.indices`` ``[B, K]``
+        (ascending; ``None`` for pure merging).
+    """
+    spec = get_method(method)
+    tokens = check_tokens(tokens)
+    k = resolve_keep(keep, tokens.shape[1])
+    raw_signals, options = split_kwargs(kwargs)
+    config = spec.make_config(options)
+    signals = build_signals(tokens, raw_signals)
+    for name in spec.signals:
+        signals.require(name, spec.name)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=tokens.device)
+        generator.manual_seed(int(seed))
+    return spec.fn(tokens, k, signals, config, generator)

@@ -1,0 +1,194 @@
+"""Signals: the side information a method may use besides the tokens.
+
+Every signal has a fixed keyword name (see ``SIGNAL_NAMES``). Tensor signals are
+aligned with the token set they accompany: position ``j`` of a per-token signal
+describes ``tokens[:, j]`` (so when the tokens include a leading CLS token, so do
+the signals).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+SIGNAL_DOCS: dict[str, str] = {
+    "cls_attn": "CLS attention to each token, [B, N] or per layer [B, L, N]",
+    "attn_received": "attention each token receives (key-column mean), [B, N] or [B, L, N]",
+    "keys": "attention keys of the tokens (head-mean or concatenated), [B, N, Dk]",
+    "values": "attention values of the tokens, [B, N, Dv]",
+    "text": "text (prompt) embeddings, [B, M, Dt]",
+    "text_mask": "bool mask of real text tokens, [B, M]",
+    "grid": "patch grid shape (H, W) of the tokens",
+    "partitions": "anyres layout: a Partitions object (ids [B, N] and the crop tiling)",
+}
+SIGNAL_NAMES: tuple[str, ...] = tuple(SIGNAL_DOCS)
+
+
+@dataclass(frozen=True)
+class Partitions:
+    """Anyres layout of a token set (LLaVA-NeXT style: an overview image plus crops).
+
+    Attributes:
+        ids: ``[B, N]`` long; 0 for the overview (thumbnail) image, ``1..P`` for the
+            crops in raster order of the tiling, ``-1`` for tokens that are always kept
+            (e.g. image-newline tokens).
+        tiling: ``(rows, cols)`` of the crop tiling, ``rows * cols == P``.
+        grid: ``(H, W)`` token grid of one partition (e.g. (24, 24)); every partition
+            holds ``H * W`` tokens in raster order.
+    """
+
+    ids: Tensor
+    tiling: tuple[int, int]
+    grid: tuple[int, int]
+
+    @property
+    def num_crops(self) -> int:
+        return self.tiling[0] * self.tiling[1]
+
+
+@dataclass
+class Signals:
+    """The signals passed to a method (``None`` when not given)."""
+
+    cls_attn: Tensor | None = None
+    attn_received: Tensor | None = None
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    text: Tensor | None = None
+    text_mask: Tensor | None = None
+    grid: tuple[int, int] | None = None
+    partitions: Partitions | None = None
+
+    def given(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def require(self, name: str, method: str) -> object:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(
+                f"method {method!r} needs the signal {name!r} ({SIGNAL_DOCS[name]}); "
+                f"got only {self.given() or 'no signals'}"
+            )
+        return value
+
+    def layer(self, name: str, method: str, which: int = -1) -> Tensor:
+        """A per-token score signal as ``[B, N]``: itself, or layer ``which`` of ``[B, L, N]``."""
+        value = self.require(name, method)
+        assert isinstance(value, Tensor)
+        return value if value.dim() == 2 else value[:, which]
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/inf values; expected finite values")
+
+
+def check_tokens(tokens: object) -> Tensor:
+    """Validate a token tensor ``[B, N, D]`` (floating point, finite, non-empty)."""
+    if not isinstance(tokens, Tensor):
+        raise ValueError(f"tokens: expected a torch.Tensor [B, N, D], got {type(tokens).__name__}")
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens: expected rank 3 [B, N, D], got shape {tuple(tokens.shape)}")
+    if not tokens.is_floating_point():
+        raise ValueError(f"tokens: expected a floating-point tensor, got dtype {tokens.dtype}")
+    if min(tokens.shape) == 0:
+        raise ValueError(f"tokens: expected non-empty [B, N, D], got shape {tuple(tokens.shape)}")
+    _check_finite("tokens", tokens)
+    return tokens
+
+
+def _check_per_token(name: str, t: object, b: int, n: int, ranks: tuple[int, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ranks:
+        raise ValueError(f"{name}: expected rank {' or '.join(map(str, ranks))}, "
+                         f"got shape {tuple(t.shape)}")
+    if t.shape[0] != b:
+        raise ValueError(f"{name}: batch size {t.shape[0]} disagrees with tokens' batch size {b}")
+    token_dim = 1 if t.dim() == 2 or name in ("keys", "values") else 2
+    if t.shape[token_dim] != n:
+        raise ValueError(f"{name}: has {t.shape[token_dim]} tokens (shape {tuple(t.shape)}), "
+                         f"expected {n} to match tokens")
+    _check_finite(name, t)
+
+
+def check_grid(grid: object, n: int, name: str = "grid") -> tuple[int, int]:
+    """Validate a grid ``(H, W)`` holding ``n`` tokens."""
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
+        raise ValueError(f"{name}={grid!r}: expected a pair of positive ints (H, W)")
+    h, w = int(grid[0]), int(grid[1])
+    if h * w != n:
+        raise ValueError(f"{name}={grid!r}: H*W={h * w} but there are {n} grid tokens")
+    return h, w
+
+
+def infer_grid(n: int, grid: tuple[int, int] | None, method: str) -> tuple[int, int]:
+    """The grid of ``n`` tokens: the given one, or a square one when ``n`` is a square."""
+    if grid is not None:
+        return check_grid(grid, n)
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"method {method!r} needs the signal 'grid' (H, W): "
+                         f"{n} tokens are not a square grid")
+    return side, side
+
+
+def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
+    """Validate raw keyword signals against ``tokens`` and pack them into ``Signals``."""
+    b, n, _ = tokens.shape
+    for name in ("cls_attn", "attn_received"):
+        if raw.get(name) is not None:
+            _check_per_token(name, raw[name], b, n, (2, 3))
+    for name in ("keys", "values"):
+        if raw.get(name) is not None:
+            _check_per_token(name, raw[name], b, n, (3,))
+    text, text_mask = raw.get("text"), raw.get("text_mask")
+    if text is not None:
+        if not isinstance(text, Tensor) or text.dim() != 3:
+            raise ValueError(f"text: expected a tensor [B, M, Dt], got "
+                             f"{tuple(text.shape) if isinstance(text, Tensor) else type(text)}")
+        if text.shape[0] != b:
+            raise ValueError(f"text: batch size {text.shape[0]} disagrees with tokens' {b}")
+        _check_finite("text", text)
+    if text_mask is not None:
+        if text is None:
+            raise ValueError("text_mask given without text")
+        if not isinstance(text_mask, Tensor) or tuple(text_mask.shape) != tuple(text.shape[:2]):
+            got = tuple(text_mask.shape) if isinstance(text_mask, Tensor) else text_mask
+            raise ValueError(f"text_mask: expected shape {tuple(text.shape[:2])} ([B, M]), "
+                             f"got {got!r}")
+        text_mask = text_mask.bool()
+        if not bool(text_mask.any(dim=1).all()):
+            raise ValueError("text_mask: every sample needs at least one real text token")
+    grid = raw.get("grid")
+    if grid is not None:
+        if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+            raise ValueError(f"grid={grid!r}: expected a pair of positive ints (H, W)")
+        grid = (int(grid[0]), int(grid[1])) if all(
+            isinstance(v, int) and not isinstance(v, bool) for v in grid) else grid
+        if not all(isinstance(v, int) and v > 0 for v in grid):
+            raise ValueError(f"grid={grid!r}: expected a pair of positive ints (H, W)")
+    partitions = raw.get("partitions")
+    if partitions is not None:
+        if not isinstance(partitions, Partitions):
+            raise ValueError(f"partitions: expected a tokensieve Partitions, got "
+                             f"{type(partitions).__name__}")
+        ids = partitions.ids
+        if not isinstance(ids, Tensor) or tuple(ids.shape) != (b, n):
+            raise ValueError(f"partitions.ids: expected shape {(b, n)}, got "
+                             f"{tuple(ids.shape) if isinstance(ids, Tensor) else ids!r}")
+    return Signals(
+        cls_attn=raw.get("cls_attn"),  # type: ignore[arg-type]
+        attn_received=raw.get("attn_received"),  # type: ignore[arg-type]
+        keys=raw.get("keys"),  # type: ignore[arg-type]
+        values=raw.get("values"),  # type: ignore[arg-type]
+        text=text,  # type: ignore[arg-type]
+        text_mask=text_mask,  # type: ignore[arg-type]
+        grid=grid,  # type: ignore[arg-type]
+        partitions=partitions,  # type: ignore[arg-type]
+    )

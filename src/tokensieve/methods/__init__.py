@@ -1,0 +1,1 @@
+"""Token reduction methods: one file per method, each registered with ``@register``."""
