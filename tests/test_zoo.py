@@ -1,0 +1,197 @@
+"""Tests of the embedded tiny VLM: scene generator, model plumbing, training, checkpoint."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from tokensieve.zoo import (
+    accuracy_by_family,
+    answer,
+    checkpoint_available,
+    load_tiny_vlm,
+    scene_qa,
+)
+from tokensieve.zoo.build import TinyConfig, build_model, build_processor, pixel_values
+from tokensieve.zoo.scenes import (
+    COLORS,
+    DIGITS,
+    FAMILIES,
+    GLYPH_SIZE,
+    NUM_PATCHES,
+    PLURALS,
+    _font,
+    make_scene,
+    sample_at,
+)
+from tokensieve.zoo.train import (
+    PromptCodec,
+    TrainConfig,
+    feature_layer,
+    lm_answer_logits,
+    train_tiny_vlm,
+)
+
+SMALL = TinyConfig(vision_hidden=32, vision_layers=3, vision_heads=2, vision_mlp=64,
+                   text_hidden=32, text_layers=2, text_heads=2, text_mlp=64)
+
+
+def test_generator_is_deterministic() -> None:
+    a, b = scene_qa("test", 14), scene_qa("test", 14)
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(np.asarray(x.image), np.asarray(y.image))
+        assert (x.question, x.answer, x.family) == (y.question, y.answer, y.family)
+    assert not np.array_equal(np.asarray(make_scene("train", 0).image),
+                              np.asarray(make_scene("test", 0).image))
+
+
+def test_samples_shape_and_balance() -> None:
+    samples = scene_qa("val", 21)
+    assert [s.family for s in samples] == list(FAMILIES) * 3
+    for s in samples:
+        assert s.image.size == (192, 192) and s.image.mode == "RGB"
+        assert len(s.answer.split()) == 1
+        assert s.question.endswith("?")
+
+
+@pytest.mark.parametrize("split,n", [("bogus", 1), ("test", -1), ("test", 2001), ("val", 1.5)])
+def test_scene_qa_rejects_bad_arguments(split: str, n) -> None:
+    with pytest.raises(ValueError):
+        scene_qa(split, n)
+
+
+def _closest_color(rgb: np.ndarray) -> str:
+    return min(COLORS, key=lambda c: float(np.sum((np.asarray(COLORS[c]) - rgb) ** 2)))
+
+
+def _read_digit(image: Image.Image, box: tuple[int, int, int, int]) -> str:
+    """Template-match the sign's crop against every digit drawn with the same font."""
+    crop = np.asarray(image.convert("L").crop(box), np.float32)
+    crop = (crop - crop.mean()) / (crop.std() + 1e-6)
+    scores = {}
+    for d in DIGITS:
+        plate = Image.new("L", (GLYPH_SIZE, GLYPH_SIZE), 240)
+        ImageDraw.Draw(plate).text((GLYPH_SIZE / 2, GLYPH_SIZE / 2), d, fill=20, font=_font(),
+                                   anchor="mm")
+        t = np.asarray(plate, np.float32)
+        scores[d] = float(np.mean(crop * (t - t.mean()) / (t.std() + 1e-6)))
+    return max(scores, key=scores.get)
+
+
+def test_answers_agree_with_what_was_drawn() -> None:
+    for i in range(70):
+        s = sample_at("test", i)
+        scene = s.scene
+        shapes = scene.shapes
+        img = np.asarray(s.image, np.float32)
+        boxes = [o.box for o in scene.objects]
+        for j, a in enumerate(boxes):  # no overlaps
+            for b in boxes[j + 1:]:
+                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+        for o in shapes:  # each shape is visible in its recorded colour at its centre
+            cx, cy = (int(v) for v in o.center)
+            assert _closest_color(img[cy - 1:cy + 2, cx - 1:cx + 2].mean((0, 1))) == o.color
+        q = s.question
+        if s.family == "count":
+            m = re.match(r"how many (\w+) (shapes )?are there", q)
+            what = m.group(1)
+            if what == "shapes":
+                expected = len(shapes)
+            elif what in COLORS:
+                expected = sum(o.color == what for o in shapes)
+            else:
+                expected = sum(PLURALS[o.shape] == what for o in shapes)
+            assert s.answer == str(expected)
+        elif s.family == "color":
+            shape = q.split()[-2]
+            assert [o.color for o in shapes if o.shape == shape] == [s.answer]
+        elif s.family == "shape":
+            color = q.split()[-3]
+            assert [o.shape for o in shapes if o.color == color] == [s.answer]
+        elif s.family == "existence":
+            _, _, _, color, shape, _ = q.split()
+            present = any(o.color == color and o.shape == shape for o in shapes)
+            assert s.answer == ("yes" if present else "no")
+        elif s.family == "glyph":
+            assert scene.sign is not None and s.answer == scene.sign.digit
+            assert _read_digit(s.image, scene.sign.box) == s.answer
+        elif s.family == "region":
+            color, shape = q.split()[3:5]
+            (o,) = [o for o in shapes if o.color == color and o.shape == shape]
+            vert, horiz = s.answer.split("-")
+            assert (o.center[1] < 96) == (vert == "top") and (o.center[0] < 96) == (horiz == "left")
+        elif s.family == "relation":
+            words = q.split()
+            a = next(o for o in shapes if (o.color, o.shape) == (words[2], words[3]))
+            b = next(o for o in shapes if (o.color, o.shape) == (words[-3], words[-2]))
+            axis = 0 if "left" in words else 1
+            first = a.center[axis] < b.center[axis]
+            assert s.answer == (("left", "above")[axis] if first else ("right", "below")[axis])
+
+
+def test_processor_expands_image_tokens_and_matches_pixels() -> None:
+    proc = build_processor()
+    samples = scene_qa("test", 2)
+    enc = proc(text=["USER: <image>\n" + s.question + " ASSISTANT:" for s in samples],
+               images=[s.image for s in samples], return_tensors="pt", padding=True)
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert ((enc["input_ids"] == image_id).sum(-1) == NUM_PATCHES).all()
+    assert torch.equal(enc["pixel_values"], pixel_values([s.image for s in samples]))
+    assert proc.tokenizer.unk_token_id not in enc["input_ids"].tolist()[0]
+
+
+@torch.no_grad()
+def test_training_paths_match_the_llava_forward() -> None:
+    """Truncated tower == hidden_states[-2]; cached-prefix logits == a plain forward."""
+    proc = build_processor()
+    model = build_model(SMALL, proc.tokenizer, seed=0).eval()
+    samples = scene_qa("test", 3)
+    pix = pixel_values([s.image for s in samples])
+    full = model.model.vision_tower(pixel_values=pix, output_hidden_states=True)
+    assert torch.allclose(feature_layer(model, pix), full.hidden_states[-2], atol=1e-5)
+    codec = PromptCodec(proc.tokenizer)
+    img = model.model.multi_modal_projector(feature_layer(model, pix)[:1, 1:])
+    suffixes = [codec.suffix(s.question) for s in samples]
+    logits, lens = lm_answer_logits(model, codec, img, suffixes, repeat=3)
+    for r, s in enumerate(samples):
+        enc = proc(text=["USER: <image>\n" + s.question + " ASSISTANT:"],
+                   images=[samples[0].image], return_tensors="pt")
+        ref = model(**enc).logits[0, -1]
+        assert torch.allclose(logits[r, lens[r] - 1], ref, atol=1e-4)
+
+
+def test_retraining_smoke(tmp_path) -> None:
+    cfg = TrainConfig(stage1_steps=2, stage1_batch=4, stage2_images=8, stage2_steps=2,
+                      stage2_batch=4, questions_per_image=2, drop_prob=0.5, drop_min_keep=8,
+                      log_every=1)
+    logs: list[str] = []
+    model, proc, times = train_tiny_vlm(cfg, SMALL, log=logs.append)
+    assert any("stage1" in m for m in logs) and any("stage2" in m for m in logs)
+    assert times["total_s"] > 0
+    model.half().save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    loaded, lproc = load_tiny_vlm(path=tmp_path)
+    preds = answer(loaded, lproc, scene_qa("test", 3), batch_size=2, max_new_tokens=2)
+    assert len(preds) == 3 and all(isinstance(p, str) for p in preds)
+
+
+def test_answer_rejects_bad_batch_size() -> None:
+    proc = build_processor()
+    model = build_model(SMALL, proc.tokenizer)
+    with pytest.raises(ValueError):
+        answer(model, proc, scene_qa("test", 1), batch_size=0)
+
+
+@pytest.mark.skipif(not checkpoint_available(),
+                    reason="shipped checkpoint not present yet (run scripts/train_tiny_vlm.py)")
+def test_shipped_checkpoint_accuracy() -> None:
+    model, proc = load_tiny_vlm()
+    assert model.config.vision_feature_layer == -2
+    assert model.config.vision_feature_select_strategy == "default"
+    samples = scene_qa("test", 200)
+    acc = accuracy_by_family(samples, answer(model, proc, samples, batch_size=25))
+    assert acc["overall"] >= 0.90, acc
