@@ -1,0 +1,239 @@
+"""Bipartite soft matching (ToMe) and multi-round merging, shared by ``tome`` and ``turbo``.
+
+One round of bipartite soft matching (Bolya et al., "Token Merging: Your ViT But Faster",
+ICLR 2023) over ``T`` tokens:
+
+1. L2-normalise the metric (keys or tokens) and split the tokens by parity: set A holds the
+   even positions ``0, 2, 4, ...``, set B the odd positions ``1, 3, 5, ...``.
+2. Every A token finds its most similar B token (cosine similarity; ties: lowest B index).
+3. The ``r`` A tokens with the highest priority are merged into their B match. ToMe's
+   priority is the best similarity; Turbo subtracts a per-token penalty (its weighted
+   semantic value) from it. A protected first token (CLS) is never merged.
+
+:func:`bipartite_soft_matching` returns a :class:`Matching` whose ``merge`` / ``unmerge`` /
+``merge_wavg`` methods play the role of ToMe's closures, so an in-encoder patch can reuse
+them block by block. :func:`merge_to_budget` repeats rounds until a budget is reached.
+
+Output order: unlike the official code (which concatenates ``[unmerged A, B]``), the output
+slots keep the original order of the surviving tokens (the unmerged A tokens and every B
+token), so a protected CLS stays first and ``positions`` are ascending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.ops import gather_tokens, normalize
+from tokensieve.core.reduction import Reduction
+
+_MERGE_MODES = ("sum", "mean", "amax")
+
+
+@dataclass(frozen=True)
+class Matching:
+    """One round of bipartite soft matching over ``T`` tokens that removes ``r`` of them.
+
+    Attributes:
+        slot: ``[B, T]`` long, the output slot of every input token (merged A tokens share
+            the slot of their B match).
+        kept: ``[B, T - r]`` long, ascending: the input index of the surviving token that
+            represents each output slot.
+        src: ``[B, r]`` long, input indices of the merged A tokens (in merge priority order).
+        dst: ``[B, r]`` long, input indices of the B tokens they were merged into.
+    """
+
+    slot: Tensor
+    kept: Tensor
+    src: Tensor
+    dst: Tensor
+
+    @property
+    def num_out(self) -> int:
+        """``T - r``, the number of output slots."""
+        return int(self.kept.shape[1])
+
+    def merge(self, x: Tensor, mode: str = "sum") -> Tensor:
+        """Pool ``x`` ``[B, T, C]`` into ``[B, T - r, C]`` slot by slot.
+
+        ``mode``: "sum", "mean" (unweighted over the tokens of a slot) or "amax". Computed in
+        float32, returned in ``x``'s dtype.
+        """
+        if mode not in _MERGE_MODES:
+            raise ValueError(f"mode={mode!r}: expected one of {_MERGE_MODES}")
+        b, t, c = x.shape
+        if t != self.slot.shape[1]:
+            raise ValueError(f"x has {t} tokens, expected {self.slot.shape[1]} (the matched set)")
+        out = torch.zeros(b, self.num_out, c, device=x.device, dtype=torch.float32)
+        index = self.slot.unsqueeze(-1).expand(-1, -1, c)
+        out = out.scatter_reduce(1, index, x.float(), reduce=mode, include_self=False)
+        return out.to(x.dtype)
+
+    def unmerge(self, x: Tensor) -> Tensor:
+        """Copy each slot back to every input token it holds: ``[B, T - r, C] -> [B, T, C]``."""
+        return gather_tokens(x, self.slot)
+
+    def merge_wavg(self, x: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Size-weighted average of the merged tokens (ToMe's ``merge_wavg``).
+
+        Args:
+            x: ``[B, T, C]`` tokens.
+            sizes: ``[B, T]`` how many source tokens each input token stands for (ones if
+                ``None``).
+
+        Returns:
+            ``(x' [B, T - r, C] in x's dtype, sizes' [B, T - r] float32)``.
+        """
+        s = torch.ones(x.shape[:2], device=x.device) if sizes is None else sizes.float()
+        total = self.merge(x.float() * s.unsqueeze(-1), "sum")
+        new_sizes = self.merge(s.unsqueeze(-1), "sum").squeeze(-1)
+        return (total / new_sizes.unsqueeze(-1)).to(x.dtype), new_sizes
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, *, protect_first: bool = False,
+                            penalty: Tensor | None = None) -> Matching:
+    """One round of ToMe's bipartite soft matching.
+
+    Args:
+        metric: ``[B, T, C]`` features to compare (keys or tokens; normalised here, float32).
+        r: how many tokens to remove, ``0 <= r <= (T - protect_first) // 2``.
+        protect_first: never merge token 0 (a CLS token).
+        penalty: optional ``[B, T]`` subtracted from each A token's best similarity before
+            ranking (Turbo: ``100 * alpha * cls_attn``); it changes which A tokens merge, not
+            where they merge.
+
+    Returns:
+        The :class:`Matching`. Merge priority ties are broken towards the lower A index.
+    """
+    b, t, _ = metric.shape
+    protected = int(protect_first)
+    limit = max((t - protected) // 2, 0)
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= limit:
+        raise ValueError(f"r={r!r}: expected an int in [0, {limit}] (at most half of the {t} "
+                         f"tokens{', CLS excluded' if protect_first else ''})")
+    dev = metric.device
+    if r == 0:
+        idx = torch.arange(t, device=dev).unsqueeze(0).expand(b, -1)
+        empty = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        return Matching(slot=idx, kept=idx, src=empty, dst=empty)
+    m = normalize(metric)
+    sim = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)  # [B, |A|, |B|]
+    best, best_b = sim.max(dim=-1)
+    if penalty is not None:
+        best = best - penalty.float()[:, ::2]
+    if protect_first:
+        best[:, 0] = -torch.inf
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src_a = order[:, :r]
+    src = 2 * src_a
+    dst = 2 * best_b.gather(1, src_a) + 1
+    merged = torch.zeros(b, t, dtype=torch.bool, device=dev)
+    merged.scatter_(1, src, True)
+    survive = ~merged
+    rank = survive.long().cumsum(dim=1) - 1
+    slot = rank.scatter(1, src, rank.gather(1, dst))
+    kept = torch.nonzero(survive)[:, 1].reshape(b, t - r)
+    return Matching(slot=slot, kept=kept, src=src, dst=dst)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """Tokens merged down to a budget.
+
+    Attributes:
+        tokens: ``[B, K, D]`` size-weighted means of the merged groups, input dtype.
+        sizes: ``[B, K]`` float32, source tokens (or prior sizes) per output token.
+        positions: ``[B, K]`` long, ascending: the source position of each group's
+            surviving token.
+        assignment: ``[B, N]`` long, the output slot of every source token.
+    """
+
+    tokens: Tensor
+    sizes: Tensor
+    positions: Tensor
+    assignment: Tensor
+
+
+def check_sizes(sizes: Tensor, b: int, n: int, method: str) -> Tensor:
+    """Validate prior token sizes ``[B, N]`` (finite and positive)."""
+    if not isinstance(sizes, Tensor) or tuple(sizes.shape) != (b, n):
+        got = tuple(sizes.shape) if isinstance(sizes, Tensor) else type(sizes).__name__
+        raise ValueError(f"{method}: sizes: expected shape {(b, n)} ([B, N]), got {got}")
+    s = sizes.float()
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        raise ValueError(f"{method}: sizes: expected finite positive values, got min "
+                         f"{float(s.min())}")
+    return s
+
+
+def merge_to_budget(tokens: Tensor, k: int, *, metric: Tensor | None = None,
+                    sizes: Tensor | None = None, protect_first: bool = False,
+                    attn: Tensor | None = None, attn_weight: float = 0.0) -> MergeResult:
+    """Merge ``tokens`` ``[B, N, D]`` down to ``k`` tokens by repeated bipartite matching.
+
+    Each round removes ``r = min(T - k, (T - protect_first) // 2)`` of the current ``T``
+    tokens (ToMe's 50 % cap), so reaching ``k`` takes about ``log2(N / k)`` rounds. Between
+    rounds the metric is merged by size-weighted average (as the official Turbo/FOLDER code
+    does when it merges more than half of the tokens in one layer) and ``attn`` by an
+    unweighted mean over each merged group (the official ``scatter_reduce(..., "mean")``).
+
+    Args:
+        tokens: ``[B, N, D]``.
+        k: target count, ``1 + protect_first <= k <= N`` (validated by the caller).
+        metric: ``[B, N, C]`` matching features (default: the tokens).
+        sizes: optional prior sizes ``[B, N]`` (e.g. from earlier merges), positive.
+        protect_first: token 0 is a CLS token that is never merged.
+        attn: optional ``[B, N]`` per-token semantic value (Turbo); the matching penalty is
+            ``attn_weight * attn``.
+        attn_weight: weight of ``attn`` in the penalty.
+    """
+    b, n, _ = tokens.shape
+    protected = int(protect_first)
+    x = tokens.float()
+    m = (tokens if metric is None else metric).float()
+    s = torch.ones(b, n, device=tokens.device) if sizes is None else sizes.float()
+    a = None if attn is None else attn.float()
+    positions = torch.arange(n, device=tokens.device).unsqueeze(0).expand(b, -1)
+    assignment = positions
+    t = n
+    while t > k:
+        r = min(t - k, (t - protected) // 2)
+        if r <= 0:
+            raise ValueError(f"keep={k}: cannot merge {t} tokens further "
+                             f"(the protected CLS token is never merged)")
+        match = bipartite_soft_matching(
+            m, r, protect_first=protect_first, penalty=None if a is None else attn_weight * a)
+        x, new_s = match.merge_wavg(x, s)
+        m = match.merge(m * s.unsqueeze(-1), "sum") / new_s.unsqueeze(-1)
+        if a is not None:
+            a = match.merge(a.unsqueeze(-1), "mean").squeeze(-1)
+        s = new_s
+        positions = positions.gather(1, match.kept)
+        assignment = match.slot.gather(1, assignment)
+        t -= r
+    return MergeResult(tokens=x.to(tokens.dtype), sizes=s, positions=positions,
+                       assignment=assignment)
+
+
+def merge_reduction(result: MergeResult, prior_sizes: Tensor | None = None) -> Reduction:
+    """Wrap a merge result as a pure-merge ``Reduction`` (sizes as counts unless prior
+    sizes were given, in which case they keep the prior sizes' dtype)."""
+    sizes = result.sizes.round().long() if prior_sizes is None else result.sizes.to(
+        prior_sizes.dtype)
+    return Reduction(tokens=result.tokens, indices=None, positions=result.positions,
+                     sizes=sizes, assignment=result.assignment)
+
+
+def check_flag(value: object, name: str, method: str) -> None:
+    """Reject non-bool flags (``has_cls="yes"`` would otherwise be truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{method}: {name}={value!r}: expected True or False")
+
+
+def check_cls_budget(k: int, n: int, need: int, method: str, why: str) -> None:
+    """Raise if the budget ``k`` is below ``need`` (e.g. CLS plus one more token)."""
+    if k < need:
+        raise ValueError(f"{method}: keep={k} is too small: {why} needs keep >= {need} "
+                         f"(of {n} tokens)")

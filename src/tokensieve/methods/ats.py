@@ -1,0 +1,188 @@
+"""ATS: adaptive token sampling by inverse transform sampling (Fayyaz et al., ECCV 2022).
+
+"Adaptive Token Sampling For Efficient Vision Transformers" (ATS). Per image:
+
+1. significance ``S_j = cls_attn_j * ||V_j||`` over the patch tokens (CLS excluded),
+   normalised to sum 1 (the official code sums the CLS attention over heads; the head mean
+   used here gives the same normalised scores);
+2. sort ``S`` ascending, take the CDF and min-max normalise it;
+3. place ``m`` targets evenly in ``[y0, 1]``, ``y0`` the smallest non-zero normalised CDF
+   value (the official ``create_ys``); ``m = keep - 1`` with a CLS token, else ``keep``;
+4. every target picks the token whose normalised CDF value is nearest (ties: the lowest
+   sorted position, i.e. ``argmin``); duplicates are dropped, so the count adapts to the
+   image: peaked significance gives few tokens, flat significance up to ``m``.
+
+Without ``values`` the method refuses to run (the value norm is part of the score); pass
+``use_values=False`` to sample by CLS attention alone (a documented variant, not the paper).
+
+Batches: counts differ per image, so the result is padded to the largest count ``K'``
+and ``mask`` ``[B, K']`` (True = real token) is always returned. Real tokens come first,
+in original order (strictly ascending ``indices``); padded slots hold zero tokens and repeat
+the row's last real index (valid for gathering, never a new position): ignore them through
+``mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.ops import gather_tokens
+from tokensieve.core.reduction import Reduction
+from tokensieve.core.registry import register
+from tokensieve.core.signals import Signals
+from tokensieve.methods._matching import check_flag
+
+
+@dataclass(frozen=True)
+class ATSConfig:
+    """Options of ``ats``.
+
+    Attributes:
+        has_cls: ``tokens[:, 0]`` is a CLS token: always kept first, counted in ``keep``.
+        use_values: weight the CLS attention by the value norms (official). ``False``:
+            significance = CLS attention only (for callers without ``values``).
+        min_tokens: the official lower bound on the budget (8, CLS included): a smaller
+            ``keep`` is refused (unless it is the whole token set); set 1 to disable.
+    """
+
+    has_cls: bool = False
+    use_values: bool = True
+    min_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        check_flag(self.has_cls, "has_cls", "ats")
+        check_flag(self.use_values, "use_values", "ats")
+        if (isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int)
+                or self.min_tokens < 1):
+            raise ValueError(f"ats: min_tokens={self.min_tokens!r}: expected an int >= 1")
+
+
+def ats_significance(cls_attn: Tensor, values: Tensor | None) -> Tensor:
+    """Normalised significance ``[B, P]`` (float32) of ``P`` patch tokens.
+
+    Args:
+        cls_attn: ``[B, P]`` CLS attention of the patches (head-mean or head-sum).
+        values: ``[B, P, Dv]`` attention values (all heads concatenated), or ``None`` to
+            score by attention alone.
+    """
+    s = cls_attn.float()
+    if values is not None:
+        s = s * torch.linalg.vector_norm(values.float(), dim=-1)
+    total = s.sum(dim=1, keepdim=True)
+    if bool((total <= 0).any()):
+        bad = torch.nonzero(total.squeeze(1) <= 0).flatten().tolist()
+        raise ValueError(f"ats: significance (cls_attn * ||values||) sums to {float(total.min())}"
+                         f" for sample(s) {bad}; expected a positive total")
+    return s / total
+
+
+def inverse_transform_sample(significance: Tensor, m: int) -> Tensor:
+    """ATS's inverse transform sampling: which of ``P`` tokens the ``m`` targets pick.
+
+    Args:
+        significance: ``[B, P]`` non-negative scores summing to 1 per row.
+        m: number of targets (``>= 1``).
+
+    Returns:
+        ``[B, P]`` bool, True for the sampled tokens (at most ``m`` per row).
+    """
+    b, p = significance.shape
+    dev = significance.device
+    order = torch.sort(significance, dim=1, stable=True).indices
+    cdf = torch.cumsum(significance.gather(1, order), dim=1)
+    lo, hi = cdf[:, :1], cdf[:, -1:]
+    span = hi - lo
+    ncdf = torch.where(span > 0, (cdf - lo) / span.clamp(min=torch.finfo(torch.float32).tiny),
+                       torch.ones_like(cdf))
+    start = torch.where(ncdf > 0, ncdf, torch.full_like(ncdf, torch.inf)).min(dim=1).values
+    if m == 1:
+        targets = torch.ones(b, 1, device=dev)
+    else:
+        step = torch.arange(m, device=dev, dtype=torch.float32) / (m - 1)
+        targets = start.unsqueeze(1) + (1.0 - start).unsqueeze(1) * step.unsqueeze(0)
+    # Nearest CDF value to each target (ncdf is sorted): compare the neighbours around the
+    # insertion point, the lower one on ties, then take the first entry holding that value.
+    right = torch.searchsorted(ncdf, targets).clamp(max=p - 1)
+    left = (right - 1).clamp(min=0)
+    v_left, v_right = ncdf.gather(1, left), ncdf.gather(1, right)
+    nearest = torch.where((targets - v_left).abs() <= (v_right - targets).abs(), v_left, v_right)
+    picked = torch.searchsorted(ncdf, nearest)
+    chosen_sorted = torch.zeros(b, p, dtype=torch.bool, device=dev).scatter(1, picked, True)
+    return torch.zeros_like(chosen_sorted).scatter(1, order, chosen_sorted)
+
+
+def pad_selection(tokens: Tensor, keep: Tensor) -> Reduction:
+    """A subset reduction from a per-sample keep mask ``[B, N]`` with differing counts.
+
+    Real tokens first in original order, then padding up to the largest count: zero tokens,
+    ``indices`` repeating the row's last real index, ``mask`` False.
+    """
+    b, n = keep.shape
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    pos = torch.arange(n, device=keep.device).unsqueeze(0)
+    order = torch.sort(torch.where(keep, pos, pos + n), dim=1).values[:, :width]
+    mask = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
+    last = order.gather(1, (counts - 1).clamp(min=0).unsqueeze(1))
+    indices = torch.where(mask, order, last)
+    kept = gather_tokens(tokens, indices)
+    kept = torch.where(mask.unsqueeze(-1), kept, torch.zeros_like(kept))
+    return Reduction(tokens=kept, indices=indices, mask=mask)
+
+
+def ats_select(tokens: Tensor, k: int, cls_attn: Tensor, values: Tensor | None, *,
+               has_cls: bool = False) -> Reduction:
+    """Adaptive token sampling of at most ``k`` tokens (CLS included) per sample.
+
+    Args:
+        tokens: ``[B, N, D]``.
+        k: the budget (upper bound on the count); ``k = N`` keeps every token.
+        cls_attn: ``[B, N]`` CLS attention aligned with the tokens.
+        values: ``[B, N, Dv]`` attention values (or ``None``: attention-only significance).
+        has_cls: ``tokens[:, 0]`` is CLS (always kept, not scored).
+
+    Returns:
+        ``Reduction`` with ``tokens`` ``[B, K', D]``, ``indices`` ``[B, K']``, ``mask``
+        ``[B, K']`` (``K' <= k`` the largest count in the batch).
+    """
+    b, n, _ = tokens.shape
+    c = int(has_cls)
+    dev = tokens.device
+    if k >= n:  # keeping every token: no sampling (the contract of every subset method)
+        keep = torch.ones(b, n, dtype=torch.bool, device=dev)
+        return pad_selection(tokens, keep)
+    keep = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    keep[:, :c] = True
+    if k - c > 0:
+        sig = ats_significance(cls_attn[:, c:], None if values is None else values[:, c:])
+        keep[:, c:] = inverse_transform_sample(sig, k - c)
+    return pad_selection(tokens, keep)
+
+
+@register(
+    "ats",
+    paper="Adaptive Token Sampling For Efficient Vision Transformers (ATS, Fayyaz et al., "
+          "ECCV 2022)",
+    stage="encoder", kind="subset", signals=("cls_attn",), optional_signals=("values",),
+    config=ATSConfig, features="vision", cls_token=True,
+)
+def ats_reduce(tokens: Tensor, k: int, signals: Signals, config: ATSConfig,
+               generator: torch.Generator | None) -> Reduction:
+    """Sample at most ``keep`` tokens by the inverse CDF of their significance.
+
+    ``cls_attn`` ``[B, N]`` (or ``[B, L, N]``: last layer) and ``values`` ``[B, N, Dv]``
+    (required unless ``use_values=False``) -> see :func:`ats_select`; ``mask`` is always set.
+    """
+    n = tokens.shape[1]
+    floor = min(config.min_tokens, n)
+    if k < floor:
+        raise ValueError(f"ats: keep={k} is below the official minimum of {floor} tokens "
+                         f"(option min_tokens={config.min_tokens})")
+    if config.use_values:
+        signals.require("values", "ats")
+    values = signals.values if config.use_values else None
+    return ats_select(tokens, k, signals.layer("cls_attn", "ats"), values,
+                      has_cls=config.has_cls)

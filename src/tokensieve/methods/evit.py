@@ -1,0 +1,126 @@
+"""EViT: keep the attentive tokens, fuse the inattentive ones (Liang et al., ICLR 2022).
+
+"Not All Patches are What You Need: Expediting Vision Transformers via Token
+Reorganizations" (EViT). In a block, the patch tokens are ranked by the head-mean attention
+the CLS token pays them; the top ones are kept and the rest are fused into one token
+
+    x_fused = sum_{j dropped} a_j x_j
+
+with ``a_j`` the CLS attention of token ``j``. Official quirk: the weights are not
+renormalised over the dropped tokens (they sum to the dropped attention mass, < 1), so the
+fused token is shrunk towards zero; ``fuse_normalize=True`` divides by ``sum_j a_j``
+(a proper weighted mean). The official code keeps the tokens in attention order; here they
+keep their original order (project policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.ops import gather_tokens, topk_indices
+from tokensieve.core.reduction import Reduction
+from tokensieve.core.registry import register
+from tokensieve.core.signals import Signals
+from tokensieve.methods._matching import check_cls_budget, check_flag
+
+
+@dataclass(frozen=True)
+class EViTConfig:
+    """Options of ``evit``.
+
+    Attributes:
+        has_cls: ``tokens[:, 0]`` is a CLS token: always kept first, counted in ``keep``;
+            ``cls_attn[:, 0]`` (its self attention) is ignored.
+        fuse: append the fused token of the dropped tokens (the paper's inattentive token
+            fusion). ``False``: a pure subset (CLS + top tokens).
+        fuse_normalize: corrected variant: fused token = attention-weighted *mean* of the
+            dropped tokens (official: the unnormalised sum).
+    """
+
+    has_cls: bool = False
+    fuse: bool = True
+    fuse_normalize: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("has_cls", "fuse", "fuse_normalize"):
+            check_flag(getattr(self, name), name, "evit")
+
+
+def evit_select(tokens: Tensor, k: int, cls_attn: Tensor, *, has_cls: bool = False,
+                fuse: bool = True, fuse_normalize: bool = False) -> Reduction:
+    """Keep the top tokens by CLS attention and (optionally) fuse the rest into one token.
+
+    The output has exactly ``k`` tokens: ``[CLS] + top-(k - has_cls - fuse) patches`` (in
+    original order) ``+ [fused]``.
+
+    Args:
+        tokens: ``[B, N, D]`` (with ``has_cls``, ``tokens[:, 0]`` is CLS).
+        k: output count, ``has_cls + fuse <= k <= N``.
+        cls_attn: ``[B, N]`` head-mean CLS attention aligned with the tokens.
+        has_cls: keep ``tokens[:, 0]`` first.
+        fuse: append the fused token.
+        fuse_normalize: divide the fused sum by the dropped attention mass (if that mass is
+            0, the fused token is the plain mean of the dropped tokens).
+
+    Returns:
+        ``Reduction``: ``tokens`` ``[B, k, D]``; ``indices`` ``[B, k - fuse]`` kept source
+        positions (ascending, CLS first); ``positions`` ``[B, k]`` (the fused token's is its
+        most-attended dropped token); with ``fuse``, ``sizes`` ``[B, k]`` (1 for kept
+        tokens, the dropped count for the fused one) and ``assignment`` ``[B, N]``.
+    """
+    b, n, _ = tokens.shape
+    c, f = int(has_cls), int(fuse)
+    if c + f:
+        check_cls_budget(k, n, c + f, "evit",
+                         " plus ".join(["a CLS token"] * c + ["the fused token"] * f))
+    scores = cls_attn.float()[:, c:]
+    top = topk_indices(scores, k - c - f) + c
+    dev = tokens.device
+    indices = torch.cat([torch.zeros(b, c, dtype=torch.long, device=dev), top], dim=1)
+    kept = gather_tokens(tokens, indices)
+    if not fuse:
+        return Reduction(tokens=kept, indices=indices)
+    drop = torch.ones(b, n - c, dtype=torch.bool, device=dev)
+    drop.scatter_(1, top - c, False)
+    weights = torch.where(drop, scores, torch.zeros_like(scores))
+    if fuse_normalize:
+        mass = weights.sum(dim=1, keepdim=True)
+        uniform = drop.float() / drop.sum(dim=1, keepdim=True)
+        weights = torch.where(mass > 0, weights / mass.clamp(min=torch.finfo(torch.float32).tiny),
+                              uniform)
+    fused = torch.einsum("bn,bnd->bd", weights, tokens[:, c:].float()).to(tokens.dtype)
+    masked = torch.where(drop, scores, torch.full_like(scores, -torch.inf))
+    fused_pos = masked.argmax(dim=1, keepdim=True) + c
+    slots = torch.arange(k - 1, device=dev).unsqueeze(0).expand(b, -1)
+    assignment = torch.full((b, n), k - 1, dtype=torch.long, device=dev).scatter(
+        1, indices, slots)
+    sizes = torch.ones(b, k, dtype=torch.long, device=dev)
+    sizes[:, -1] = drop.sum(dim=1)
+    return Reduction(
+        tokens=torch.cat([kept, fused.unsqueeze(1)], dim=1),
+        indices=indices,
+        positions=torch.cat([indices, fused_pos], dim=1),
+        sizes=sizes,
+        assignment=assignment,
+    )
+
+
+@register(
+    "evit",
+    paper="Not All Patches are What You Need: Expediting Vision Transformers via Token "
+          "Reorganizations (EViT, Liang et al., ICLR 2022)",
+    stage="encoder", kind="subset+merge", signals=("cls_attn",), config=EViTConfig,
+    features="vision", cls_token=True,
+)
+def evit_reduce(tokens: Tensor, k: int, signals: Signals, config: EViTConfig,
+                generator: torch.Generator | None) -> Reduction:
+    """Keep the most attended tokens plus one fused token, ``keep`` tokens in all.
+
+    ``cls_attn`` ``[B, N]`` (or ``[B, L, N]``: the last layer is used) -> see
+    :func:`evit_select`.
+    """
+    return evit_select(tokens, k, signals.layer("cls_attn", "evit"), has_cls=config.has_cls,
+                       fuse=config.fuse, fuse_normalize=config.fuse_normalize)
