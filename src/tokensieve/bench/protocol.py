@@ -1,0 +1,588 @@
+"""The evaluation protocol: methods x budgets on one model and one task, measured the same way.
+
+For every (method, keep) cell, and once for the unreduced model (``method="full"``):
+
+1. patch the model (``tokensieve.models.apply``), answer every sample greedily
+   (``tokensieve.zoo.answer``) and score exact matches per question family;
+2. time ``generate`` on a fixed batch (prefill, per-token decode, tokens/s, peak memory,
+   medians over repeats after warm-up; see :mod:`tokensieve.bench.timing`);
+3. account prefill/decode compute and KV-cache bytes analytically from the model config
+   (:mod:`tokensieve.bench.flops`, multiply-adds counted once);
+4. unpatch (``remove``).
+
+Retention is a cell's accuracy divided by the full model's, per family and overall. The
+results (``results.json``, ``results.csv``) carry the environment (versions, device, dtype,
+seed, sample count, threads) and each row's exact method config (``ReduceConfig``); the
+Pareto plot (``pareto.png``) shows accuracy against prefill FLOPs and measured latency.
+
+Everything that can be checked before the long work is checked first: methods, budgets
+(against the model's visual-token count), the adapter's support for each method on this
+model, the device, the dtype and that the output folder is writable.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokensieve.bench.flops import Cost, Plan, VLMDims, account, plan_for
+from tokensieve.bench.timing import Timing, cpu_threads, measure_generation
+from tokensieve.core.api import ReduceConfig
+from tokensieve.core.registry import get_method, list_methods
+
+#: Default budgets, as counts out of LLaVA-1.5's 576 (scaled to other models' token counts).
+REFERENCE_TOKENS = 576
+REFERENCE_KEEPS = (192, 128, 64)
+#: Methods tried by default, in this order (those registered and supported by the adapter).
+DEFAULT_METHODS = ("random", "uniform", "pool", "fastervlm", "visionzip", "divprune",
+                   "cdpruner", "vtc-cls", "hiprune", "dart", "fastv")
+#: Default methods at most (keeps ``tokensieve bench`` within about 5 minutes on 2 CPU cores).
+DEFAULT_MAX_METHODS = 6
+DEFAULT_LIMIT = 70
+FULL = "full"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16}
+#: Option names a method may use for the layer where it acts (encoder or LLM).
+LAYER_OPTIONS = ("layer", "prune_layer", "k_layer", "start_layer")
+
+
+@dataclass
+class BenchConfig:
+    """What to run (plain data; written into the results).
+
+    Attributes:
+        model: a local path or hub id of a supported VLM; ``None`` for the embedded tiny VLM.
+        methods: method names; ``None`` for the default list (see ``DEFAULT_METHODS``).
+        keeps: visual-token budgets (counts); ``None`` for 192/128/64 of 576 scaled to the
+            model. The full model is always run as the reference.
+        limit: samples of the task's test split.
+        device, dtype: where and in which precision the model runs.
+        seed: seed of the methods' randomness.
+        batch_size: samples per ``generate`` call when answering.
+        answer_tokens: greedy tokens per answer (``None``: 1 for the embedded model, whose
+            answers are single word-level tokens, else 8).
+        timing_batch: samples in the timed batch; ``timing_repeats`` / ``timing_warmup``
+            timed and untimed runs; ``timing_new_tokens`` tokens for the decode timing.
+        out: output folder.
+    """
+
+    model: str | None = None
+    methods: tuple[str, ...] | None = None
+    keeps: tuple[int, ...] | None = None
+    limit: int = DEFAULT_LIMIT
+    split: str = "test"
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    batch_size: int = 16
+    answer_tokens: int | None = None
+    timing_batch: int = 1
+    timing_repeats: int = 3
+    timing_warmup: int = 1
+    timing_new_tokens: int = 8
+    out: str = "bench-results"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = list(self.methods) if self.methods is not None else None
+        d["keeps"] = list(self.keeps) if self.keeps is not None else None
+        return d
+
+
+@dataclass
+class Row:
+    """One cell of the grid (or the full reference)."""
+
+    method: str
+    keep: int
+    stage: str
+    config: dict[str, Any]
+    accuracy: dict[str, float]
+    retention: dict[str, float]
+    cost: dict[str, Any]
+    timing: dict[str, Any]
+    eval_seconds: float
+    plan: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BenchResult:
+    """Everything a run produced."""
+
+    environment: dict[str, Any]
+    config: dict[str, Any]
+    model: dict[str, Any]
+    rows: list[Row]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"environment": self.environment, "config": self.config, "model": self.model,
+                "rows": [r.to_dict() for r in self.rows]}
+
+
+Progress = Callable[[str], None]
+
+
+# -- validation ---------------------------------------------------------------------------
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32" | "bf16" | ...`` -> torch dtype (ValueError naming the choices)."""
+    key = str(name).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"dtype={name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+def parse_device(name: str) -> torch.device:
+    """A torch device that exists here (ValueError otherwise)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={name!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"device={name!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return device
+
+
+def check_output_dir(out: str | os.PathLike[str]) -> Path:
+    """Create ``out`` if needed and make sure files can be written there."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".tokensieve-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"output folder {str(path)!r} is not writable: "
+                         f"{err.strerror or err}") from None
+    return path
+
+
+def default_keeps(n_tokens: int) -> tuple[int, ...]:
+    """192 / 128 / 64 of 576, scaled to a model with ``n_tokens`` visual tokens."""
+    return tuple(max(1, round(k * n_tokens / REFERENCE_TOKENS)) for k in REFERENCE_KEEPS)
+
+
+def check_keeps(keeps: Sequence[int], n_tokens: int) -> tuple[int, ...]:
+    """Budgets as counts in ``[1, n_tokens]`` (ValueError naming the offending one)."""
+    out = []
+    for k in keeps:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"keep={k!r}: expected an int count of visual tokens")
+        if k < 1 or k > n_tokens:
+            raise ValueError(f"keep={k}: expected a count in [1, {n_tokens}] (the model gives "
+                             f"the LLM {n_tokens} visual tokens per image)")
+        out.append(k)
+    return tuple(dict.fromkeys(out))
+
+
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """Registered method names (ValueError with close matches for unknown ones)."""
+    names = []
+    for m in methods:
+        if m.lower() == FULL:
+            continue
+        names.append(get_method(m).name)
+    if not names and not methods:
+        raise ValueError("methods=[]: expected at least one method name")
+    return tuple(dict.fromkeys(names))
+
+
+def _adapter():
+    try:
+        from tokensieve import models
+    except ImportError as err:  # pragma: no cover - the adapters are part of the package
+        raise ValueError(f"the model adapters are not available: {err}") from None
+    return models
+
+
+def supported(model: torch.nn.Module, method: str, keep: int) -> str | None:
+    """``None`` if the adapter can patch ``model`` with ``method`` at ``keep``, else why not."""
+    models = _adapter()
+    try:
+        models.apply(model, method, keep)
+    except (ValueError, NotImplementedError, TypeError) as err:
+        return str(err)
+    models.remove(model)
+    return None
+
+
+def default_methods(model: torch.nn.Module, keep: int,
+                    max_methods: int = DEFAULT_MAX_METHODS) -> tuple[str, ...]:
+    """The first ``max_methods`` of ``DEFAULT_METHODS`` that are registered and supported."""
+    registered = set(list_methods())
+    out = []
+    for m in DEFAULT_METHODS:
+        if m in registered and supported(model, m, keep) is None:
+            out.append(m)
+        if len(out) == max_methods:
+            break
+    return tuple(out)
+
+
+# -- loading ------------------------------------------------------------------------------
+def load_model(name: str | None, device: torch.device, dtype: torch.dtype):
+    """``(model, processor)``: the embedded tiny VLM (``name=None``) or a HF model by path or
+    hub id (loaded with ``AutoModelForImageTextToText`` / ``AutoProcessor``)."""
+    if name is None:
+        from tokensieve.zoo import load_tiny_vlm
+
+        return load_tiny_vlm(dtype=dtype, device=device)
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    local = Path(name).exists()
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError) as err:
+        where = "local folder" if local else "hub id (needs the network or the HF cache)"
+        raise ValueError(f"model={name!r}: cannot read a model config from this {where}: "
+                         f"{str(err).splitlines()[0]}") from None
+    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype,
+                                                        local_files_only=local).to(device)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(name, local_files_only=local)
+    return model, processor
+
+
+def model_dims(model: torch.nn.Module) -> VLMDims:
+    """Accounting dimensions from the model's config (ValueError if it has no images)."""
+    dims = VLMDims.from_config(model.config)
+    if dims.image_tokens <= 0:
+        raise ValueError(f"model {type(model).__name__} has no vision tower in its config; "
+                         "expected a vision-language model")
+    return dims
+
+
+# -- the protocol -------------------------------------------------------------------------
+def _layer_option(method: str, options: dict[str, Any]) -> int | None:
+    spec = get_method(method)
+    merged = {**spec.defaults(), **options}
+    for name in LAYER_OPTIONS:
+        if isinstance(merged.get(name), int):
+            return int(merged[name])
+    return None
+
+
+def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any]) -> Plan:
+    if method == FULL or keep >= n_tokens:
+        return Plan.full()
+    spec = get_method(method)
+    return plan_for(spec.stage, keep, _layer_option(method, options))
+
+
+def _text_tokens(processor: Any, samples: Sequence[Any]) -> int:
+    """Mean number of non-image prompt tokens of ``samples`` (for the accounting)."""
+    from tokensieve.zoo import build_prompt
+
+    tok = processor.tokenizer
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    counts = []
+    for s in samples:
+        ids = tok(build_prompt(processor, s.question))["input_ids"]
+        image_id = tok.convert_tokens_to_ids(image_token)
+        counts.append(sum(1 for i in ids if i != image_id))
+    return round(sum(counts) / max(len(counts), 1))
+
+
+def _timing_inputs(model: torch.nn.Module, processor: Any, samples: Sequence[Any],
+                   dtype: torch.dtype) -> dict[str, Any]:
+    from tokensieve.zoo import build_prompt
+
+    tokenizer = processor.tokenizer
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = processor(text=[build_prompt(processor, s.question) for s in samples],
+                        images=[s.image for s in samples], return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = old
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    if "pixel_values" in enc:
+        enc["pixel_values"] = enc["pixel_values"].to(dtype)
+    return enc
+
+
+def environment(device: torch.device, dtype: torch.dtype, seed: int,
+                samples: int) -> dict[str, Any]:
+    """Versions, hardware and run settings recorded with every result."""
+    import numpy
+    import transformers
+
+    import tokensieve
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return {
+        "tokensieve": tokensieve.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "numpy": numpy.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
+        "torch_threads": cpu_threads(), "dtype": str(dtype).removeprefix("torch."),
+        "seed": seed, "samples": samples,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "flops_convention": "multiply-adds counted once (FastV Eq. 5, as in the token-"
+                            "reduction literature); hardware FLOPs are 2x",
+    }
+
+
+def plan_grid(methods: Sequence[str], keeps: Sequence[int], n_tokens: int,
+              ) -> list[tuple[str, int]]:
+    """The cells to run: the full reference first, then every method at every budget
+    below the model's token count."""
+    cells = [(FULL, n_tokens)]
+    cells += [(m, k) for m in methods for k in keeps if k < n_tokens]
+    return cells
+
+
+@dataclass
+class Prepared:
+    """A validated run: the loaded model and everything needed before the long work."""
+
+    config: BenchConfig
+    model: Any
+    processor: Any
+    dims: VLMDims
+    device: torch.device
+    dtype: torch.dtype
+    methods: tuple[str, ...]
+    keeps: tuple[int, ...]
+    out: Path
+    cells: list[tuple[str, int]]
+
+
+def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Prepared:
+    """Validate everything (cheap checks first), load the model and resolve defaults.
+
+    ``model`` / ``processor`` may be given directly (then ``config.model`` only labels them).
+    """
+    device = parse_device(config.device)
+    dtype = parse_dtype(config.dtype)
+    if isinstance(config.limit, bool) or not isinstance(config.limit, int) or config.limit < 1:
+        raise ValueError(f"limit={config.limit!r}: expected a positive number of samples")
+    if config.batch_size < 1 or config.timing_batch < 1:
+        raise ValueError(f"batch_size={config.batch_size}, timing_batch={config.timing_batch}:"
+                         " expected >= 1")
+    methods = check_methods(config.methods) if config.methods is not None else None
+    if config.keeps is not None and not config.keeps:
+        raise ValueError("keeps=[]: expected at least one budget")
+    out = check_output_dir(config.out)
+    if model is None:
+        model, processor = load_model(config.model, device, dtype)
+    elif processor is None:
+        raise ValueError("a model was given without its processor")
+    dims = model_dims(model)
+    n = dims.image_tokens
+    keeps = check_keeps(config.keeps, n) if config.keeps is not None else default_keeps(n)
+    if methods is None:
+        methods = default_methods(model, min(keeps))
+    else:
+        for m in methods:
+            for k in keeps:
+                why = supported(model, m, k) if k < n else None
+                if why is not None:
+                    raise ValueError(f"method {m!r} at keep={k} cannot run on "
+                                     f"{type(model).__name__}: {why}")
+    return Prepared(config=config, model=model, processor=processor, dims=dims,
+                    device=device, dtype=dtype, methods=methods, keeps=keeps, out=out,
+                    cells=plan_grid(methods, keeps, n))
+
+
+def run(prepared: Prepared, progress: Progress | None = None,
+        samples: Sequence[Any] | None = None) -> BenchResult:
+    """Run the grid of a prepared config and write ``results.json``, ``results.csv`` and
+    ``pareto.png`` into its output folder. ``progress(label)`` is called once per cell."""
+    from tokensieve.zoo import scene_qa
+
+    cfg, model, processor = prepared.config, prepared.model, prepared.processor
+    if samples is None:
+        samples = scene_qa(cfg.split, cfg.limit)
+    answer_tokens = cfg.answer_tokens or (1 if cfg.model is None else 8)
+    timing_inputs = _timing_inputs(model, processor, samples[:cfg.timing_batch],
+                                   prepared.dtype)
+    text_tokens = _text_tokens(processor, samples)
+    n = prepared.dims.image_tokens
+    rows: list[Row] = []
+    full_acc: dict[str, float] = {}
+    for method, keep in prepared.cells:
+        if progress is not None:
+            progress(f"{method} @ {keep}")
+        try:
+            rows.append(_run_cell(prepared, method, keep, samples, timing_inputs,
+                                  text_tokens, answer_tokens, full_acc))
+        except (ValueError, RuntimeError) as err:
+            if method == FULL:
+                raise
+            rows.append(Row(method=method, keep=keep, stage=get_method(method).stage,
+                            config=ReduceConfig(method, keep, seed=cfg.seed).to_dict(),
+                            accuracy={}, retention={}, cost={}, timing={}, eval_seconds=0.0,
+                            error=f"{type(err).__name__}: {err}"))
+            continue
+        if method == FULL:
+            full_acc = rows[-1].accuracy
+    env = environment(prepared.device, prepared.dtype, cfg.seed, len(samples))
+    model_info = {"name": cfg.model or "tokensieve tiny VLM (embedded)",
+                  "class": type(model).__name__, "visual_tokens": n,
+                  "dims": prepared.dims.to_dict(), "answer_tokens": answer_tokens}
+    result = BenchResult(environment=env, config=cfg.to_dict(), model=model_info, rows=rows)
+    result.files = write_results(result, prepared.out)
+    return result
+
+
+def _run_cell(prepared: Prepared, method: str, keep: int, samples: Sequence[Any],
+              timing_inputs: dict[str, Any], text_tokens: int, answer_tokens: int,
+              full_acc: dict[str, float]) -> Row:
+    """Evaluate, time and account one cell (the model is patched only inside)."""
+    from tokensieve.zoo import accuracy_by_family, answer
+
+    cfg, model, processor = prepared.config, prepared.model, prepared.processor
+    models = _adapter()
+    rc = ReduceConfig(method=method, keep=keep, seed=cfg.seed)
+    patched = method != FULL
+    if patched:
+        models.apply(model, method, keep, seed=cfg.seed)
+    try:
+        t0 = time.perf_counter()
+        preds = answer(model, processor, samples, batch_size=cfg.batch_size,
+                       max_new_tokens=answer_tokens)
+        eval_s = time.perf_counter() - t0
+        timing: Timing = measure_generation(
+            model, timing_inputs, new_tokens=cfg.timing_new_tokens,
+            warmup=cfg.timing_warmup, repeats=cfg.timing_repeats)
+        state = models.get_state(model) if patched else None
+        if state is not None:
+            rc = state.config
+    finally:
+        if patched:
+            models.remove(model)
+    acc = accuracy_by_family(samples, preds)
+    ref = acc if method == FULL else full_acc
+    retention = {f: (a / ref[f] if ref.get(f) else float("nan")) for f, a in acc.items()}
+    n = prepared.dims.image_tokens
+    plan = _plan(method, keep, n, dict(rc.options))
+    cost: Cost = account(prepared.dims, plan, text_tokens=text_tokens,
+                         bytes_per_element=torch.finfo(prepared.dtype).bits // 8)
+    return Row(
+        method=method, keep=keep, stage="none" if method == FULL else get_method(method).stage,
+        config=rc.to_dict(), accuracy=acc, retention=retention,
+        cost={**cost.to_dict(), "text_tokens": text_tokens,
+              "llm_tokens_first_layer": cost.llm_tokens[0]},
+        timing=timing.to_dict(), eval_seconds=round(eval_s, 3), plan=plan.to_dict())
+
+
+def run_protocol(config: BenchConfig, progress: Progress | None = None, *, model: Any = None,
+                 processor: Any = None, samples: Sequence[Any] | None = None) -> BenchResult:
+    """``prepare`` then ``run``: the whole protocol in one call."""
+    return run(prepare(config, model, processor), progress, samples)
+
+
+# -- outputs ------------------------------------------------------------------------------
+CSV_FIELDS = ("method", "keep", "stage", "options", "seed", "accuracy", "retention",
+              "prefill_macs", "decode_macs_per_token", "kv_cache_bytes", "prefill_s",
+              "decode_s_per_token", "tokens_per_s", "peak_memory_bytes", "eval_seconds")
+
+
+def flat_rows(result: BenchResult | dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat dict per row: the CSV columns plus ``acc_<family>`` for every family."""
+    data = result.to_dict() if isinstance(result, BenchResult) else result
+    out = []
+    for r in data["rows"]:
+        if r.get("error"):
+            continue
+        flat = {
+            "method": r["method"], "keep": r["keep"], "stage": r["stage"],
+            "options": json.dumps(r["config"].get("options", {}), sort_keys=True),
+            "seed": r["config"].get("seed"),
+            "accuracy": r["accuracy"]["overall"], "retention": r["retention"]["overall"],
+            "prefill_macs": r["cost"]["prefill_macs"],
+            "decode_macs_per_token": r["cost"]["decode_macs_per_token"],
+            "kv_cache_bytes": r["cost"]["kv_cache_bytes"],
+            "prefill_s": r["timing"]["prefill_s"],
+            "decode_s_per_token": r["timing"]["decode_s_per_token"],
+            "tokens_per_s": r["timing"]["tokens_per_s"],
+            "peak_memory_bytes": r["timing"]["peak_memory_bytes"],
+            "eval_seconds": r["eval_seconds"],
+        }
+        for fam, acc in r["accuracy"].items():
+            if fam != "overall":
+                flat[f"acc_{fam}"] = acc
+        out.append(flat)
+    return out
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_results(result: BenchResult, out: Path) -> dict[str, str]:
+    """Write ``results.json``, ``results.csv`` and ``pareto.png``; returns their paths."""
+    from tokensieve.bench.plot import pareto_plot
+
+    out = check_output_dir(out)
+    data = _json_safe(result.to_dict())
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    rows = flat_rows(data)
+    fields = list(CSV_FIELDS) + sorted({k for r in rows for k in r if k.startswith("acc_")})
+    csv_path = out / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    png_path = out / "pareto.png"
+    pareto_plot(data, png_path)
+    return {"json": str(json_path), "csv": str(csv_path), "png": str(png_path)}
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``results.json`` (or the folder holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise ValueError(f"{str(p)!r}: no results.json there (run `tokensieve bench` first)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(p)!r} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or "rows" not in data or "environment" not in data:
+        raise ValueError(f"{str(p)!r}: expected a tokensieve bench results file")
+    return data

@@ -1,0 +1,226 @@
+"""Latency and memory measurement of generation: time to first token, time per decoded
+token, tokens/s and peak memory, with warm-up, repeats, medians and CUDA synchronisation.
+
+Prefill time (time to first token, TTFT) is the wall time of ``generate(max_new_tokens=1)``:
+vision tower, projector, any reduction and the LLM prefill. Time per decoded token is
+``(t(n) - t(1)) / (n - 1)`` with ``t(n)`` the time of ``generate(min_new_tokens=n,
+max_new_tokens=n)``, so it covers the decode loop only. Going through ``generate`` keeps the
+measurement valid for any patched model (position ids, caches and reductions are the
+adapter's business).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
+(bytes held by tensors); on CPU the process's resident-set high-water mark ``VmHWM`` from
+``/proc/self/status``, reset before each measurement through ``/proc/self/clear_refs`` where
+the kernel allows it, else a sampling thread reading ``VmRSS`` every millisecond (both are
+whole-process numbers: model weights included).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+_STATUS = "/proc/self/status"
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``None`` where there is no procfs)."""
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the process's peak RSS (``VmHWM``) to the current RSS; False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Context manager measuring peak memory (bytes) of the code it wraps.
+
+    ``device`` CUDA: peak bytes allocated by tensors on that device. CPU: peak resident set
+    size of the process (``VmHWM`` after a reset, or a sampling thread).
+
+    >>> with PeakMemory("cpu") as pm:
+    ...     x = [0] * 1000
+    >>> pm.peak_bytes > 0
+    True
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.001) -> None:
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.method = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sampled = 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            rss = _status_kib("VmRSS")
+            if rss is not None:
+                self._sampled = max(self._sampled, rss * 1024)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "cuda max_memory_allocated"
+        elif _status_kib("VmHWM") is not None and _reset_hwm():
+            self.method = "VmHWM (process peak RSS)"
+        else:
+            self.method = "sampled VmRSS"
+            self._sampled = (_status_kib("VmRSS") or 0) * 1024
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            rss = _status_kib("VmRSS") or 0
+            self.peak_bytes = max(self._sampled, rss * 1024)
+        else:
+            self.peak_bytes = (_status_kib("VmHWM") or 0) * 1024
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels on ``device`` (no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 1,
+              repeats: int = 3) -> list[float]:
+    """Wall times (s) of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls,
+    synchronising ``device`` before and after each timed call."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup={warmup}, repeats={repeats}: expected warmup >= 0, "
+                         "repeats >= 1")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Medians over repeats (seconds, bytes) of one generation setting.
+
+    Attributes:
+        prefill_s: time to first token (vision + reduction + LLM prefill).
+        decode_s_per_token: time per decoded token after the first.
+        tokens_per_s: decoded tokens per second over the batch
+            (``batch_size / decode_s_per_token``).
+        peak_memory_bytes: peak memory during one ``new_tokens`` generation.
+        memory_method: how the peak was measured.
+        batch_size: requests per generate call.
+        new_tokens: tokens generated for the decode measurement.
+        repeats, warmup: how many timed and untimed runs.
+    """
+
+    prefill_s: float
+    decode_s_per_token: float
+    tokens_per_s: float
+    peak_memory_bytes: int
+    memory_method: str
+    batch_size: int
+    new_tokens: int
+    repeats: int
+    warmup: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_generation(model: Any, inputs: Mapping[str, Any], *, new_tokens: int = 8,
+                       warmup: int = 1, repeats: int = 3) -> Timing:
+    """Time ``model.generate(**inputs)``: prefill, per-token decode and peak memory.
+
+    Args:
+        model: a Hugging Face generative model (patched or not), in eval mode.
+        inputs: processor outputs already on the model's device.
+        new_tokens: decoded tokens for the per-token measurement (>= 2); generation is
+            forced to that length (``min_new_tokens``), so EOS does not cut it short.
+        warmup: untimed runs before timing (caches, allocator, lazy kernels).
+        repeats: timed runs; medians are reported.
+    """
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens!r}: expected an int >= 2")
+    device = next(model.parameters()).device
+    batch = int(next(iter(v for v in inputs.values() if torch.is_tensor(v))).shape[0])
+
+    def gen(n: int) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False)
+        return run
+
+    t_first = statistics.median(time_call(gen(1), device, warmup=warmup, repeats=repeats))
+    t_all = statistics.median(time_call(gen(new_tokens), device, warmup=warmup,
+                                        repeats=repeats))
+    per_token = max(t_all - t_first, 0.0) / (new_tokens - 1)
+    with PeakMemory(device) as pm:
+        gen(new_tokens)()
+    return Timing(
+        prefill_s=t_first, decode_s_per_token=per_token,
+        tokens_per_s=(batch / per_token) if per_token > 0 else float("inf"),
+        peak_memory_bytes=pm.peak_bytes, memory_method=pm.method, batch_size=batch,
+        new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+    )
+
+
+def cpu_threads() -> int:
+    """Threads torch uses for CPU ops (recorded with every result)."""
+    return torch.get_num_threads()
+
+
+def environment_memory() -> dict[str, int | None]:
+    """Total and available system memory in bytes (Linux ``/proc/meminfo``)."""
+    out: dict[str, int | None] = {"total": None, "available": None}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, val = line.split(":", 1)
+                if key == "MemTotal":
+                    out["total"] = int(val.split()[0]) * 1024
+                elif key == "MemAvailable":
+                    out["available"] = int(val.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+__all__ = ["PeakMemory", "Timing", "cpu_threads", "environment_memory", "measure_generation",
+           "synchronize", "time_call"]
+
