@@ -1,0 +1,239 @@
+"""Greedy selection engines shared by the diversity / coverage / DPP methods.
+
+Three recurrences live here, each written once:
+
+* :func:`max_min_select` -- farthest-first traversal (max-min diversity, greedy k-centre),
+  used by DivPrune, ToDRE and the KKZ initialisation of k-medoids. Distance rows are
+  computed lazily in blocks and cached (:class:`LazyRows`), so at most ``N`` rows -- one
+  ``N x N`` matrix -- ever exist, and usually far fewer.
+* :func:`dpp_greedy` -- greedy MAP inference of a DPP with the incremental Cholesky update
+  (CDPruner), on lazily computed kernel rows.
+* :func:`greedy_coverage` -- greedy maximum coverage with incrementally updated gains (MMTok).
+
+All of them work on one sample (``[N, ...]``); the method files loop over the batch, since
+the lazy caches differ per sample. Scores are float32; ties go to the lowest index
+(``torch.argmax`` returns the first maximum).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+RowFn = Callable[[Tensor], Tensor]
+"""``rows(idx [c]) -> [c, N]`` float32 rows of a symmetric score matrix."""
+
+
+def block_size(n: int) -> int:
+    """How many rows :class:`LazyRows` computes at a time (one GEMM) for ``n`` tokens."""
+    return max(16, min(256, n // 16))
+
+
+class LazyRows:
+    """Rows of a symmetric ``N x N`` matrix, computed on demand in blocks and cached.
+
+    A miss on row ``j`` computes ``j`` together with up to ``block - 1`` other rows the
+    caller expects to need soon (``prefetch``), in one matrix product: a greedy loop then
+    costs a few GEMMs instead of one memory-bound matrix-vector product per step.
+    """
+
+    def __init__(self, rows: RowFn, n: int, device: torch.device, block: int | None = None):
+        self.rows_fn = rows
+        self.n = n
+        self.block = block or block_size(n)
+        self.device = device
+        self.slot = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.cached = torch.zeros(n, dtype=torch.bool, device=device)
+        self.store: list[Tensor] = []
+        self.where: dict[int, tuple[int, int]] = {}
+
+    def fetch(self, idx: Tensor) -> Tensor:
+        """Compute and cache rows ``idx`` (``[c]``, not yet cached); returns ``[c, N]``."""
+        block = self.rows_fn(idx)
+        b = len(self.store)
+        self.store.append(block)
+        for r, j in enumerate(idx.tolist()):
+            self.where[j] = (b, r)
+        self.cached[idx] = True
+        return block
+
+    def row(self, j: int, priority: Tensor | None = None) -> Tensor:
+        """Row ``j`` (``[N]``). On a miss, also prefetches the uncached rows with the highest
+        ``priority`` (``[N]``, ``-inf`` = never needed)."""
+        hit = self.where.get(j)
+        if hit is not None:
+            return self.store[hit[0]][hit[1]]
+        idx = torch.tensor([j], device=self.device)
+        if priority is not None and self.block > 1:
+            p = priority.masked_fill(self.cached, -math.inf)
+            p[j] = -math.inf
+            order = torch.sort(p, descending=True, stable=True).indices[: self.block - 1]
+            order = order[torch.isfinite(p[order])]
+            idx = torch.cat([idx, order])
+        return self.fetch(idx)[0]
+
+
+def cosine_distance_rows(x: Tensor) -> RowFn:
+    """Rows of ``D = 1 - cos`` for tokens ``x`` ``[N, D]`` (L2-normalised here, float32)."""
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+
+    def rows(idx: Tensor) -> Tensor:
+        return 1.0 - xn[idx] @ xn.T
+
+    return rows
+
+
+def euclidean_distance_rows(x: Tensor) -> RowFn:
+    """Rows of the Euclidean distance matrix of ``x`` ``[N, D]`` (float32)."""
+    xf = x.float()
+
+    def rows(idx: Tensor) -> Tensor:
+        return torch.cdist(xf[idx], xf)
+
+    return rows
+
+
+def farthest_isolated(cache: LazyRows) -> int:
+    """``argmax_j min_{i != j} D[i, j]``: the token whose nearest neighbour is farthest.
+
+    Exact, without computing all rows in the usual case: every computed row ``i`` bounds
+    the nearest-neighbour distance of every token ``j`` from above (``D[i, j]``, by
+    symmetry), and a token whose bound is below the best exact value found so far cannot
+    win. Rows are computed for the tokens with the largest bounds until none is left.
+    """
+    n, dev = cache.n, cache.device
+    if n == 1:
+        return 0
+    upper = torch.full((n,), math.inf, device=dev)
+    exact = torch.full((n,), -math.inf, device=dev)
+    idx = torch.linspace(0, n - 1, min(cache.block, n), device=dev).round().long().unique()
+    while True:
+        rows = cache.fetch(idx).clone()
+        rows[torch.arange(len(idx), device=dev), idx] = math.inf
+        exact[idx] = rows.min(dim=1).values
+        upper = torch.minimum(upper, rows.min(dim=0).values)
+        best = exact.max()
+        cand = (~cache.cached) & (upper >= best)
+        if not bool(cand.any()):
+            break
+        score = upper.masked_fill(~cand, -math.inf)
+        order = torch.sort(score, descending=True, stable=True).indices[: cache.block]
+        idx = order[torch.isfinite(score[order])]
+    return int(torch.argmax(exact))
+
+
+def max_min_select(cache: LazyRows, k: int, seed: int) -> Tensor:
+    """Farthest-first traversal: start from ``seed``, then repeatedly add
+    ``argmax_j min_{i in S} D[i, j]``. Returns the ``k`` picks in pick order (``[k]`` long).
+
+    Picked tokens are never picked again (their running minimum is ``-inf``), even when
+    every remaining token duplicates a picked one.
+    """
+    dev = cache.device
+    picks = torch.empty(k, dtype=torch.long, device=dev)
+    picks[0] = seed
+    mind = cache.row(seed).clone()
+    mind[seed] = -math.inf
+    for t in range(1, k):
+        j = int(torch.argmax(mind))
+        picks[t] = j
+        torch.minimum(mind, cache.row(j, priority=mind), out=mind)
+        mind[j] = -math.inf
+    return picks
+
+
+def dpp_greedy(cache: LazyRows, diag: Tensor, k: int, eps: float = 1e-10) -> Tensor:
+    """Greedy MAP of a DPP with kernel ``L`` (rows from ``cache``, ``diag`` = ``diag(L)``).
+
+    The fast incremental Cholesky update (Chen et al., NeurIPS 2018): ``d2 = diag(L)``;
+    ``k`` times: ``j = argmax d2``, ``e = (L[j] - sum_t c_t[j] c_t) / sqrt(d2[j])``,
+    ``d2 -= e^2``, ``d2[j] = -inf``. Each pick maximises ``log det L_S`` given the earlier
+    picks. Once no remaining ``d2`` exceeds ``eps`` (rank exhausted: ``k`` > rank of ``L``,
+    duplicates), the rest are the unpicked tokens of highest ``diag(L)`` (the official code
+    would divide by ``sqrt(<= 0)`` there). Returns the picks in pick order (``[k]`` long).
+    """
+    n, dev = cache.n, cache.device
+    d2 = diag.float().clone()
+    coef = torch.zeros(k, n, device=dev)
+    picks = torch.empty(k, dtype=torch.long, device=dev)
+    for t in range(k):
+        j = int(torch.argmax(d2))
+        if not float(d2[j]) > eps:
+            # The kernel restricted to the rest is (numerically) singular: every further
+            # pick gives det 0. Fill up with the unpicked tokens of highest diag(L).
+            rest = diag.float().clone()
+            rest[picks[:t]] = -math.inf
+            picks[t:] = torch.sort(rest, descending=True, stable=True).indices[: k - t]
+            break
+        picks[t] = j
+        if t == k - 1:
+            break
+        e = cache.row(j, priority=d2) - coef[:t, j] @ coef[:t]
+        e = e / torch.sqrt(d2[j])
+        coef[t] = e
+        d2 -= e * e
+        d2[j] = -math.inf
+    return picks
+
+
+def greedy_coverage(cover: Tensor, k: int) -> Tensor:
+    """Greedy maximum coverage over the columns of ``cover`` ``[R, N]`` (non-negative).
+
+    Coverage of a column set ``S`` is ``sum_r max_{j in S} cover[r, j]``; each step picks
+    ``argmax_j sum_r max(cover[r, j] - best[r], 0)`` and sets ``best = max(best, cover[:, j])``.
+    Gains are updated incrementally: a pick only changes the rows it improves, so a step
+    costs ``O(changed rows x N)`` instead of ``O(R x N)``. Returns picks in pick order.
+    """
+    cover = cover.float()
+    dev = cover.device
+    best = torch.zeros(cover.shape[0], device=dev)
+    gain = cover.sum(dim=0)
+    picks = torch.empty(k, dtype=torch.long, device=dev)
+    for t in range(k):
+        j = int(torch.argmax(gain))
+        picks[t] = j
+        if t == k - 1:
+            break
+        col = cover[:, j]
+        rows = torch.nonzero(col > best).squeeze(1)
+        if rows.numel():
+            old = best[rows].unsqueeze(1)
+            new = col[rows].unsqueeze(1)
+            gain -= (torch.minimum(torch.maximum(cover[rows], old), new) - old).sum(dim=0)
+            best[rows] = col[rows]
+        gain[j] = -math.inf
+    return picks
+
+
+def distance_rows(x: Tensor, distance: str) -> RowFn:
+    """Distance rows of ``x`` ``[N, D]`` for ``distance`` in ("cosine", "euclidean")."""
+    if distance == "cosine":
+        return cosine_distance_rows(x)
+    if distance == "euclidean":
+        return euclidean_distance_rows(x)
+    raise ValueError(f"distance={distance!r}: expected 'cosine' or 'euclidean'")
+
+
+def max_min_indices(tokens: Tensor, k: int, distance: str = "cosine",
+                    seeds: Tensor | None = None) -> Tensor:
+    """Max-min diversity (farthest-first / greedy k-centre) subset of each sample.
+
+    Args:
+        tokens: ``[B, N, D]``.
+        k: tokens to keep per sample.
+        distance: "cosine" (``1 - cos``) or "euclidean".
+        seeds: ``[B]`` first pick per sample; ``None``: the token whose nearest neighbour
+            is farthest (:func:`farthest_isolated`, DivPrune's rule).
+
+    Returns:
+        ``[B, k]`` long, in pick order (not sorted).
+    """
+    out = []
+    for b in range(tokens.shape[0]):
+        cache = LazyRows(distance_rows(tokens[b], distance), tokens.shape[1], tokens.device)
+        seed = farthest_isolated(cache) if seeds is None else int(seeds[b])
+        out.append(max_min_select(cache, k, seed))
+    return torch.stack(out)

@@ -1,0 +1,110 @@
+"""CDPruner: conditional DPP selection of diverse, instruction-relevant tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.ops import normalize, select
+from tokensieve.core.reduction import Reduction
+from tokensieve.core.registry import register
+from tokensieve.core.signals import Signals
+from tokensieve.methods._greedy import LazyRows, dpp_greedy
+
+SIGNS = ("negative", "positive")
+NORMS = ("batch", "sample")
+
+
+@dataclass(frozen=True)
+class CDPrunerConfig:
+    """Options (official behaviour by default).
+
+    Attributes:
+        relevance_sign: "negative" (official code: ``r = mean_m(-cos(x_i, t_m))``, so tokens
+            *unlike* the instruction get the highest quality) or "positive" (``+cos``, the
+            paper's stated intent).
+        relevance_norm: "batch" (official: min-max over the whole batch tensor, so a sample's
+            result depends on the others in its batch) or "sample" (per-sample min-max).
+    """
+
+    relevance_sign: Literal["negative", "positive"] = "negative"
+    relevance_norm: Literal["batch", "sample"] = "batch"
+
+    def __post_init__(self) -> None:
+        if self.relevance_sign not in SIGNS:
+            raise ValueError(f"relevance_sign={self.relevance_sign!r}: expected one of {SIGNS}")
+        if self.relevance_norm not in NORMS:
+            raise ValueError(f"relevance_norm={self.relevance_norm!r}: expected one of {NORMS}")
+
+
+def text_dim_check(tokens: Tensor, text: Tensor, method: str) -> None:
+    """Text-conditioned methods compare text and tokens directly: their widths must agree."""
+    if text.shape[-1] != tokens.shape[-1]:
+        raise ValueError(f"method {method!r}: text has width {text.shape[-1]} but tokens have "
+                         f"{tokens.shape[-1]}; expected text embeddings in the tokens' space "
+                         "(same last dimension)")
+
+
+def relevance(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
+              config: CDPrunerConfig) -> Tensor:
+    """CDPruner's per-token relevance ``[B, N]`` in ``[~0, 1]`` (float32).
+
+    ``r_i = mean over real text tokens of (-/+) cos(x_i, t_m)``, then
+    ``(r - min + 1e-6) / (max - min)`` over the batch (official) or each sample. A constant
+    ``r`` (zero range) becomes all ones.
+    """
+    sim = normalize(tokens) @ normalize(text).transpose(1, 2)           # [B, N, M]
+    if config.relevance_sign == "negative":
+        sim = -sim
+    if text_mask is None:
+        r = sim.mean(dim=-1)
+    else:
+        w = text_mask.to(sim.dtype).unsqueeze(1)
+        r = (sim * w).sum(dim=-1) / w.sum(dim=-1)
+    dims = (0, 1) if config.relevance_norm == "batch" else (1,)
+    lo = r.amin(dim=dims, keepdim=True)
+    span = r.amax(dim=dims, keepdim=True) - lo
+    return torch.where(span > 0, (r - lo + 1e-6) / span.clamp(min=1e-30), torch.ones_like(r))
+
+
+@register(
+    "cdpruner",
+    paper="Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning "
+          "in MLLMs (CDPruner, Zhang et al., NeurIPS 2025)",
+    stage="pre-llm", kind="subset", signals=("text",), optional_signals=("text_mask",),
+    config=CDPrunerConfig,
+)
+def cdpruner(tokens: Tensor, k: int, signals: Signals, config: CDPrunerConfig,
+             generator: torch.Generator | None) -> Reduction:
+    """Greedy MAP of the conditional DPP ``L = diag(r) S diag(r)`` -> ``k`` tokens per sample.
+
+    Args (via ``reduce``):
+        tokens: ``[B, N, D]`` projected visual tokens; ``S = cos(x_i, x_j)`` in float32.
+        text: ``[B, M, D]`` instruction embeddings in the same space (same ``D``);
+            ``text_mask`` ``[B, M]`` marks the real ones (padding is ignored).
+
+    The relevance ``r`` follows the official code (see :class:`CDPrunerConfig` for the
+    sign and batch-normalisation quirks and their corrected variants). The official code
+    embeds the image for ``r`` with CLIP's image projection and the instruction with CLIP's
+    text tower; here both sides of ``r`` are the given tokens and text, which must share a
+    space. Selection is the fast greedy DPP MAP (incremental Cholesky), with kernel rows
+    computed lazily instead of materialising ``L``.
+    """
+    text = signals.require("text", "cdpruner")
+    assert isinstance(text, Tensor)
+    text_dim_check(tokens, text, "cdpruner")
+    r = relevance(tokens, text, signals.text_mask, config)
+    xn = normalize(tokens)
+    picks = []
+    for b in range(tokens.shape[0]):
+        xb, rb = xn[b], r[b]
+
+        def rows(idx: Tensor, xb: Tensor = xb, rb: Tensor = rb) -> Tensor:
+            return rb[idx].unsqueeze(1) * (xb[idx] @ xb.T) * rb.unsqueeze(0)
+
+        diag = rb * rb * (xb * xb).sum(dim=-1)
+        picks.append(dpp_greedy(LazyRows(rows, xb.shape[0], tokens.device), diag, k))
+    return select(tokens, torch.stack(picks))

@@ -1,0 +1,145 @@
+"""CenterCLIP-style k-medoids: cluster the tokens and keep one token per cluster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.ops import gather_tokens, merge_into_slots, normalize
+from tokensieve.core.reduction import Reduction
+from tokensieve.core.registry import register
+from tokensieve.core.signals import Signals
+from tokensieve.methods._greedy import LazyRows, max_min_select
+
+OUTPUTS = ("medoids", "means")
+DISTANCES = ("euclidean", "cosine")
+PAIR_BUDGET = 1 << 24  # within-cluster pairs gathered at once before a dense fallback
+
+
+@dataclass(frozen=True)
+class KMedoidsConfig:
+    """Options (CenterCLIP's defaults).
+
+    Attributes:
+        iterations: at most this many assign/update rounds after the KKZ initialisation
+            (50, CenterCLIP's ``kmedoids`` default; 0 keeps the KKZ centres).
+        threshold: stop when the medoids move less than this in total (sum of the
+            Euclidean distances between old and new medoid tokens; 1e-4).
+        distance: "euclidean" (CenterCLIP's default) or "cosine" (``1 - cos``).
+        output: "medoids" (keep the medoid tokens: a subset) or "means" (each cluster's
+            mean token, placed at its medoid's position).
+    """
+
+    iterations: int = 50
+    threshold: float = 1e-4
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    output: Literal["medoids", "means"] = "medoids"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or (
+                self.iterations < 0):
+            raise ValueError(f"iterations={self.iterations!r}: expected an int >= 0")
+        if not self.threshold >= 0:
+            raise ValueError(f"threshold={self.threshold!r}: expected a value >= 0")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance={self.distance!r}: expected one of {DISTANCES}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output={self.output!r}: expected one of {OUTPUTS}")
+
+
+def distance_matrix(x: Tensor, distance: str) -> Tensor:
+    """``[N, N]`` float32 distances of ``x`` ``[N, D]`` with ``-1`` added on the diagonal
+    (as CenterCLIP does, so that a token is always nearest to itself)."""
+    if distance == "euclidean":
+        xf = x.float()
+        dist = torch.cdist(xf, xf)
+    else:
+        xn = normalize(x)
+        dist = 1.0 - xn @ xn.T
+    dist.diagonal().sub_(1.0)
+    return dist
+
+
+def kkz_init(x: Tensor, dist: Tensor, k: int) -> Tensor:
+    """KKZ initialisation (Katsavounidis, Kuo & Zhang, 1994): the token of largest L2 norm,
+    then farthest-first on ``dist``. Returns ``[k]`` token indices in pick order."""
+    seed = int(torch.argmax(x.float().norm(dim=-1)))
+    rows = LazyRows(lambda idx: dist[idx], dist.shape[0], dist.device, block=1)
+    return max_min_select(rows, k, seed)
+
+
+def within_cluster_sums(dist: Tensor, assign: Tensor, k: int) -> Tensor:
+    """``s_i = sum_{j: assign_j = assign_i} dist[i, j]`` for every token ``i`` (``[N]``)."""
+    n, dev = dist.shape[0], dist.device
+    counts = torch.bincount(assign, minlength=k)
+    if int((counts * counts).sum()) > PAIR_BUDGET:
+        same = assign.unsqueeze(1) == assign.unsqueeze(0)
+        return (dist * same).sum(dim=1)
+    order = torch.sort(assign, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    reps = counts[assign]
+    i_idx = torch.repeat_interleave(torch.arange(n, device=dev), reps)
+    offset = torch.arange(i_idx.numel(), device=dev) - torch.repeat_interleave(
+        torch.cumsum(reps, 0) - reps, reps)
+    j_idx = order[starts[assign][i_idx] + offset]
+    return torch.zeros(n, device=dev).index_add_(0, i_idx, dist[i_idx, j_idx])
+
+
+def kmedoids_one(x: Tensor, k: int, config: KMedoidsConfig) -> tuple[Tensor, Tensor]:
+    """k-medoids of one sample ``x`` ``[N, D]``: ``(medoids [k] ascending, assignment [N])``
+    where ``assignment[i]`` is the position in ``medoids`` of the medoid nearest token ``i``."""
+    n, dev = x.shape[0], x.device
+    dist = distance_matrix(x, config.distance)
+    medoids = kkz_init(x, dist, k)
+    xf = x.float()
+    ar = torch.arange(n, device=dev)
+    for _ in range(config.iterations):
+        assign = torch.argmin(dist[:, medoids], dim=1)
+        sums = within_cluster_sums(dist, assign, k)
+        best = torch.full((k,), float("inf"), device=dev).scatter_reduce(
+            0, assign, sums, "amin")
+        cand = torch.where(sums == best[assign], ar, n)
+        new = torch.full((k,), n, device=dev, dtype=torch.long).scatter_reduce(
+            0, assign, cand, "amin")
+        shift = (xf[new] - xf[medoids]).norm(dim=-1).sum()
+        medoids = new
+        if float(shift) < config.threshold:
+            break
+    medoids = medoids.sort().values
+    return medoids, torch.argmin(dist[:, medoids], dim=1)
+
+
+@register(
+    "kmedoids",
+    paper="CenterCLIP: Token Clustering for Efficient Text-Video Retrieval "
+          "(Zhao et al., SIGIR 2022), k-medoids token clustering",
+    stage="encoder", kind="subset", config=KMedoidsConfig,
+)
+def kmedoids(tokens: Tensor, k: int, signals: Signals, config: KMedoidsConfig,
+             generator: torch.Generator | None) -> Reduction:
+    """Cluster ``tokens`` ``[B, N, D]`` into ``k`` clusters per sample with k-medoids.
+
+    KKZ initialisation (largest-norm token, then farthest-first, Euclidean by default),
+    then rounds of: assign every token to its nearest medoid; replace each medoid by the
+    member with the smallest total distance to its cluster (lowest index on ties); stop
+    when the medoids move less than ``threshold`` or after ``iterations`` rounds.
+    CenterCLIP runs this per temporal segment over the patch tokens of its frames; pass
+    one segment's tokens as one sample.
+
+    Returns a :class:`Reduction` with the medoid tokens (``output="medoids"``; ``indices``
+    ascending) or the cluster means (``output="means"``; ``indices`` None, ``positions`` the
+    medoids), ``sizes`` ``[B, k]`` (cluster sizes) and ``assignment`` ``[B, N]``.
+    """
+    results = [kmedoids_one(tokens[b], k, config) for b in range(tokens.shape[0])]
+    medoids = torch.stack([m for m, _ in results])
+    assign = torch.stack([a for _, a in results])
+    sizes = torch.zeros_like(medoids).scatter_add_(1, assign, torch.ones_like(assign))
+    if config.output == "medoids":
+        return Reduction(tokens=gather_tokens(tokens, medoids), indices=medoids,
+                         sizes=sizes, assignment=assign)
+    means, _ = merge_into_slots(tokens, assign, k)
+    return Reduction(tokens=means, indices=None, positions=medoids, sizes=sizes,
+                     assignment=assign)

@@ -1,0 +1,91 @@
+"""MMTok: pick the visual tokens that best cover both the text and the image."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.ops import normalize, select
+from tokensieve.core.reduction import Reduction
+from tokensieve.core.registry import register
+from tokensieve.core.signals import Signals
+from tokensieve.methods._greedy import greedy_coverage
+from tokensieve.methods.cdpruner import text_dim_check
+
+
+@dataclass(frozen=True)
+class MMTokConfig:
+    """Options with the official defaults.
+
+    Attributes:
+        alpha: weight of the vision-vision coverage term (0.5).
+        tau_tv: softmax temperature of text -> vision similarities (0.02).
+        tau_vv: softmax temperature of vision -> vision similarities (0.2).
+    """
+
+    alpha: float = 0.5
+    tau_tv: float = 0.02
+    tau_vv: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha={self.alpha!r}: expected a finite value >= 0")
+        for name in ("tau_tv", "tau_vv"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v!r}: expected a finite temperature > 0")
+
+
+def coverage_matrix(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
+                    config: MMTokConfig) -> Tensor:
+    """MMTok's coverage matrix of one sample: ``[m + N, N]`` float32, ``C = [P; alpha Q]``.
+
+    ``P = softmax_row(cos(text, x) / tau_tv) / m`` over the ``m`` real text tokens and
+    ``Q = softmax_row(cos(x, x) / tau_vv) / N``, for ``tokens`` ``[N, D]``, ``text`` ``[M, D]``.
+    """
+    xn = normalize(tokens)
+    zn = normalize(text if text_mask is None else text[text_mask])
+    p = torch.softmax(zn @ xn.T / config.tau_tv, dim=1) / zn.shape[0]
+    q = torch.softmax(xn @ xn.T / config.tau_vv, dim=1) * (config.alpha / xn.shape[0])
+    return torch.cat([p, q])
+
+
+@register(
+    "mmtok",
+    paper="MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs "
+          "(Dong et al., 2025)",
+    stage="pre-llm", kind="subset", signals=("text",), optional_signals=("text_mask",),
+    config=MMTokConfig,
+)
+def mmtok(tokens: Tensor, k: int, signals: Signals, config: MMTokConfig,
+          generator: torch.Generator | None) -> Reduction:
+    """Greedy maximum coverage of text and vision -> ``k`` tokens per sample.
+
+    Args (via ``reduce``):
+        tokens: ``[B, N, D]`` visual tokens.
+        text: ``[B, M, D]`` text token embeddings in the tokens' space (the official code
+            uses the LLM's word embeddings of the question's keywords, i.e. the space of
+            the projected visual tokens); ``text_mask`` ``[B, M]`` drops padding.
+
+    Each step adds the token with the largest coverage gain over the rows of
+    ``C = [P; alpha Q]`` (see :func:`coverage_matrix`); kept tokens in original order.
+
+    ``xc``, the vision-vision features: the official code compares CLIP vision-tower
+    features (before the projector) for ``Q`` and the projected tokens for ``P``. A method
+    here sees one token set, so ``Q`` uses the given tokens too: identical to the official
+    method when the tokens are the vision-tower features, a documented approximation when
+    they are projected tokens (the projector is a per-token MLP, so similarities change
+    but not which token is which).
+    """
+    text = signals.require("text", "mmtok")
+    assert isinstance(text, Tensor)
+    text_dim_check(tokens, text, "mmtok")
+    mask = signals.text_mask
+    picks = []
+    for b in range(tokens.shape[0]):
+        cover = coverage_matrix(tokens[b], text[b], None if mask is None else mask[b], config)
+        picks.append(greedy_coverage(cover, k))
+    return select(tokens, torch.stack(picks))
