@@ -36,6 +36,8 @@ def main() -> None:
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], int)
             ap.add_argument(flag, type=kind, default=getattr(defaults, f.name))
+    ap.add_argument("--tower-file", default=None,
+                    help="stage-1 tower weights: loaded if present (skips stage 1), else saved")
     ap.add_argument("--val", type=int, default=700, help="val samples for the final check")
     args = ap.parse_args()
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -50,7 +52,8 @@ def main() -> None:
 
     log(f"config {json.dumps(dataclasses.asdict(cfg))} device={args.device} "
         f"threads={torch.get_num_threads()}")
-    model, processor, times = train_tiny_vlm(cfg, log=log, device=args.device)
+    model, processor, times = train_tiny_vlm(cfg, log=log, device=args.device,
+                                             tower_file=args.tower_file)
     log(f"wall times (s): {json.dumps({k: round(v, 1) for k, v in times.items()})}")
     if args.val:
         acc = quick_eval(model, PromptCodec(processor.tokenizer), "val", args.val,

@@ -37,6 +37,7 @@ stays the primary target (and is what is reported first).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ from .scenes import (
 
 Log = Callable[[str], None]
 N_COUNT = MAX_OBJECTS + 1
+# stage-2 sampling weights of the harder question families (others: 1.0)
+FAMILY_WEIGHTS = {"count": 2.0, "relation": 1.5, "region": 1.25}
 
 
 @dataclass
@@ -68,11 +71,11 @@ class TrainConfig:
     """Hyper-parameters of both stages (defaults: the shipped checkpoint)."""
 
     seed: int = 0
-    stage1_steps: int = 1800
+    stage1_steps: int = 1200
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
-    stage2_images: int = 16000
-    stage2_steps: int = 2400
+    stage2_images: int = 12000
+    stage2_steps: int = 1600
     stage2_batch: int = 16
     questions_per_image: int = 6
     stage2_lr: float = 1e-3
@@ -303,8 +306,9 @@ def _sample_questions(bank: QuestionBank, idx: list[int], k: int, rng: np.random
     for i in idx:
         fams = bank.per_image[i]
         names = sorted(fams)
+        weights = np.array([FAMILY_WEIGHTS.get(f, 1.0) for f in names])
         for _ in range(k):
-            fam = names[int(rng.integers(0, len(names)))]
+            fam = names[int(rng.choice(len(names), p=weights / weights.sum()))]
             qs = fams[fam]
             if fam == "existence":  # balance yes / no
                 want = bool(rng.random() < 0.5)
@@ -405,8 +409,13 @@ def train_language(model, codec: PromptCodec, feats: torch.Tensor, bank: Questio
 
 
 def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = print,
-                   device: str = "cpu"):
-    """Run both stages; returns (model in float32, processor, wall-time dict)."""
+                   device: str = "cpu", tower_file: str | None = None):
+    """Run both stages; returns (model in float32, processor, wall-time dict).
+
+    ``tower_file``: if it exists, stage 1 is skipped and the vision tower is
+    loaded from it (a previous run with the same config wrote it); otherwise
+    the stage-1 tower is saved there. Useful to redo stage 2 alone.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tiny = tiny or TinyConfig()
@@ -415,7 +424,15 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
     model = build_model(tiny, tokenizer, seed=cfg.seed).to(device)
     times: dict[str, float] = {}
     t0 = time.time()
-    train_vision(model, cfg, log, device)
+    tower = model.model.vision_tower
+    if tower_file and os.path.exists(tower_file):
+        tower.load_state_dict(torch.load(tower_file, map_location=device))
+        tower.eval()
+        log(f"stage1 skipped: vision tower loaded from {tower_file}")
+    else:
+        train_vision(model, cfg, log, device)
+        if tower_file:
+            torch.save(tower.state_dict(), tower_file)
     times["stage1_s"] = time.time() - t0
     t1 = time.time()
     offset = 10_000_000  # stage-2 images are disjoint from stage-1 images
