@@ -19,10 +19,12 @@ from tokensieve.core import (
     reduce,
     register,
 )
+from tokensieve.models import applied, apply, remove
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SIGNAL_NAMES", "MethodSpec", "Partitions", "ReduceConfig", "Reduction", "Signals",
-    "__version__", "describe", "get_method", "list_methods", "reduce", "register",
+    "__version__", "applied", "apply", "describe", "get_method", "list_methods", "reduce",
+    "register", "remove",
 ]

@@ -1,0 +1,375 @@
+"""Patching machinery shared by every model family: state, wrappers, apply / remove.
+
+All tokensieve state of a patched model lives in one attribute (``model._tokensieve``, a
+:class:`PatchState`). Patching sets two instance attributes, ``forward`` and ``generate``,
+that wrap the model's own methods; ``remove`` puts back exactly what was there before
+(including instance attributes set by others, e.g. accelerate hooks) and deletes the state.
+No module, config or attention implementation of the model is changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.api import ReduceConfig, reduce
+from tokensieve.core.budget import resolve_keep
+from tokensieve.core.reduction import Reduction
+from tokensieve.core.registry import MethodSpec, get_method
+from tokensieve.models._surgery import Align, SurgeryPlan, detect_align, plan_surgery
+
+STATE_ATTR = "_tokensieve"
+PATCHED_ATTRS = ("forward", "generate")
+#: Per-token inputs of a forward call that follow the sequence (cut with the same plan).
+SEQUENCE_INPUTS = ("token_type_ids", "mm_token_type_ids")
+
+
+@dataclass
+class Encoded:
+    """What an adapter's ``encode`` returns for the images of one call.
+
+    Attributes:
+        features: the reduced visual tokens the LLM receives, one ``[K_i, D]`` per image.
+        counts: ``N_i``, the placeholder tokens of each image in the prompt.
+        reductions: one ``(Reduction, grid)`` per image (the reduction sliced to that image).
+        positions: per image, the source position (rank in its placeholder run) that each
+            kept token stands for; used by families whose position ids depend on where a
+            token sits in the image (M-RoPE). ``None`` when positions are re-indexed.
+    """
+
+    features: list[Tensor]
+    counts: list[int]
+    reductions: list[tuple[Reduction, tuple[int, int] | None]]
+    positions: list[Tensor] | None = None
+
+    @property
+    def kept(self) -> list[int]:
+        return [int(f.shape[0]) for f in self.features]
+
+
+@dataclass
+class PatchState:
+    """Everything tokensieve keeps on a patched model.
+
+    Attributes:
+        config: the method and its settings (plain data; write it into results files).
+        spec: the method's registry entry.
+        adapter: the model family's adapter.
+        saved: per patched attribute, whether the instance had its own value and which.
+        last: per image of the last reduced call, ``(Reduction, grid)``.
+        last_plan: the sequence surgery of the last reduced call (kept columns per row).
+    """
+
+    config: ReduceConfig
+    spec: MethodSpec
+    adapter: Adapter
+    saved: dict[str, tuple[bool, Any]] = field(default_factory=dict)
+    last: list[tuple[Reduction, tuple[int, int] | None]] = field(default_factory=list)
+    last_plan: SurgeryPlan | None = None
+
+
+class Adapter:
+    """One model family: where visual tokens live, how to capture signals, how to cut.
+
+    Subclasses set the class attributes and implement ``has_visual_inputs``,
+    ``placeholder_mask`` and ``encode``; they hold no method logic (a method is one
+    ``reduce`` call over tensors, see :meth:`run_method`).
+    """
+
+    family: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: Signals this family can give a method.
+    signals: ClassVar[tuple[str, ...]] = ()
+    #: Keyword inputs holding raw images; dropped once the images are encoded.
+    visual_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+
+    def __init__(self, model: torch.nn.Module, spec: MethodSpec, config: ReduceConfig) -> None:
+        self.model = model
+        self.spec = spec
+        self.config = config
+
+    # -- family hooks ---------------------------------------------------------------------
+    def check(self) -> None:
+        """Validate the model and the method at ``apply`` time (raise ValueError)."""
+        missing = [s for s in self.spec.signals if s not in self.signals]
+        if missing:
+            raise ValueError(
+                f"method {self.spec.name!r} needs the signal(s) {missing}, which the "
+                f"{self.family} adapter cannot give (it gives {list(self.signals)})")
+
+    def has_visual_inputs(self, args: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def placeholder_mask(self, args: dict[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
+        raise NotImplementedError
+
+    def fix_positions(self, args: dict[str, Any], new: dict[str, Any], plan: SurgeryPlan,
+                      enc: Encoded) -> None:
+        """Set the position inputs of the shortened call (default: 1D positions re-indexed
+        contiguously, i.e. a kept token's position minus the tokens cut before it)."""
+        pos = args.get("position_ids")
+        if pos is not None:
+            new["position_ids"] = plan.take(pos - plan.dropped_before.to(pos.device), 0,
+                                            dim=1 if pos.dim() == 2 else -1)
+
+    # -- shared helpers -------------------------------------------------------------------
+    def wants(self, name: str) -> bool:
+        """Whether the method uses signal ``name`` (only those are computed)."""
+        return name in self.spec.signals or name in self.spec.optional_signals
+
+    def resolve_keep(self, n: int) -> int:
+        """The per-image budget for an image of ``n`` LLM visual tokens."""
+        try:
+            return resolve_keep(self.config.keep, n)
+        except ValueError as err:
+            raise ValueError(f"{err}; each image gives the {self.family} LLM {n} visual "
+                             "tokens") from None
+
+    def run_method(self, tokens: Tensor, k: int, signals: dict[str, Any],
+                   has_cls: bool) -> Reduction:
+        """Run the configured method on ``tokens`` ``[I, N, D]`` (one row per image)."""
+        options = dict(self.config.options)
+        if self.spec.cls_token:
+            options["has_cls"] = has_cls
+        given = {k_: v for k_, v in signals.items() if v is not None}
+        return reduce(tokens, self.spec.name, k, seed=self.config.seed, **given, **options)
+
+    def use_cls(self) -> bool:
+        """Whether a method that can take a leading CLS token gets it (option ``has_cls``,
+        default True)."""
+        return self.spec.cls_token and bool(self.config.options.get("has_cls", True))
+
+    def text_signal(self, embeds: Tensor, text: Tensor, image_sample: Tensor,
+                    ) -> tuple[Tensor, Tensor]:
+        """Per-image prompt text: ``text [I, M, D]`` and ``text_mask [I, M]`` from the LLM
+        input embeddings ``[B, T, D]`` of each image's sample, ``text [B, T]`` marking the
+        real non-image tokens."""
+        m = max(int(text.sum(dim=1).max()), 1)
+        b, t, d = embeds.shape
+        order = torch.sort((~text).long(), dim=1, stable=True).indices[:, :m]
+        rows = torch.gather(embeds, 1, order.unsqueeze(-1).expand(-1, -1, d))
+        mask = torch.gather(text, 1, order)
+        return rows[image_sample], mask[image_sample]
+
+    @staticmethod
+    def split(r: Reduction, tokens: Tensor, grid: tuple[int, int] | None,
+              ) -> tuple[list[Tensor], list[tuple[Reduction, tuple[int, int] | None]]]:
+        """Per-image features (padding of adaptive methods dropped) and reductions."""
+        feats, per = [], []
+        for i in range(tokens.shape[0]):
+            row = tokens[i] if r.mask is None else tokens[i][r.mask[i]]
+            feats.append(row)
+            per.append((_slice_reduction(r, i), grid))
+        return feats, per
+
+    # -- the call -------------------------------------------------------------------------
+    def prepare(self, state: PatchState, args: dict[str, Any], align: Align) -> dict[str, Any]:
+        """Encode and reduce the images of a call and cut its sequence; returns the keyword
+        arguments for the model's own ``forward`` / ``generate``."""
+        placeholder = self.placeholder_mask(args)
+        enc = self.encode(args, placeholder)
+        mask = args.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"attention_mask: expected a 2D [B, T] mask, got shape "
+                             f"{tuple(mask.shape)}")
+        plan = plan_surgery(placeholder, enc.counts, enc.kept, align, mask)
+        new = {k: v for k, v in args.items() if k not in self.visual_keys}
+        filler = self.filler_id()
+        if args.get("input_ids") is not None:
+            new["input_ids"] = plan.take(args["input_ids"], filler)
+        if args.get("inputs_embeds") is not None:
+            new["inputs_embeds"] = plan.take(args["inputs_embeds"], 0.0)
+        if mask is not None:
+            new["attention_mask"] = plan.take(mask, 0)
+        elif not bool(plan.valid.all()):
+            new["attention_mask"] = plan.valid.long()
+        if args.get("labels") is not None:
+            new["labels"] = plan.take(args["labels"], -100)
+        for key in SEQUENCE_INPUTS:
+            if isinstance(args.get(key), Tensor) and args[key].shape[:2] == placeholder.shape:
+                new[key] = plan.take(args[key], 0)
+        self.fix_positions(args, new, plan, enc)
+        new["mm_encoder_outputs"] = self.encoder_outputs(enc.features)
+        state.last = enc.reductions
+        state.last_plan = plan
+        return new
+
+    def encoder_outputs(self, features: list[Tensor]) -> dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+
+    def filler_id(self) -> int:
+        """Token id written on padding columns the surgery adds (masked out)."""
+        cfg = getattr(self.model.config, "text_config", self.model.config)
+        pad = getattr(cfg, "pad_token_id", None)
+        image = getattr(self.model.config, "image_token_id", None)
+        if pad is None or pad == image:
+            pad = 0 if image != 0 else 1
+        return int(pad)
+
+
+def _slice_reduction(r: Reduction, i: int) -> Reduction:
+    def cut(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[i:i + 1]
+
+    return Reduction(tokens=r.tokens[i:i + 1], indices=cut(r.indices), positions=cut(r.positions),
+                     sizes=cut(r.sizes), mask=cut(r.mask), assignment=cut(r.assignment))
+
+
+# -- wrappers -------------------------------------------------------------------------------
+def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Named arguments of a call (a ``**kwargs`` catch-all flattened in)."""
+    bound = sig.bind(*args, **kwargs)
+    named = dict(bound.arguments)
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(p.name, {}))
+        elif p.kind is inspect.Parameter.VAR_POSITIONAL and named.get(p.name):
+            raise ValueError("tokensieve: pass the model's inputs by keyword")
+    return named
+
+
+def _make_forward(state: PatchState, original: Callable[..., Any]) -> Callable[..., Any]:
+    sig = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        named = _bind(sig, args, kwargs)
+        if not state.adapter.has_visual_inputs(named):
+            return original(*args, **kwargs)
+        new = state.adapter.prepare(state, named, detect_align(named.get("attention_mask")))
+        return original(**new)
+
+    return forward
+
+
+def _make_generate(state: PatchState, original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def generate(inputs: Tensor | None = None, **kwargs: Any) -> Any:
+        named = dict(kwargs)
+        if inputs is not None:
+            if "input_ids" in named:
+                raise ValueError("generate: got both `inputs` and `input_ids`")
+            named["input_ids"] = inputs
+        if not state.adapter.has_visual_inputs(named):
+            return original(inputs, **kwargs)
+        if named.get("past_key_values") is not None:
+            raise ValueError("generate: continuing from past_key_values with new images is not "
+                             "supported by a tokensieve-patched model; re-send the whole history")
+        ids = named.get("input_ids")
+        new = state.adapter.prepare(state, named, "right")
+        cut = state.last_plan.keep.shape[1] - state.last_plan.new_length if state.last_plan else 0
+        if isinstance(new.get("max_length"), int):
+            new["max_length"] -= cut
+        out = original(**new)
+        if ids is None:
+            return out
+        seq = out if isinstance(out, Tensor) else out.sequences
+        n_short = new["input_ids"].shape[1]
+        prompt = ids.to(seq.device).repeat_interleave(seq.shape[0] // ids.shape[0], dim=0)
+        full = torch.cat([prompt, seq[:, n_short:]], dim=1)
+        if isinstance(out, Tensor):
+            return full
+        out.sequences = full
+        return out
+
+    return generate
+
+
+# -- apply / remove -------------------------------------------------------------------------
+_ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator adding a family adapter."""
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def supported_models() -> list[str]:
+    """Class names of the models ``apply`` supports."""
+    _load_adapters()
+    return sorted(name for a in _ADAPTERS for name in a.model_classes)
+
+
+def _load_adapters() -> None:
+    import tokensieve.models.llava  # noqa: F401
+
+
+def find_adapter(model: object) -> type[Adapter]:
+    _load_adapters()
+    for klass in type(model).__mro__:
+        for adapter in _ADAPTERS:
+            if klass.__name__ in adapter.model_classes:
+                return adapter
+    raise ValueError(f"tokensieve cannot patch a {type(model).__name__}; supported models: "
+                     f"{', '.join(supported_models())}")
+
+
+def get_state(model: object) -> PatchState | None:
+    """The tokensieve state of a patched model (None when not patched)."""
+    return model.__dict__.get(STATE_ATTR) if hasattr(model, "__dict__") else None
+
+
+def apply(model: torch.nn.Module, method: str, keep: int | float, *, seed: int = 0,
+          **options: Any) -> torch.nn.Module:
+    """Patch ``model`` in place so that every call with images reduces its visual tokens.
+
+    Args:
+        model: a supported Hugging Face VLM (see :func:`supported_models`).
+        method: a name from ``tokensieve.list_methods()``.
+        keep: per image, an int count of visual tokens or a float fraction of them.
+        seed: seed of methods that draw random numbers.
+        **options: the method's options (``tokensieve.describe(method).defaults()``).
+
+    Returns:
+        The same model (patched). Applying to a patched model raises ValueError.
+    """
+    if get_state(model) is not None:
+        st = get_state(model)
+        raise ValueError(f"model is already patched by tokensieve ({st.config.method}, "
+                         f"keep={st.config.keep}); call tokensieve.remove(model) first")
+    adapter_cls = find_adapter(model)
+    spec = get_method(method)
+    spec.make_config({k: v for k, v in options.items()})  # unknown options fail here
+    if spec.stage != "pre-llm":
+        raise ValueError(f"method {spec.name!r} acts at stage {spec.stage!r}; tokensieve.apply "
+                         "runs pre-LLM methods (on the visual tokens before the LLM)")
+    config = ReduceConfig(method=spec.name, keep=keep, options=dict(options), seed=seed)
+    adapter = adapter_cls(model, spec, config)
+    adapter.check()
+    state = PatchState(config=config, spec=spec, adapter=adapter)
+    for name in PATCHED_ATTRS:
+        if not hasattr(model, name):
+            continue
+        own = name in model.__dict__
+        state.saved[name] = (own, model.__dict__.get(name))
+        original = getattr(model, name)
+        maker = _make_forward if name == "forward" else _make_generate
+        object.__setattr__(model, name, maker(state, original))
+    object.__setattr__(model, STATE_ATTR, state)
+    return model
+
+
+def remove(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`apply` exactly (a no-op on an unpatched model). Returns the model."""
+    state = get_state(model)
+    if state is None:
+        return model
+    for name, (own, value) in state.saved.items():
+        if own:
+            object.__setattr__(model, name, value)
+        else:
+            del model.__dict__[name]
+    del model.__dict__[STATE_ATTR]
+    return model

@@ -1,0 +1,58 @@
+"""Attention signals recomputed from one layer's queries and keys (no eager attention).
+
+The tower keeps its fast attention kernel (SDPA / flash); a hook captures the q and k
+projections of the one layer a method reads, and the rows or column means of its
+softmax attention are recomputed here in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Queries processed at once when averaging attention columns (bounds the memory).
+QUERY_CHUNK = 256
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """``[B, N, H*Dh]`` -> ``[B, H, N, Dh]`` in float32."""
+    b, n, _ = x.shape
+    return x.float().reshape(b, n, num_heads, -1).transpose(1, 2)
+
+
+def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
+    """Head-mean softmax attention of query 0 (the CLS token) over all keys.
+
+    Args:
+        q, k: ``[B, N, H*Dh]`` query and key projections of one layer.
+
+    Returns:
+        ``[B, N]`` float32 (each row sums to 1; index 0 is the CLS token's self-attention).
+    """
+    qh, kh = _heads(q[:, :1], num_heads), _heads(k, num_heads)
+    logits = (qh @ kh.transpose(-1, -2)) * scale  # [B, H, 1, N]
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def attention_received(q: Tensor, k: Tensor, num_heads: int, scale: float,
+                       chunk: int = QUERY_CHUNK) -> Tensor:
+    """Head- and query-mean softmax attention each key receives (key-column means).
+
+    Args:
+        q, k: ``[B, N, H*Dh]`` query and key projections of one layer.
+
+    Returns:
+        ``[B, N]`` float32 (each row sums to 1).
+    """
+    qh, kh = _heads(q, num_heads), _heads(k, num_heads)
+    b, h, n, _ = qh.shape
+    total = torch.zeros(b, kh.shape[2], dtype=torch.float32, device=q.device)
+    for start in range(0, n, chunk):
+        probs = ((qh[:, :, start:start + chunk] @ kh.transpose(-1, -2)) * scale).softmax(dim=-1)
+        total += probs.sum(dim=(1, 2))
+    return total / (h * n)
+
+
+def mean_keys(k: Tensor, num_heads: int) -> Tensor:
+    """Head-mean keys ``[B, N, Dh]`` (float32) from a key projection ``[B, N, H*Dh]``."""
+    return _heads(k, num_heads).mean(dim=1)

@@ -1,0 +1,178 @@
+"""LLaVA-1.5 adapter (``LlavaForConditionalGeneration`` / ``LlavaModel``).
+
+Layout: a CLIP (or SigLIP) tower; the LLM's visual tokens are the projector applied to
+``hidden_states[vision_feature_layer]`` (the output of encoder layer
+``L + vision_feature_layer`` for a negative index), without the CLS token under the
+"default" strategy. Every image fills one run of ``N`` placeholder tokens
+(``image_token_id``), in the order the images appear over the flattened batch.
+
+Signals, computed from the q/k projections of the feature layer (the layer whose output
+is the feature; the tower keeps its SDPA / flash kernel):
+``cls_attn`` (head-mean CLS attention row), ``attn_received`` (head- and query-mean
+attention columns), ``keys`` / ``values`` (head-mean), ``grid`` (the patch grid), and
+``text`` / ``text_mask``: the LLM input embeddings of the prompt's non-image tokens
+(standing in for a CLIP text embedding, in the space of the projected visual tokens).
+Each is computed only when the method lists it among its signals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokensieve.models._base import Adapter, Encoded, register_adapter
+from tokensieve.models._signals import attention_received, cls_attention, mean_keys
+
+ATTENTION_SIGNALS = ("cls_attn", "attn_received", "keys", "values")
+
+
+def image_sample(placeholder: Tensor, counts: list[int]) -> Tensor:
+    """``[I]`` the batch row holding each image's placeholder run."""
+    rows = torch.nonzero(placeholder, as_tuple=True)[0]
+    starts = torch.tensor(counts, device=rows.device).cumsum(0) - torch.tensor(
+        counts, device=rows.device)
+    return rows[starts]
+
+
+@register_adapter
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    signals = ("cls_attn", "attn_received", "keys", "values", "text", "text_mask", "grid")
+
+    def __init__(self, model: torch.nn.Module, spec: Any, config: Any) -> None:
+        super().__init__(model, spec, config)
+        self.inner = model if hasattr(model, "vision_tower") else model.model
+        vcfg = model.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        self.grid = (side, side)
+
+    # -- checks ---------------------------------------------------------------------------
+    def _layers(self) -> Any:
+        tower = self.inner.vision_tower
+        enc = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        layers = getattr(enc, "layers", None)
+        if layers is None or not hasattr(layers[0].self_attn, "q_proj"):
+            raise ValueError(f"the llava adapter reads q/k from a CLIP/SigLIP tower; this model's "
+                             f"vision tower is a {type(tower).__name__}")
+        return layers
+
+    def _feature_layer(self, args: dict[str, Any]) -> int:
+        layer = args.get("vision_feature_layer")
+        layer = self.model.config.vision_feature_layer if layer is None else layer
+        if not isinstance(layer, int):
+            raise ValueError(f"vision_feature_layer={layer!r}: the llava adapter supports one "
+                             "int feature layer")
+        return layer
+
+    def _strategy(self, args: dict[str, Any]) -> str:
+        strategy = args.get("vision_feature_select_strategy")
+        if strategy is None:
+            strategy = self.model.config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy={strategy!r}: expected 'default' or "
+                             "'full'")
+        return strategy
+
+    def _attention_layer(self, layer: int) -> int:
+        """Index of the encoder layer whose output is ``hidden_states[layer]``."""
+        num = len(self._layers())
+        idx = (layer if layer >= 0 else num + 1 + layer) - 1
+        if not 0 <= idx < num:
+            raise ValueError(f"vision_feature_layer={layer}: hidden state {idx + 1} is not the "
+                             f"output of an encoder layer (the tower has {num}); the attention "
+                             "signals need one")
+        return idx
+
+    def tokens_per_image(self, args: dict[str, Any] | None = None) -> int:
+        full = self._strategy(args or {}) == "full"
+        return self.grid[0] * self.grid[1] + int(full)
+
+    def check(self) -> None:
+        super().check()
+        layer = self._feature_layer({})
+        self._strategy({})
+        if any(self.wants(s) for s in ATTENTION_SIGNALS):
+            self._attention_layer(layer)
+        self.resolve_keep(self.tokens_per_image())
+
+    # -- the call -------------------------------------------------------------------------
+    def has_visual_inputs(self, args: dict[str, Any]) -> bool:
+        return args.get("pixel_values") is not None
+
+    def placeholder_mask(self, args: dict[str, Any]) -> Tensor:
+        image_id = self.model.config.image_token_id
+        if args.get("input_ids") is not None:
+            return args["input_ids"] == image_id
+        embeds = args["inputs_embeds"]
+        ref = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
+        return (embeds == ref).all(-1)
+
+    def _capture(self, idx: int) -> tuple[dict[str, Tensor], list[Any]]:
+        attn = self._layers()[idx].self_attn
+        captured: dict[str, Tensor] = {}
+        names = ["q_proj", "k_proj"] + (["v_proj"] if self.wants("values") else [])
+        handles = []
+        for name in names:
+            def hook(_m: Any, _i: Any, out: Tensor, name: str = name) -> None:
+                captured[name] = out.detach()
+            handles.append(getattr(attn, name).register_forward_hook(hook))
+        return captured, handles
+
+    def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
+        layer, strategy = self._feature_layer(args), self._strategy(args)
+        if args.get("image_sizes") is not None:
+            raise ValueError("image_sizes: the llava adapter supports fixed-size (LLaVA-1.5) "
+                             "images")
+        want_attn = any(self.wants(s) for s in ATTENTION_SIGNALS)
+        idx = self._attention_layer(layer) if want_attn else -1
+        captured, handles = self._capture(idx) if want_attn else ({}, [])
+        try:
+            out = self.inner.vision_tower(args["pixel_values"], output_hidden_states=True,
+                                          return_dict=True)
+        finally:
+            for h in handles:
+                h.remove()
+        hidden = out.hidden_states[layer]  # [I, 1 + N, Dv]
+        full = strategy == "full"
+        start = 0 if (full or self.use_cls()) else 1
+        tokens = hidden[:, start:]
+        n_llm = self.tokens_per_image(args)
+        signals: dict[str, Any] = {}
+        if want_attn:
+            attn = self._layers()[idx].self_attn
+            q, k = captured["q_proj"], captured["k_proj"]
+            heads, scale = attn.num_heads, attn.scale
+            if self.wants("cls_attn"):
+                signals["cls_attn"] = cls_attention(q, k, heads, scale)[:, start:]
+            if self.wants("attn_received"):
+                signals["attn_received"] = attention_received(q, k, heads, scale)[:, start:]
+            if self.wants("keys"):
+                signals["keys"] = mean_keys(k, heads)[:, start:]
+            if self.wants("values"):
+                signals["values"] = mean_keys(captured["v_proj"], heads)[:, start:]
+        grid = self.grid if tokens.shape[1] == self.grid[0] * self.grid[1] else None
+        signals["grid"] = grid
+        counts = [n_llm] * tokens.shape[0]
+        if self.wants("text"):
+            ids, embeds = args.get("input_ids"), args.get("inputs_embeds")
+            if embeds is None:
+                embeds = self.model.get_input_embeddings()(ids)
+            text = ~placeholder
+            if args.get("attention_mask") is not None:
+                text = text & args["attention_mask"].bool()
+            signals["text"], signals["text_mask"] = self.text_signal(
+                embeds, text, image_sample(placeholder, counts))
+        k_keep = self.resolve_keep(n_llm)
+        projector = self.inner.multi_modal_projector
+        if self.spec.features == "projected":
+            tokens = projector(tokens)
+            r = self.run_method(tokens, k_keep, signals, has_cls=start == 0)
+            feats = r.tokens
+        else:
+            r = self.run_method(tokens, k_keep, signals, has_cls=start == 0)
+            feats = projector(r.tokens)
+        features, per_image = self.split(r, feats, grid)
+        return Encoded(features=features, counts=counts, reductions=per_image)
