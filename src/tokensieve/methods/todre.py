@@ -14,7 +14,7 @@ from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
 from tokensieve.methods._greedy import max_min_indices
 
-SEEDS = ("isolated", "cls_attn", "first")
+STARTS = ("isolated", "cls_attn", "first")
 DISTANCES = ("cosine", "euclidean")
 
 
@@ -24,18 +24,18 @@ class ToDREConfig:
     the ``todre`` docstring for what each choice means).
 
     Attributes:
-        seed: the first centre: "isolated" (the token whose nearest neighbour is farthest,
+        start: the first centre: "isolated" (the token whose nearest neighbour is farthest,
             as DivPrune), "cls_attn" (the token the CLS token attends to most; needs the
             ``cls_attn`` signal) or "first" (token 0, the textbook Gonzalez start).
         distance: "cosine" (``1 - cos``) or "euclidean".
     """
 
-    seed: Literal["isolated", "cls_attn", "first"] = "isolated"
+    start: Literal["isolated", "cls_attn", "first"] = "isolated"
     distance: Literal["cosine", "euclidean"] = "cosine"
 
     def __post_init__(self) -> None:
-        if self.seed not in SEEDS:
-            raise ValueError(f"seed={self.seed!r}: expected one of {SEEDS}")
+        if self.start not in STARTS:
+            raise ValueError(f"start={self.start!r}: expected one of {STARTS}")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance={self.distance!r}: expected one of {DISTANCES}")
 
@@ -59,8 +59,8 @@ def todre(tokens: Tensor, k: int, signals: Signals, config: ToDREConfig,
     all visual tokens from a middle LLM layer on) belongs to a model adapter, not here.
     """
     seeds = None
-    if config.seed == "cls_attn":
+    if config.start == "cls_attn":
         seeds = torch.argmax(signals.layer("cls_attn", "todre").float(), dim=1)
-    elif config.seed == "first":
+    elif config.start == "first":
         seeds = torch.zeros(tokens.shape[0], dtype=torch.long)
     return select(tokens, max_min_indices(tokens, k, config.distance, seeds))
