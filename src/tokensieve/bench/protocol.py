@@ -38,6 +38,7 @@ import torch
 
 from tokensieve.bench.flops import Cost, Plan, VLMDims, account, plan_for
 from tokensieve.bench.timing import Timing, cpu_threads, measure_generation
+from tokensieve.bench.tiny import RANDOM_TINY, random_tiny_llava
 from tokensieve.core.api import ReduceConfig
 from tokensieve.core.registry import get_method, list_methods
 
@@ -246,9 +247,15 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype):
     """``(model, processor)``: the embedded tiny VLM (``name=None``) or a HF model by path or
     hub id (loaded with ``AutoModelForImageTextToText`` / ``AutoProcessor``)."""
     if name is None:
-        from tokensieve.zoo import load_tiny_vlm
+        from tokensieve.zoo import checkpoint_available, load_tiny_vlm
 
+        if not checkpoint_available():
+            raise ValueError("the embedded tiny VLM checkpoint is not installed (expected under "
+                             "tokensieve/zoo/checkpoints); pass --model PATH, or --model "
+                             f"{RANDOM_TINY} for an untrained smoke-test model")
         return load_tiny_vlm(dtype=dtype, device=device)
+    if name == RANDOM_TINY:
+        return random_tiny_llava(dtype=dtype, device=device)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     local = Path(name).exists()
