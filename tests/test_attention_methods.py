@@ -33,8 +33,11 @@ def _kept_per_partition(indices: torch.Tensor, ids: torch.Tensor, num: int) -> l
 def test_vtc_cls_is_topk_of_layer_sum():
     b, layers, n, k = 3, 5, 36, 9
     tokens, attn = _rand(b, n, 8, seed=1), _rand(b, layers, n, seed=2).abs()
-    for start, end, used in [(0, -1, range(0, 4)), (2, -1, range(2, 4)), (1, None, range(1, 5))]:
-        r = ts.reduce(tokens, "vtc-cls", k, cls_attn=attn, start_layer=start, end_layer=end)
+    cases = [({}, range(0, 4)),  # default: every layer but the last
+             ({"start_layer": 2}, range(2, 4)),
+             ({"start_layer": 1, "end_layer": None}, range(1, 5))]
+    for opts, used in cases:
+        r = ts.reduce(tokens, "vtc-cls", k, cls_attn=attn, **opts)
         for i in range(b):
             score = [sum(float(attn[i, q, j]) for q in used) for j in range(n)]
             expect = sorted(sorted(range(n), key=lambda j: -score[j])[:k])
@@ -210,16 +213,17 @@ def test_hiprune_buffers_are_grid_neighbours_of_anchors(wrap):
     h = w = 12
     n, k, alpha = h * w, 60, 0.5  # round(60 * 0.5 / 5) = 6 anchors
     x, attn = _rand(3, n, 8, seed=20), _rand(3, 2, n, seed=21)
-    # Anchors on a row end (w - 1) and on the top row (3) in every sample.
+    # Anchors on a row end (w - 1), on the top row (3) and on a row start (5 w).
     attn[:, 0, w - 1] = 10.0
     attn[:, 0, 3] = 9.0
+    attn[:, 0, 5 * w] = 8.0
     r = ts.reduce(x, "hiprune", k, attn_received=attn, alpha=alpha, wrap=wrap)
     for i in range(3):
         anchors, chosen, expect = _naive_hiprune(attn[i, 0], attn[i, 1], k, alpha, w, wrap)
-        assert len(anchors) == 6 and {w - 1, 3} <= set(anchors)
+        assert len(anchors) == 6 and {w - 1, 3, 5 * w} <= set(anchors)
         assert r.indices[i].tolist() == expect
         if wrap:  # official: (w-1) + 1 wraps to the next row's first token, 3 - w clamps to 0
-            assert {w, 0} <= chosen
+            assert {w, 0, 5 * w - 1} <= chosen
         else:  # every buffer is a true 4-neighbour on the grid
             for j in chosen - set(anchors):
                 assert any(abs(j // w - a // w) + abs(j % w - a % w) == 1 for a in anchors)
