@@ -40,12 +40,11 @@ def dct_lowpass(tokens: Tensor, grid: tuple[int, int], out: tuple[int, int]) -> 
     Per channel: ``C = M_H X M_W^T`` (orthonormal DCT-II), keep ``C[:h, :w]``, then
     ``X' = sqrt(h w / (H W)) M_h^T C[:h, :w] M_w`` (inverse DCT onto the small grid). The
     factor keeps amplitudes: a constant grid stays the same constant, and ``(h, w) ==
-    (H, W)`` returns the input. Computed in float32 (float64 on CPU), returned in the
-    tokens' dtype.
+    (H, W)`` returns the input. Computed in float32, returned in the tokens' dtype.
     """
     b, _, d = tokens.shape
     (big_h, big_w), (h, w) = grid, out
-    work = torch.float64 if tokens.device.type == "cpu" else torch.float32
+    work = torch.float32
     dev = tokens.device
     m_h, m_w = dct_matrix(big_h, dev, work), dct_matrix(big_w, dev, work)
     i_h, i_w = dct_matrix(h, dev, work), dct_matrix(w, dev, work)
