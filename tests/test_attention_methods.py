@@ -425,3 +425,44 @@ def test_dct_keeps_low_frequency_content():
 def test_dct_rejects_budgets_without_a_grid():
     with pytest.raises(ValueError, match="keep=7"):
         ts.reduce(_rand(1, 64, 4), "dct", 7)
+
+
+def _interleaved(side: int, tiling: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaVA-NeXT's merged layout: the overview, then the crops stitched into one
+    ``rows*side x cols*side`` grid with a newline token (-1) after every grid row.
+    Returns the ids and, per token, its index in the contiguous layout (-1: newline)."""
+    rows, cols = tiling
+    per = side * side
+    ids, src = [0] * per, list(range(per))
+    for big_r in range(rows * side):
+        for j in range(cols):
+            crop = (big_r // side) * cols + j + 1
+            for c in range(side):
+                ids.append(crop)
+                src.append(crop * per + (big_r % side) * side + c)
+        ids.append(-1)
+        src.append(-1)
+    return torch.tensor(ids), torch.tensor(src)
+
+
+@pytest.mark.parametrize("method", ["hired", "globalcom2"])
+def test_anyres_methods_follow_partition_ids_not_sequence_order(method):
+    side, tiling = 3, (2, 2)
+    ids, src = _interleaved(side, tiling)
+    n_contig = (tiling[0] * tiling[1] + 1) * side * side
+    x, attn = _rand(2, n_contig, 8, seed=27), _rand(2, 2, n_contig, seed=28).abs()
+    contig = _layout(2, side, tiling)
+    newline = src < 0
+    x_i = torch.zeros(2, len(ids), 8)
+    x_i[:, ~newline] = x[:, src[~newline]]
+    attn_i = torch.zeros(2, 2, len(ids))
+    attn_i[:, :, ~newline] = attn[:, :, src[~newline]]
+    parts = Partitions(ids.repeat(2, 1), tiling, (side, side))
+    n_newline = int(newline.sum())
+    for keep in (8, 20):
+        a = ts.reduce(x, method, keep, cls_attn=attn, partitions=contig)
+        b = ts.reduce(x_i, method, keep + n_newline, cls_attn=attn_i, partitions=parts)
+        for i in range(2):
+            mapped = src[b.indices[i]]
+            assert sorted(mapped[mapped >= 0].tolist()) == a.indices[i].tolist()
+            assert int((mapped < 0).sum()) == n_newline
