@@ -22,10 +22,12 @@ class FoPruConfig:
 
     Attributes:
         mode: "rank" (global top-``k`` by significance) or "row" (keep whole grid rows).
-        score: the token significance. "attn_received" (preferred: the attention each
-            token receives from all tokens of the encoder layer, averaged over heads and
-            queries, which is how the paper derives significance from the attention map)
-            or "cls_attn" (the CLS row only). With ``[B, L, N]`` the last layer is used.
+        score: the token significance. "attn_received" (preferred): the attention each
+            token receives, averaged over heads and queries, of the penultimate encoder
+            layer. The paper averages the head-mean attention map along both axes and
+            keeps the vector with the larger variance; for post-softmax attention the
+            per-query mean is the constant 1/N, so that is the received attention.
+            "cls_attn": the CLS row only. With ``[B, L, N]`` the last layer is used.
     """
 
     mode: str = "rank"
