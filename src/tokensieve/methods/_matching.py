@@ -66,10 +66,21 @@ class Matching:
         b, t, c = x.shape
         if t != self.slot.shape[1]:
             raise ValueError(f"x has {t} tokens, expected {self.slot.shape[1]} (the matched set)")
-        out = torch.zeros(b, self.num_out, c, device=x.device, dtype=torch.float32)
-        index = self.slot.unsqueeze(-1).expand(-1, -1, c)
-        out = out.scatter_reduce(1, index, x.float(), reduce=mode, include_self=False)
-        return out.to(x.dtype)
+        k = self.num_out
+        # One flat index over the batch: index_add_ is several times faster than a batched
+        # scatter on CPU (on CUDA both accumulate with atomic adds).
+        flat = (self.slot + k * torch.arange(b, device=x.device).unsqueeze(1)).reshape(-1)
+        src = x.float().reshape(b * t, c)
+        out = torch.zeros(b * k, c, device=x.device, dtype=torch.float32)
+        if mode == "amax":
+            out = out.index_reduce_(0, flat, src, "amax", include_self=False)
+        else:
+            out = out.index_add_(0, flat, src)
+            if mode == "mean":
+                ones = torch.ones(b * t, device=x.device)
+                count = torch.zeros(b * k, device=x.device).index_add_(0, flat, ones)
+                out = out / count.unsqueeze(-1)
+        return out.reshape(b, k, c).to(x.dtype)
 
     def unmerge(self, x: Tensor) -> Tensor:
         """Copy each slot back to every input token it holds: ``[B, T - r, C] -> [B, T, C]``."""
@@ -192,7 +203,7 @@ def merge_to_budget(tokens: Tensor, k: int, *, metric: Tensor | None = None,
     b, n, _ = tokens.shape
     protected = int(protect_first)
     x = tokens.float()
-    m = (tokens if metric is None else metric).float()
+    m = x if metric is None else metric.float()
     s = torch.ones(b, n, device=tokens.device) if sizes is None else sizes.float()
     a = None if attn is None else attn.float()
     positions = torch.arange(n, device=tokens.device).unsqueeze(0).expand(b, -1)
@@ -206,7 +217,10 @@ def merge_to_budget(tokens: Tensor, k: int, *, metric: Tensor | None = None,
         match = bipartite_soft_matching(
             m, r, protect_first=protect_first, penalty=None if a is None else attn_weight * a)
         x, new_s = match.merge_wavg(x, s)
-        m = match.merge(m * s.unsqueeze(-1), "sum") / new_s.unsqueeze(-1)
+        if metric is None:
+            m = x  # the tokens are the metric: their size-weighted means are already known
+        else:
+            m = match.merge(m * s.unsqueeze(-1), "sum") / new_s.unsqueeze(-1)
         if a is not None:
             a = match.merge(a.unsqueeze(-1), "mean").squeeze(-1)
         s = new_s
