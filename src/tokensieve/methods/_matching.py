@@ -240,6 +240,9 @@ def merge_reduction(result: MergeResult, prior_sizes: Tensor | None = None) -> R
                      sizes=sizes, assignment=result.assignment)
 
 
+# Validation shared by the method files of this family.
+
+
 def check_flag(value: object, name: str, method: str) -> None:
     """Reject non-bool flags (``has_cls="yes"`` would otherwise be truthy)."""
     if not isinstance(value, bool):

@@ -12,6 +12,11 @@
    sorted position, i.e. ``argmin``); duplicates are dropped, so the count adapts to the
    image: peaked significance gives few tokens, flat significance up to ``m``.
 
+``keep = N`` returns every token (the contract of every subset method), whereas the
+official DeiT-S setting samples with ``K = N`` targets in each ATS block and still drops
+the duplicate picks; any ``keep < N`` samples as described. A ``keep`` below the official
+minimum of 8 tokens is refused (option ``min_tokens``).
+
 Without ``values`` the method refuses to run (the value norm is part of the score); pass
 ``use_values=False`` to sample by CLS attention alone (a documented variant, not the paper).
 
