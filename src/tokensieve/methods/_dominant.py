@@ -9,6 +9,7 @@ L2-normalised keys) and each group becomes one contextual token.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tokensieve.core.ops import gather_tokens, normalize, topk_indices
@@ -109,12 +110,10 @@ def dominant_contextual(
         metric = normalize(keys)
         sim = gather_tokens(metric, other) @ gather_tokens(metric, tgt).transpose(1, 2)
         choice = sim.argmax(dim=2)  # [B, N_rem - C] target of each merged token
-        d = tokens.shape[2]
-        src = gather_tokens(tokens, other).float()
-        acc = torch.zeros(b, contextual, d, device=dev, dtype=torch.float32)
-        acc.scatter_add_(1, choice.unsqueeze(-1).expand(-1, -1, d), src)
-        count = torch.zeros(b, contextual, device=dev, dtype=torch.float32)
-        count.scatter_add_(1, choice, torch.ones_like(choice, dtype=torch.float32))
+        # One-hot matmul rather than scatter_add: deterministic on every device.
+        onehot = F.one_hot(choice, contextual).float()  # [B, N_rem - C, C]
+        acc = onehot.transpose(1, 2) @ gather_tokens(tokens, other).float()  # [B, C, D]
+        count = onehot.sum(dim=1)  # [B, C]
         target = gather_tokens(tokens, tgt).float()
         if merge == "target+mean":
             ctx = target + acc / count.clamp(min=1.0).unsqueeze(-1)

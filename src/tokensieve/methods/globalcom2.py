@@ -55,8 +55,7 @@ def globalcom2_budgets(scores: Tensor, pos: Tensor, partitions: Partitions, k: i
     ratio = total.double() / (n_parts * per)
     thumb = torch.gather(scores, 1, pos[:, 0]).double()  # [B, H*W]
     region = crop_regions(partitions.grid, partitions.tiling, "2d", scores.device)
-    region_sum = torch.zeros(b, n_crops, dtype=torch.float64, device=scores.device)
-    region_sum.scatter_add_(1, region.expand_as(thumb), thumb)
+    region_sum = thumb @ F.one_hot(region, n_crops).double()  # [B, P], deterministic
     soft = torch.softmax(region_sum / temperature, dim=1)
     scale = (ratio.unsqueeze(1) * (1 + soft - soft.mean(dim=1, keepdim=True))).clamp(max=1.0)
     target = torch.cat([(ratio * per).unsqueeze(1), scale * per], dim=1)
