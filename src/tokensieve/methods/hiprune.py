@@ -80,12 +80,12 @@ def hiprune(tokens: Tensor, k: int, signals: Signals, config: HiPruneConfig,
     """
     if not 0.0 <= config.alpha <= 1.0:
         raise ValueError(f"hiprune: alpha={config.alpha!r}; expected a share in [0, 1]")
-    b, n, _ = tokens.shape
+    n = tokens.shape[1]
     _, width = infer_grid(n, signals.grid, "hiprune")
     attn = signals.require("attn_received", "hiprune")
     assert isinstance(attn, Tensor)
-    obj = pick_layer(attn, config.object_layer, "object_layer", "attn_received", "hiprune").float()
-    deep = pick_layer(attn, config.deep_layer, "deep_layer", "attn_received", "hiprune").float()
+    obj = pick_layer(attn, config.object_layer, "object_layer", "attn_received", "hiprune")
+    deep = pick_layer(attn, config.deep_layer, "deep_layer", "attn_received", "hiprune")
     n_anchor = round(k * config.alpha / 5)  # Python round, as in the official code
     if n_anchor == 0:
         return select(tokens, topk_indices(deep, k))
