@@ -151,6 +151,19 @@ def test_matching_closures_merge_unmerge():
         bipartite_soft_matching(d["keys"], 7)
 
 
+def test_matching_with_one_large_group_sums_every_member():
+    # Tokens along one direction (power-of-two scales normalise exactly) tie on cosine
+    # similarity, so every A token picks the first B token: one group of 21.
+    scale = 2.0 ** (torch.arange(40) % 8).float()
+    x = scale.reshape(1, 40, 1).expand(2, -1, 3).contiguous()
+    match = bipartite_soft_matching(x, 20)
+    assert int(match.group_sizes().max()) == 21 and (match.dst == 1).all()
+    torch.testing.assert_close(match.merge(x, "sum").sum(1), x.sum(1))
+    merged, sizes = match.merge_wavg(x)
+    assert (sizes[:, 0] == 21).all()
+    torch.testing.assert_close(merged[:, 0], (x[:, 0::2].sum(1) + x[:, 1]) / 21)
+
+
 def test_tome_never_merges_cls():
     d = _data(n=33)
     x = d["tokens"].clone()

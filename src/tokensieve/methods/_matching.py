@@ -17,6 +17,10 @@ them block by block. :func:`merge_to_budget` repeats rounds until a budget is re
 Output order: unlike the official code (which concatenates ``[unmerged A, B]``), the output
 slots keep the original order of the surviving tokens (the unmerged A tokens and every B
 token), so a protected CLS stays first and ``positions`` are ascending.
+
+Sums over merged groups are accumulated in a fixed order (survivor first, then the merged
+tokens by ascending index) without colliding atomic adds, so results are bitwise
+reproducible on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -67,20 +71,54 @@ class Matching:
         if t != self.slot.shape[1]:
             raise ValueError(f"x has {t} tokens, expected {self.slot.shape[1]} (the matched set)")
         k = self.num_out
-        # One flat index over the batch: index_add_ is several times faster than a batched
-        # scatter on CPU (on CUDA both accumulate with atomic adds).
-        flat = (self.slot + k * torch.arange(b, device=x.device).unsqueeze(1)).reshape(-1)
-        src = x.float().reshape(b * t, c)
-        out = torch.zeros(b * k, c, device=x.device, dtype=torch.float32)
-        if mode == "amax":
-            out = out.index_reduce_(0, flat, src, "amax", include_self=False)
-        else:
-            out = out.index_add_(0, flat, src)
-            if mode == "mean":
-                ones = torch.ones(b * t, device=x.device)
-                count = torch.zeros(b * k, device=x.device).index_add_(0, flat, ones)
-                out = out / count.unsqueeze(-1)
-        return out.reshape(b, k, c).to(x.dtype)
+        xf = x.float()
+        if mode == "amax":  # order-independent, so the atomic reduction is deterministic
+            flat = (self.slot + k * torch.arange(b, device=x.device).unsqueeze(1)).reshape(-1)
+            out = torch.zeros(b * k, c, device=x.device, dtype=torch.float32)
+            out = out.index_reduce_(0, flat, xf.reshape(b * t, c), "amax", include_self=False)
+            return out.reshape(b, k, c).to(x.dtype)
+        out = self._sum(xf)
+        if mode == "mean":
+            out = out / self.group_sizes().unsqueeze(-1)
+        return out.to(x.dtype)
+
+    def group_sizes(self) -> Tensor:
+        """``[B, T - r]`` float32: how many input tokens each output slot holds."""
+        b, k = self.slot.shape[0], self.num_out
+        count = torch.ones(b, k, dtype=torch.long, device=self.slot.device)
+        dst_slot = self.slot.gather(1, self.src)
+        count.scatter_add_(1, dst_slot, torch.ones_like(dst_slot))  # integer: exact
+        return count.float()
+
+    def _sum(self, x: Tensor) -> Tensor:
+        """Slot sums of float32 ``x`` ``[B, T, C]``, in a fixed order on every device.
+
+        Each slot starts from its surviving token; the A tokens merged into it are added
+        one level at a time (the j-th merged token of every slot, by ascending input index),
+        so no two additions of a level touch the same slot: no atomics, bitwise
+        reproducible on CPU and CUDA alike.
+        """
+        b, t, c = x.shape
+        k, r = self.num_out, self.src.shape[1]
+        dev = x.device
+        rows = torch.arange(b, device=dev).unsqueeze(1)
+        flat_x = x.reshape(b * t, c)
+        out = flat_x.index_select(0, (self.kept + t * rows).reshape(-1))  # [B * k, C]
+        if r:
+            dst_slot = self.slot.gather(1, self.src)
+            order = torch.argsort(dst_slot * t + self.src, dim=1)  # unique keys
+            slot_sorted = dst_slot.gather(1, order)
+            src_sorted = self.src.gather(1, order)
+            pos = torch.arange(r, device=dev).expand(b, -1)
+            first = torch.ones_like(slot_sorted, dtype=torch.bool)
+            first[:, 1:] = slot_sorted[:, 1:] != slot_sorted[:, :-1]
+            level = (pos - torch.where(first, pos, 0).cummax(dim=1).values).reshape(-1)
+            out_row = (slot_sorted + k * rows).reshape(-1)
+            in_row = (src_sorted + t * rows).reshape(-1)
+            for j in range(int(level.max()) + 1):
+                sel = level == j  # distinct slots within a level: one add per row
+                out.index_add_(0, out_row[sel], flat_x.index_select(0, in_row[sel]))
+        return out.reshape(b, k, c)
 
     def unmerge(self, x: Tensor) -> Tensor:
         """Copy each slot back to every input token it holds: ``[B, T - r, C] -> [B, T, C]``."""
