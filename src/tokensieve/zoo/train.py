@@ -71,13 +71,13 @@ class TrainConfig:
     """Hyper-parameters of both stages (defaults: the shipped checkpoint)."""
 
     seed: int = 0
-    stage1_steps: int = 1200
+    stage1_steps: int = 800
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
-    stage2_images: int = 12000
-    stage2_steps: int = 1600
+    stage2_images: int = 8000
+    stage2_steps: int = 1000
     stage2_batch: int = 16
-    questions_per_image: int = 6
+    questions_per_image: int = 10
     stage2_lr: float = 1e-3
     drop_prob: float = 0.25
     drop_min_keep: int = 48
