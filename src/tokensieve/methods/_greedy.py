@@ -44,6 +44,9 @@ class LazyRows:
         self.rows_fn = rows
         self.n = n
         self.block = block or block_size(n)
+        # Rows fetched on a miss in :meth:`row`: a greedy loop's next picks are hard to
+        # guess far ahead, so prefetch fewer than a full block.
+        self.prefetch = max(1, min(self.block, max(8, self.block // 4)))
         self.device = device
         self.slot = torch.full((n,), -1, dtype=torch.long, device=device)
         self.cached = torch.zeros(n, dtype=torch.bool, device=device)
@@ -61,19 +64,40 @@ class LazyRows:
         return block
 
     def row(self, j: int, priority: Tensor | None = None) -> Tensor:
-        """Row ``j`` (``[N]``). On a miss, also prefetches the uncached rows with the highest
-        ``priority`` (``[N]``, ``-inf`` = never needed)."""
+        """Row ``j`` (``[N]``). On a miss, also fetches the ``prefetch - 1`` uncached rows with
+        the highest ``priority`` (``[N]``, ``-inf`` = never needed)."""
         hit = self.where.get(j)
         if hit is not None:
             return self.store[hit[0]][hit[1]]
         idx = torch.tensor([j], device=self.device)
-        if priority is not None and self.block > 1:
+        if priority is not None and self.prefetch > 1:
             p = priority.masked_fill(self.cached, -math.inf)
             p[j] = -math.inf
-            order = torch.sort(p, descending=True, stable=True).indices[: self.block - 1]
+            order = torch.sort(p, descending=True, stable=True).indices[: self.prefetch - 1]
             order = order[torch.isfinite(p[order])]
             idx = torch.cat([idx, order])
         return self.fetch(idx)[0]
+
+
+def symmetric_gram(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x @ x.T`` (``[N, N]``, float32, exactly symmetric) for ``x`` ``[N, D]``.
+
+    Computes each off-diagonal block once and mirrors it: about half the multiply-adds of
+    one GEMM. ``out`` (``[N, N]`` contiguous float32) receives the result if given.
+    """
+    x = x.float()
+    n = x.shape[0]
+    if out is None:
+        out = torch.empty(n, n, device=x.device)
+    step = max(64, -(-n // 8))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        blk = x[s:e] @ x[s:].T                                            # [e - s, n - s]
+        diag = blk[:, : e - s]
+        out[s:e, s:e] = torch.triu(diag) + torch.triu(diag, 1).T
+        out[s:e, e:] = blk[:, e - s:]
+        out[e:, s:e] = blk[:, e - s:].T
+    return out
 
 
 def cosine_distance_rows(x: Tensor) -> RowFn:

@@ -12,7 +12,7 @@ from tokensieve.core.ops import gather_tokens, merge_into_slots, normalize
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
-from tokensieve.methods._greedy import LazyRows, max_min_select
+from tokensieve.methods._greedy import LazyRows, max_min_select, symmetric_gram
 
 OUTPUTS = ("medoids", "means")
 DISTANCES = ("euclidean", "cosine")
@@ -54,11 +54,13 @@ def distance_matrix(x: Tensor, distance: str) -> Tensor:
     """``[N, N]`` float32 distances of ``x`` ``[N, D]`` with ``-1`` added on the diagonal
     (as CenterCLIP does, so that a token is always nearest to itself)."""
     if distance == "euclidean":
+        # As torch.cdist computes it for large inputs: |x|^2 + |y|^2 - 2 x.y, clamped, sqrt.
         xf = x.float()
-        dist = torch.cdist(xf, xf)
+        sq = (xf * xf).sum(dim=-1)
+        dist = symmetric_gram(xf).mul_(-2.0).add_(sq.unsqueeze(0)).add_(sq.unsqueeze(1))
+        dist.clamp_(min=0.0).sqrt_()
     else:
-        xn = normalize(x)
-        dist = 1.0 - xn @ xn.T
+        dist = symmetric_gram(normalize(x)).neg_().add_(1.0)
     dist.diagonal().sub_(1.0)
     return dist
 

@@ -12,7 +12,7 @@ from tokensieve.core.ops import normalize, select
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
-from tokensieve.methods._greedy import greedy_coverage
+from tokensieve.methods._greedy import greedy_coverage, symmetric_gram
 from tokensieve.methods.cdpruner import text_dim_check
 
 
@@ -48,9 +48,14 @@ def coverage_matrix(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
     """
     xn = normalize(tokens)
     zn = normalize(text if text_mask is None else text[text_mask])
-    p = torch.softmax(zn @ xn.T / config.tau_tv, dim=1) / zn.shape[0]
-    q = torch.softmax(xn @ xn.T / config.tau_vv, dim=1) * (config.alpha / xn.shape[0])
-    return torch.cat([p, q])
+    m, n = zn.shape[0], xn.shape[0]
+    cover = torch.empty(m + n, n, device=xn.device)
+    cover[:m] = torch.softmax(zn @ xn.T / config.tau_tv, dim=1) / m
+    q = symmetric_gram(xn, out=cover[m:])     # the one N x N matrix, softmaxed in place
+    q.div_(config.tau_vv)
+    q.sub_(q.amax(dim=1, keepdim=True)).exp_()
+    q.mul_((config.alpha / n) / q.sum(dim=1, keepdim=True))
+    return cover
 
 
 @register(
