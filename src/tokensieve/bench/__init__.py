@@ -1,0 +1,27 @@
+"""Measurement: analytic FLOPs / KV accounting, timing and memory, the evaluation protocol,
+plots and token visualisations.
+
+>>> from tokensieve.bench import VLMDims, Plan, account
+>>> from transformers import LlavaConfig
+>>> cost = account(VLMDims.from_config(LlavaConfig()), Plan.pre_llm(64), text_tokens=40)
+>>> cost.llm_tokens[0]
+104
+"""
+
+from tokensieve.bench.flops import (
+    Cost,
+    Plan,
+    StackDims,
+    VLMDims,
+    account,
+    decode_macs,
+    fastv_layer_flops,
+)
+from tokensieve.bench.protocol import BenchConfig, BenchResult, load_results, run_protocol
+from tokensieve.bench.timing import PeakMemory, Timing, measure_generation
+
+__all__ = [
+    "BenchConfig", "BenchResult", "Cost", "PeakMemory", "Plan", "StackDims", "Timing",
+    "VLMDims", "account", "decode_macs", "fastv_layer_flops", "load_results",
+    "measure_generation", "run_protocol",
+]

@@ -259,6 +259,9 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     local = Path(name).exists()
+    if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ValueError(f"model={name!r}: no such folder (expected a local model folder or "
+                         "a hub id like 'llava-hf/llava-1.5-7b-hf')")
     try:
         AutoConfig.from_pretrained(name, local_files_only=local)
     except (OSError, ValueError) as err:
@@ -517,7 +520,8 @@ def run_protocol(config: BenchConfig, progress: Progress | None = None, *, model
 # -- outputs ------------------------------------------------------------------------------
 CSV_FIELDS = ("method", "keep", "stage", "options", "seed", "accuracy", "retention",
               "prefill_macs", "decode_macs_per_token", "kv_cache_bytes", "prefill_s",
-              "decode_s_per_token", "tokens_per_s", "peak_memory_bytes", "eval_seconds")
+              "decode_s_per_token", "tokens_per_s", "peak_memory_bytes", "peak_memory_delta_bytes",
+              "eval_seconds")
 
 
 def flat_rows(result: BenchResult | dict[str, Any]) -> list[dict[str, Any]]:
@@ -539,6 +543,7 @@ def flat_rows(result: BenchResult | dict[str, Any]) -> list[dict[str, Any]]:
             "decode_s_per_token": r["timing"]["decode_s_per_token"],
             "tokens_per_s": r["timing"]["tokens_per_s"],
             "peak_memory_bytes": r["timing"]["peak_memory_bytes"],
+            "peak_memory_delta_bytes": r["timing"]["peak_memory_delta_bytes"],
             "eval_seconds": r["eval_seconds"],
         }
         for fam, acc in r["accuracy"].items():

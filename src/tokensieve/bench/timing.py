@@ -67,6 +67,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.start_bytes = 0
         self.method = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,12 +84,15 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
             self.method = "cuda max_memory_allocated"
         elif _status_kib("VmHWM") is not None and _reset_hwm():
+            self.start_bytes = (_status_kib("VmRSS") or 0) * 1024
             self.method = "VmHWM (process peak RSS)"
         else:
             self.method = "sampled VmRSS"
             self._sampled = (_status_kib("VmRSS") or 0) * 1024
+            self.start_bytes = self._sampled
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -104,6 +108,11 @@ class PeakMemory:
             self.peak_bytes = max(self._sampled, rss * 1024)
         else:
             self.peak_bytes = (_status_kib("VmHWM") or 0) * 1024
+
+    @property
+    def delta_bytes(self) -> int:
+        """Peak minus the memory in use on entry (what the wrapped code added at its peak)."""
+        return max(self.peak_bytes - self.start_bytes, 0)
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -141,7 +150,10 @@ class Timing:
         decode_s_per_token: time per decoded token after the first.
         tokens_per_s: decoded tokens per second over the batch
             (``batch_size / decode_s_per_token``).
-        peak_memory_bytes: peak memory during one ``new_tokens`` generation.
+        peak_memory_bytes: peak memory during one ``new_tokens`` generation (whole process on
+            CPU, all tensors on CUDA).
+        peak_memory_delta_bytes: that peak minus the memory in use before the call
+            (activations, KV cache and temporaries of the generation).
         memory_method: how the peak was measured.
         batch_size: requests per generate call.
         new_tokens: tokens generated for the decode measurement.
@@ -152,6 +164,7 @@ class Timing:
     decode_s_per_token: float
     tokens_per_s: float
     peak_memory_bytes: int
+    peak_memory_delta_bytes: int
     memory_method: str
     batch_size: int
     new_tokens: int
@@ -195,7 +208,8 @@ def measure_generation(model: Any, inputs: Mapping[str, Any], *, new_tokens: int
     return Timing(
         prefill_s=t_first, decode_s_per_token=per_token,
         tokens_per_s=(batch / per_token) if per_token > 0 else float("inf"),
-        peak_memory_bytes=pm.peak_bytes, memory_method=pm.method, batch_size=batch,
+        peak_memory_bytes=pm.peak_bytes, peak_memory_delta_bytes=pm.delta_bytes,
+        memory_method=pm.method, batch_size=batch,
         new_tokens=new_tokens, repeats=repeats, warmup=warmup,
     )
 

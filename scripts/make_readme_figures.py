@@ -1,0 +1,55 @@
+"""Regenerate the README's benchmark table and plot from `tokensieve bench` output.
+
+    tokensieve bench --out bench-results
+    python scripts/make_readme_figures.py bench-results [--docs docs/bench] [--readme README.md]
+
+Writes ``<docs>/results.md`` (overall and per-family tables), ``<docs>/pareto.png`` and a
+copy of ``results.json``; with ``--readme``, replaces the block between
+``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` in that file. Nothing is
+typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tokensieve.bench.plot import pareto_plot
+from tokensieve.bench.protocol import load_results
+from tokensieve.bench.report import family_table, markdown_table, replace_between_markers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="?", default="bench-results",
+                        help="a results.json or the folder holding it")
+    parser.add_argument("--docs", default="docs/bench", help="where to write the figures")
+    parser.add_argument("--readme", default=None, help="README to update between markers")
+    args = parser.parse_args(argv)
+    try:
+        data = load_results(args.results)
+        docs = Path(args.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        table = markdown_table(data)
+        png = docs / "pareto.png"
+        pareto_plot(data, png)
+        (docs / "results.md").write_text(
+            "## Accuracy and cost\n\n" + table + "\n## Accuracy per question family\n\n"
+            + family_table(data))
+        (docs / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+        if args.readme:
+            readme = Path(args.readme)
+            block = f"{table}\n![accuracy vs cost]({png.as_posix()})\n"
+            readme.write_text(replace_between_markers(readme.read_text(), block))
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"wrote {docs / 'results.md'}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

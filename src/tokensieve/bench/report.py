@@ -1,0 +1,66 @@
+"""Markdown tables from bench results (the README's numbers come from here, never by hand)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+START = "<!-- bench-table:start -->"
+END = "<!-- bench-table:end -->"
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def markdown_table(data: dict[str, Any]) -> str:
+    """A markdown table of a ``results.json`` (rows in run order) and a provenance line."""
+    rows = [r for r in data["rows"] if not r.get("error")]
+    if not rows:
+        raise ValueError("the results hold no successful rows")
+    full = next((r for r in rows if r["method"] == "full"), rows[0])
+    ref_macs = float(full["cost"]["prefill_macs"]) or 1.0
+    head = ("| method | tokens | accuracy | retention | prefill GMACs | vs full | KV cache MiB "
+            "| prefill ms | decode ms/token | peak memory MiB (+ added) |")
+    lines = [head, "|" + "|".join(["---"] + ["---:"] * 9) + "|"]
+    for r in rows:
+        c, t = r["cost"], r["timing"]
+        lines.append(
+            f"| {r['method']} | {r['keep']} | {_pct(r['accuracy']['overall'])} | "
+            f"{_pct(r['retention'].get('overall'))} | {c['prefill_macs'] / 1e9:.3f} | "
+            f"{_pct(c['prefill_macs'] / ref_macs)} | {c['kv_cache_bytes'] / 2**20:.2f} | "
+            f"{1e3 * t['prefill_s']:.1f} | {1e3 * t['decode_s_per_token']:.2f} | "
+            f"{t['peak_memory_bytes'] / 2**20:.0f} (+{t['peak_memory_delta_bytes'] / 2**20:.1f}) |")
+    env, model = data.get("environment", {}), data.get("model", {})
+    failed = [f"{r['method']}@{r['keep']}" for r in data["rows"] if r.get("error")]
+    note = (f"\n{model.get('name', 'model')}, {env.get('samples', '?')} samples, "
+            f"{env.get('device', '?')} ({env.get('device_name', '?')}, "
+            f"{env.get('torch_threads', '?')} threads), {env.get('dtype', '?')}, seed "
+            f"{env.get('seed', '?')}, torch {env.get('torch', '?')}, transformers "
+            f"{env.get('transformers', '?')}, tokensieve {env.get('tokensieve', '?')}, "
+            f"{env.get('date', '?')}. MACs: multiply-adds counted once (FastV's 'FLOPs'); "
+            "latency and memory are medians of repeated runs of the timed batch.")
+    if failed:
+        note += f" Failed: {', '.join(failed)}."
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def family_table(data: dict[str, Any]) -> str:
+    """Accuracy per question family, one row per (method, tokens)."""
+    rows = [r for r in data["rows"] if not r.get("error")]
+    fams = sorted({f for r in rows for f in r["accuracy"] if f != "overall"})
+    lines = ["| method | tokens | " + " | ".join(fams) + " |",
+             "|---|---:|" + "---:|" * len(fams)]
+    for r in rows:
+        cells = " | ".join(_pct(r["accuracy"].get(f)) for f in fams)
+        lines.append(f"| {r['method']} | {r['keep']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_between_markers(text: str, block: str) -> str:
+    """Replace what lies between ``START`` and ``END`` in ``text`` with ``block``."""
+    if START not in text or END not in text or text.index(START) > text.index(END):
+        raise ValueError(f"expected the markers {START!r} and {END!r} (in that order)")
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    return f"{before}{START}\n{block.rstrip()}\n{END}{after}"

@@ -1,0 +1,158 @@
+"""`tokensieve bench` / `tokensieve viz`: a smoke run, and clear errors before long work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tokensieve.bench import protocol
+from tokensieve.bench.viz import draw_token_map, token_map
+from tokensieve.cli import app
+from tokensieve.core.reduction import Reduction
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args), terminal_width=200)
+
+
+@pytest.fixture
+def no_long_work(monkeypatch):
+    """Any model load or evaluation fails the test: errors must come first."""
+    def boom(*a, **k):
+        pytest.fail("long work started before the bad input was reported")
+
+    monkeypatch.setattr(protocol, "load_model", boom)
+    monkeypatch.setattr(protocol, "run", boom)
+
+
+def test_list_still_works():
+    res = _invoke("list")
+    assert res.exit_code == 0 and "fastervlm" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "divprun"], "unknown method 'divprun'"),
+    (["--keep", "abc"], "--keep 'abc'"),
+    (["--dtype", "float8"], "dtype='float8'"),
+    (["--limit", "0"], "limit=0"),
+    (["--device", "tpu"], "device='tpu'"),
+])
+def test_bench_bad_input_fails_fast(no_long_work, tmp_path, args, message):
+    res = _invoke("bench", "--out", str(tmp_path), *args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+
+
+def test_bench_unwritable_output(no_long_work, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = _invoke("bench", "--out", str(blocker / "sub"))
+    assert res.exit_code == 2 and "not writable" in res.output
+
+
+def test_bench_unknown_model_and_budget(tmp_path):
+    res = _invoke("bench", "--model", str(tmp_path / "nope" / "model"), "--out", str(tmp_path))
+    assert res.exit_code == 2 and "no such folder" in res.output
+    res = _invoke("bench", "--model", "random-tiny", "--keep", "100", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "keep=100" in res.output and "64 visual tokens" in res.output
+
+
+def test_bench_smoke_run(tmp_path):
+    pytest.importorskip("tokensieve.models")
+    res = _invoke("bench", "--model", "random-tiny", "--methods", "random,pool", "--keep",
+                  "16", "--limit", "2", "--repeats", "1", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert "methods: random, pool; keep: 16; 3 runs" in res.output
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["keep"]) for r in data["rows"]] == [("full", 64), ("random", 16),
+                                                                 ("pool", 16)]
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "pareto.png").is_file()
+
+
+def test_bench_without_checkpoint_says_so(tmp_path):
+    from tokensieve.zoo import checkpoint_available
+
+    if checkpoint_available():
+        pytest.skip("the embedded checkpoint is installed (a no-argument run is the real bench)")
+    res = _invoke("bench", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "checkpoint" in res.output and "random-tiny" in res.output
+
+
+# -- viz ------------------------------------------------------------------------------------
+def test_viz_bad_inputs(no_long_work, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    res = _invoke("viz", str(bad), "--method", "pool", "--keep", "64")
+    assert res.exit_code == 2 and "cannot be decoded" in res.output
+    res = _invoke("viz", str(tmp_path / "missing.png"), "--method", "pool", "--keep", "64")
+    assert res.exit_code == 2 and "no such file" in res.output
+    good = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), "red").save(good)
+    res = _invoke("viz", str(good), "--method", "nosuch", "--keep", "64")
+    assert res.exit_code == 2 and "unknown method 'nosuch'" in res.output
+    res = _invoke("viz", str(good), "--method", "pool", "--keep", "64", "--out",
+                  str(tmp_path / "x.jpg"))
+    assert res.exit_code == 2 and "expected a .png" in res.output
+    res = _invoke("viz", str(good), "--method", "pool", "--keep", "1.5")
+    assert res.exit_code == 2 and "--keep 1.5" in res.output
+
+
+def test_viz_runs_on_random_tiny(tmp_path):
+    pytest.importorskip("tokensieve.models")
+    from tokensieve.zoo import scene_qa
+
+    img = tmp_path / "scene.png"
+    scene_qa("test", 1)[0].image.save(img)
+    out = tmp_path / "viz.png"
+    res = _invoke("viz", str(img), "--method", "pool", "--keep", "16", "--model", "random-tiny",
+                  "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert "16 tokens (0 kept, 16 merged groups)" in res.output
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    res = _invoke("viz", str(img), "--method", "fastervlm", "--keep", "8", "--model",
+                  "random-tiny", "--out", str(out))
+    assert res.exit_code == 0 and "8 tokens (8 kept, 0 merged groups)" in res.output
+
+
+def test_token_map_subset_merge_and_cls():
+    # subset: kept = indices; the CLS offset shifts source positions by one
+    r = Reduction(tokens=torch.zeros(1, 3, 4), indices=torch.tensor([[1, 5, 16]]))
+    tm = token_map(r, (4, 4), offset=1)
+    assert tm.kept.sum() == 3 and tm.kept[0, 0] and tm.kept[1, 0] and tm.kept[3, 3]
+    assert (tm.group < 0).all() and tm.dropped.sum() == 13
+    # merge: 2x2 windows of a 4x4 grid -> 4 groups of 4, nothing kept or dropped
+    slot = torch.tensor([(i // 8) * 2 + (i % 4) // 2 for i in range(16)])
+    r = Reduction(tokens=torch.zeros(1, 4, 4), assignment=slot.unsqueeze(0),
+                  positions=torch.tensor([[0, 2, 8, 10]]), sizes=torch.full((1, 4), 4))
+    tm = token_map(r, (4, 4))
+    assert (tm.group == slot.reshape(4, 4).numpy()).all()
+    assert not tm.kept.any() and not tm.dropped.any()
+    assert tm.centres == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    # subset + merge: token 0 kept alone, tokens 1-3 merged into slot 1, the rest dropped
+    assign = torch.full((1, 16), -1)
+    assign[0, 0], assign[0, 1:4] = 0, 1
+    r = Reduction(tokens=torch.zeros(1, 2, 4), indices=torch.tensor([[0]]), assignment=assign)
+    tm = token_map(r, (4, 4))
+    assert tm.kept.sum() == 1 and (tm.group == 1).sum() == 3 and tm.dropped.sum() == 12
+    with pytest.raises(ValueError, match="assignment covers 16"):
+        token_map(r, (4, 4), offset=1)
+    with pytest.raises(ValueError, match="nothing to draw"):
+        token_map(Reduction(tokens=torch.zeros(1, 2, 4)), (4, 4))
+
+
+def test_draw_token_map_writes_png(tmp_path):
+    slot = torch.tensor([(i // 8) * 2 + (i % 4) // 2 for i in range(16)])
+    r = Reduction(tokens=torch.zeros(1, 4, 4), assignment=slot.unsqueeze(0))
+    path = tmp_path / "m.png"
+    draw_token_map(np.random.default_rng(0).random((32, 32, 3)), token_map(r, (4, 4)), path,
+                   "title")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= 400

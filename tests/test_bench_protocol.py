@@ -1,0 +1,296 @@
+"""The protocol end to end on a tiny random LLaVA (built offline), timing, plots, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokensieve.bench import protocol
+from tokensieve.bench.flops import Plan, VLMDims, account
+from tokensieve.bench.plot import pareto_front
+from tokensieve.bench.protocol import BenchConfig, prepare, run, run_protocol
+from tokensieve.bench.report import markdown_table, replace_between_markers
+from tokensieve.bench.timing import PeakMemory, measure_generation, time_call
+
+models = pytest.importorskip("tokensieve.models")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tokensieve.bench.tiny import random_tiny_llava
+
+    return random_tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    from tokensieve.zoo import scene_qa
+
+    return scene_qa("test", 14)  # two per question family
+
+
+def _oracle(half_when_patched: bool = True):
+    """An answer function that is right on every sample for the unpatched model and on the
+    even-indexed samples only for a patched one (so retention is known exactly)."""
+    def answer(model, processor, samples, batch_size=16, max_new_tokens=1):
+        patched = models.is_applied(model)
+        return [s.answer if (not patched or i % 2 == 0) else "nonsense"
+                for i, s in enumerate(samples)]
+    return answer
+
+
+@pytest.fixture(scope="module")
+def result(tiny, samples, tmp_path_factory):
+    import tokensieve.zoo as zoo
+
+    model, processor = tiny
+    out = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(zoo, "answer", _oracle())
+    try:
+        res = run_protocol(
+            BenchConfig(model="random-tiny", methods=("random", "pool"), keeps=(16, 8),
+                        limit=len(samples), out=str(out), timing_repeats=1, timing_warmup=0,
+                        timing_new_tokens=2),
+            model=model, processor=processor, samples=samples)
+    finally:
+        mp.undo()
+    return res, out
+
+
+def test_writes_valid_json_csv_png(result, samples):
+    res, out = result
+    data = json.loads((out / "results.json").read_text())
+    env = data["environment"]
+    for key in ("torch", "transformers", "tokensieve", "device", "dtype", "seed", "samples",
+                "torch_threads", "flops_convention"):
+        assert key in env
+    assert env["samples"] == len(samples) and env["dtype"] == "float32"
+    cells = [(r["method"], r["keep"]) for r in data["rows"]]
+    assert cells == [("full", 64), ("random", 16), ("random", 8), ("pool", 16), ("pool", 8)]
+    for r in data["rows"][1:]:
+        assert r["config"] == {"method": r["method"], "keep": r["keep"], "options": {},
+                               "seed": 0}
+        assert r["stage"] == "pre-llm" and r["plan"] == {"stage": "pre-llm",
+                                                         "schedule": [[0, r["keep"]]]}
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], int(r["keep"])) for r in rows] == cells
+    assert {f"acc_{fam}" for fam in ("color", "count", "existence", "glyph", "region",
+                                     "relation", "shape")} <= set(rows[0])
+    with Image.open(out / "pareto.png") as im:
+        assert im.format == "PNG" and im.size[0] > 500
+    assert res.files == {"json": str(out / "results.json"), "csv": str(out / "results.csv"),
+                         "png": str(out / "pareto.png")}
+
+
+def test_accuracy_and_retention_exact(result, samples):
+    res, _ = result
+    full = res.rows[0]
+    assert full.accuracy["overall"] == 1.0 and full.retention["overall"] == 1.0
+    even = [s for i, s in enumerate(samples) if i % 2 == 0]
+    for r in res.rows[1:]:
+        assert r.accuracy["overall"] == pytest.approx(len(even) / len(samples))
+        for fam in {s.family for s in samples}:
+            in_fam = [i for i, s in enumerate(samples) if s.family == fam]
+            expect = sum(1 for i in in_fam if i % 2 == 0) / len(in_fam)
+            assert r.accuracy[fam] == pytest.approx(expect)
+            assert r.retention[fam] == pytest.approx(expect)  # full accuracy is 1
+
+
+def test_costs_match_the_accounting(result, tiny):
+    res, _ = result
+    dims = VLMDims.from_config(tiny[0].config)
+    text = res.rows[0].cost["text_tokens"]
+    assert res.rows[0].cost["prefill_macs"] == account(dims, text_tokens=text,
+                                                       bytes_per_element=4).prefill
+    for r in res.rows[1:]:
+        c = account(dims, Plan.pre_llm(r.keep), text_tokens=text, bytes_per_element=4)
+        assert r.cost["prefill_macs"] == c.prefill
+        assert r.cost["kv_cache_bytes"] == c.kv_cache_bytes
+        assert r.cost["llm_tokens_first_layer"] == r.keep + text
+    for r in res.rows:
+        t = r.timing
+        assert t["prefill_s"] > 0 and t["decode_s_per_token"] >= 0 and t["peak_memory_bytes"] > 0
+
+
+def test_real_answers_match_zoo_scoring(tiny, samples, tmp_path):
+    """Without an oracle: the full row's accuracy is the zoo's own scoring of the answers."""
+    from tokensieve.zoo import accuracy_by_family, answer
+
+    model, processor = tiny
+    res = run_protocol(BenchConfig(model="random-tiny", methods=("random",), keeps=(8,),
+                                   limit=4, out=str(tmp_path), timing_repeats=1,
+                                   timing_warmup=0, timing_new_tokens=2),
+                       model=model, processor=processor, samples=samples[:4])
+    preds = answer(model, processor, samples[:4], max_new_tokens=1)
+    assert res.rows[0].accuracy == accuracy_by_family(samples[:4], preds)
+    assert not models.is_applied(model)  # every cell unpatched its model
+
+
+def test_failing_cell_is_recorded_not_fatal(tiny, samples, tmp_path, monkeypatch):
+    import tokensieve.zoo as zoo
+
+    def flaky(model, processor, samples, batch_size=16, max_new_tokens=1):
+        if models.is_applied(model) and models.get_state(model).config.method == "pool":
+            raise ValueError("pool broke")
+        return [s.answer for s in samples]
+
+    monkeypatch.setattr(zoo, "answer", flaky)
+    model, processor = tiny
+    res = run_protocol(BenchConfig(methods=("random", "pool"), keeps=(16,), limit=2,
+                                   out=str(tmp_path), timing_repeats=1, timing_warmup=0,
+                                   timing_new_tokens=2),
+                       model=model, processor=processor, samples=samples[:2])
+    assert [r.error for r in res.rows] == [None, None, "ValueError: pool broke"]
+    assert not models.is_applied(model)
+    assert "pool@16" in markdown_table(json.loads((tmp_path / "results.json").read_text()))
+
+
+# -- validation happens before any long work ------------------------------------------------
+@pytest.mark.parametrize("change, match", [
+    (dict(keeps=(65,)), r"keep=65: expected a count in \[1, 64\]"),
+    (dict(keeps=(0,)), r"keep=0"),
+    (dict(methods=("divprun",)), r"unknown method 'divprun'; did you mean 'divprune'"),
+    (dict(methods=("tome",)), r"method 'tome' at keep=.* cannot run"),
+    (dict(dtype="float8"), r"dtype='float8'"),
+    (dict(limit=0), r"limit=0"),
+    (dict(device="tpu"), r"device='tpu'"),
+])
+def test_prepare_rejects_bad_settings(tiny, tmp_path, monkeypatch, change, match):
+    import tokensieve.zoo as zoo
+
+    monkeypatch.setattr(zoo, "answer", lambda *a, **k: pytest.fail("long work started"))
+    cfg = BenchConfig(**{"methods": ("random",), "out": str(tmp_path), **change})
+    with pytest.raises(ValueError, match=match):
+        prepare(cfg, *tiny)
+
+
+def test_unwritable_output_and_unknown_model(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not writable"):
+        prepare(BenchConfig(out=str(blocker / "sub")))
+    with pytest.raises(ValueError, match="no such folder"):
+        prepare(BenchConfig(model=str(tmp_path / "missing" / "model"), out=str(tmp_path)))
+
+
+def test_cuda_device_checked():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        protocol.parse_device("cuda")
+
+
+def test_default_budgets_and_methods(tiny):
+    assert protocol.default_keeps(576) == (192, 128, 64)
+    assert protocol.default_keeps(64) == (21, 14, 7)
+    chosen = protocol.default_methods(tiny[0], 7)
+    assert 0 < len(chosen) <= protocol.DEFAULT_MAX_METHODS
+    assert all(m in protocol.DEFAULT_METHODS for m in chosen)
+    assert not models.is_applied(tiny[0])
+
+
+def test_in_llm_plans_use_the_method_layer():
+    from tokensieve.core.registry import list_methods
+
+    if "dart" in list_methods():
+        assert protocol._plan("dart", 64, 576, {}).stage == "llm"
+    assert protocol._plan("random", 64, 576, {}) == Plan.pre_llm(64)
+    assert protocol._plan("full", 576, 576, {}) == Plan.full()
+
+
+# -- timing ---------------------------------------------------------------------------------
+def test_time_call_counts_and_orders():
+    calls = []
+    times = time_call(lambda: (calls.append(1), time.sleep(0.01)), "cpu", warmup=2, repeats=3)
+    assert len(calls) == 5 and len(times) == 3 and min(times) >= 0.009
+    with pytest.raises(ValueError):
+        time_call(lambda: None, "cpu", repeats=0)
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu") as pm:
+        x = np.ones(40_000_000)  # 320 MB, touched
+        x += 1
+    del x
+    assert pm.delta_bytes >= 300e6
+    assert pm.peak_bytes >= pm.start_bytes + 300e6
+
+
+def test_measure_generation_on_tiny(tiny, samples):
+    from tokensieve.zoo import build_prompt
+
+    model, processor = tiny
+    enc = processor(text=[build_prompt(processor, samples[0].question)],
+                    images=[samples[0].image], return_tensors="pt")
+    t = measure_generation(model, enc, new_tokens=3, warmup=0, repeats=1)
+    assert t.prefill_s > 0 and t.batch_size == 1 and t.new_tokens == 3
+    assert t.tokens_per_s == pytest.approx(1 / t.decode_s_per_token)
+    with pytest.raises(ValueError, match="new_tokens"):
+        measure_generation(model, enc, new_tokens=1)
+
+
+# -- plots and reports ----------------------------------------------------------------------
+def test_pareto_front_brute_force():
+    rng = random.Random(0)
+    for _ in range(50):
+        pts = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(rng.randint(1, 12))]
+        front = set(pareto_front(pts))
+        for i, (x, y) in enumerate(pts):
+            dominated = any((x2 <= x and y2 > y) or (x2 < x and y2 >= y)
+                            for j, (x2, y2) in enumerate(pts) if j != i)
+            duplicate_earlier = any(pts[j] == (x, y) for j in range(i))
+            if dominated:
+                assert i not in front
+            elif not duplicate_earlier:
+                assert i in front or any(pts[j] == (x, y) for j in front)
+
+
+def test_markdown_table_and_readme_script(result, tmp_path):
+    _, out = result
+    data = json.loads((out / "results.json").read_text())
+    table = markdown_table(data)
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | tokens | accuracy")
+    assert lines[2].startswith("| full | 64 | 100.0% | 100.0% |")
+    assert sum(1 for ln in lines if ln.startswith("| random | ")) == 2
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\ntail\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import make_readme_figures
+    finally:
+        sys.path.pop(0)
+    docs = tmp_path / "docs"
+    assert make_readme_figures.main([str(out), "--docs", str(docs), "--readme",
+                                     str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| full | 64 | 100.0%" in text and text.endswith("tail\n")
+    assert (docs / "pareto.png").is_file() and "per question family" in (
+        docs / "results.md").read_text()
+    assert make_readme_figures.main([str(tmp_path / "nothing")]) == 2
+    with pytest.raises(ValueError, match="markers"):
+        replace_between_markers("no markers", "x")
+
+
+def test_run_uses_prepared_cells(tiny, samples, tmp_path, monkeypatch):
+    import tokensieve.zoo as zoo
+
+    monkeypatch.setattr(zoo, "answer", _oracle())
+    prepared = prepare(BenchConfig(methods=("random",), keeps=(64, 32), limit=2,
+                                   out=str(tmp_path), timing_repeats=1, timing_warmup=0,
+                                   timing_new_tokens=2), *tiny)
+    assert prepared.cells == [("full", 64), ("random", 32)]  # keep == N is the full model
+    seen = []
+    res = run(prepared, progress=seen.append, samples=samples[:2])
+    assert seen == ["full @ 64", "random @ 32"] and len(res.rows) == 2
