@@ -79,11 +79,18 @@ class LazyRows:
         return self.fetch(idx)[0]
 
 
-def symmetric_gram(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """``x @ x.T`` (``[N, N]``, float32, exactly symmetric) for ``x`` ``[N, D]``.
+BlockFn = Callable[[Tensor, slice, slice], Tensor]
+"""``fn(block, rows, cols) -> block``: an elementwise map of a block of a symmetric matrix."""
+
+
+def symmetric_gram(x: Tensor, out: Tensor | None = None, transform: BlockFn | None = None
+                   ) -> Tensor:
+    """``f(x @ x.T)`` (``[N, N]``, float32, exactly symmetric) for ``x`` ``[N, D]``.
 
     Computes each off-diagonal block once and mirrors it: about half the multiply-adds of
-    one GEMM. ``out`` (``[N, N]`` contiguous float32) receives the result if given.
+    one GEMM, and half the work of ``transform``, a symmetric elementwise map applied to each
+    computed block (``transform(block, rows, cols)`` may work in place). ``out`` (``[N, N]``
+    contiguous float32) receives the result if given.
     """
     x = x.float()
     n = x.shape[0]
@@ -93,6 +100,8 @@ def symmetric_gram(x: Tensor, out: Tensor | None = None) -> Tensor:
     for s in range(0, n, step):
         e = min(n, s + step)
         blk = x[s:e] @ x[s:].T                                            # [e - s, n - s]
+        if transform is not None:
+            blk = transform(blk, slice(s, e), slice(s, n))
         diag = blk[:, : e - s]
         out[s:e, s:e] = torch.triu(diag) + torch.triu(diag, 1).T
         out[s:e, e:] = blk[:, e - s:]
@@ -226,8 +235,10 @@ def greedy_coverage(cover: Tensor, k: int) -> Tensor:
         if rows.numel():
             old = best[rows].unsqueeze(1)
             new = col[rows].unsqueeze(1)
-            gain -= (torch.minimum(torch.maximum(cover[rows], old), new) - old).sum(dim=0)
-            best[rows] = col[rows]
+            # gain loss per row: max(c - old, 0) - max(c - new, 0) = clamp(c, old, new) - old
+            lost = cover.index_select(0, rows).clamp_(min=old, max=new).sub_(old)
+            gain -= lost.sum(dim=0)
+            best[rows] = new.squeeze(1)
         gain[j] = -math.inf
     return picks
 

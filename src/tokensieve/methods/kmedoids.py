@@ -57,10 +57,14 @@ def distance_matrix(x: Tensor, distance: str) -> Tensor:
         # As torch.cdist computes it for large inputs: |x|^2 + |y|^2 - 2 x.y, clamped, sqrt.
         xf = x.float()
         sq = (xf * xf).sum(dim=-1)
-        dist = symmetric_gram(xf).mul_(-2.0).add_(sq.unsqueeze(0)).add_(sq.unsqueeze(1))
-        dist.clamp_(min=0.0).sqrt_()
+
+        def euclid(blk: Tensor, rows: slice, cols: slice) -> Tensor:
+            blk.mul_(-2.0).add_(sq[rows].unsqueeze(1)).add_(sq[cols].unsqueeze(0))
+            return blk.clamp_(min=0.0).sqrt_()
+
+        dist = symmetric_gram(xf, transform=euclid)
     else:
-        dist = symmetric_gram(normalize(x)).neg_().add_(1.0)
+        dist = symmetric_gram(normalize(x), transform=lambda blk, r, c: blk.neg_().add_(1.0))
     dist.diagonal().sub_(1.0)
     return dist
 
@@ -71,6 +75,12 @@ def kkz_init(x: Tensor, dist: Tensor, k: int) -> Tensor:
     seed = int(torch.argmax(x.float().norm(dim=-1)))
     rows = LazyRows(lambda idx: dist[idx], dist.shape[0], dist.device, block=1)
     return max_min_select(rows, k, seed)
+
+
+def nearest(dist: Tensor, medoids: Tensor) -> Tensor:
+    """``[N]``: for every token, the position in ``medoids`` of its nearest medoid (first on
+    ties). ``dist`` is symmetric, so medoid rows are read instead of strided columns."""
+    return torch.argmin(dist.index_select(0, medoids), dim=0)
 
 
 def within_cluster_sums(dist: Tensor, assign: Tensor, k: int) -> Tensor:
@@ -99,7 +109,7 @@ def kmedoids_one(x: Tensor, k: int, config: KMedoidsConfig) -> tuple[Tensor, Ten
     xf = x.float()
     ar = torch.arange(n, device=dev)
     for _ in range(config.iterations):
-        assign = torch.argmin(dist[:, medoids], dim=1)
+        assign = nearest(dist, medoids)
         sums = within_cluster_sums(dist, assign, k)
         best = torch.full((k,), float("inf"), device=dev).scatter_reduce(
             0, assign, sums, "amin")
@@ -111,7 +121,7 @@ def kmedoids_one(x: Tensor, k: int, config: KMedoidsConfig) -> tuple[Tensor, Ten
         if float(shift) < config.threshold:
             break
     medoids = medoids.sort().values
-    return medoids, torch.argmin(dist[:, medoids], dim=1)
+    return medoids, nearest(dist, medoids)
 
 
 @register(

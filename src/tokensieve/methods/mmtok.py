@@ -50,11 +50,12 @@ def coverage_matrix(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
     zn = normalize(text if text_mask is None else text[text_mask])
     m, n = zn.shape[0], xn.shape[0]
     cover = torch.empty(m + n, n, device=xn.device)
-    cover[:m] = torch.softmax(zn @ xn.T / config.tau_tv, dim=1) / m
+    cover[:m] = torch.softmax(zn @ xn.T * (1.0 / config.tau_tv), dim=1) / m
     q = symmetric_gram(xn, out=cover[m:])     # the one N x N matrix, softmaxed in place
-    q.div_(config.tau_vv)
-    q.sub_(q.amax(dim=1, keepdim=True)).exp_()
-    q.mul_((config.alpha / n) / q.sum(dim=1, keepdim=True))
+    step = max(1, (1 << 19) // n)             # row chunks of ~2 MB stay in cache
+    for s in range(0, n, step):
+        chunk = q[s:s + step]
+        chunk.copy_(torch.softmax(chunk * (1.0 / config.tau_vv), dim=1).mul_(config.alpha / n))
     return cover
 
 
