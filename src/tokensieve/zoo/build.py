@@ -49,13 +49,13 @@ class TinyConfig:
     """Sizes of the tiny VLM."""
 
     vision_hidden: int = 128
-    vision_layers: int = 5  # the feature layer is -2: layers 0..3 feed the LM
+    vision_layers: int = 4  # the feature layer is -2: layers 0..2 feed the LM
     vision_heads: int = 4
     vision_mlp: int = 512
-    text_hidden: int = 192
+    text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    text_mlp: int = 768
+    text_mlp: int = 512
 
     def to_dict(self) -> dict:
         """Plain dict (for logs)."""

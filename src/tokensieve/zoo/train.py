@@ -71,14 +71,14 @@ class TrainConfig:
     """Hyper-parameters of both stages (defaults: the shipped checkpoint)."""
 
     seed: int = 0
-    stage1_steps: int = 800
+    stage1_steps: int = 500
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
-    stage2_images: int = 8000
-    stage2_steps: int = 1000
+    stage2_images: int = 5000
+    stage2_steps: int = 600
     stage2_batch: int = 16
     questions_per_image: int = 10
-    stage2_lr: float = 1e-3
+    stage2_lr: float = 1.5e-3
     drop_prob: float = 0.25
     drop_min_keep: int = 48
     bf16: bool = True
@@ -187,7 +187,8 @@ def feature_layer(model, pixels: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+def _lr(step: int, total: int, peak: float) -> float:
+    warmup = max(1, min(100, total // 10))
     if step < warmup:
         return peak * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
