@@ -201,3 +201,43 @@ def test_matches_torch_flop_counter_pre_llm(tiny):
     cost = account(dims, Plan.pre_llm(16), text_tokens=text, bytes_per_element=4)
     assert counted == 2 * cost.prefill
     assert sum(x.keys.nbytes + x.values.nbytes for x in cache.layers) == cost.kv_cache_bytes
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_matches_torch_flop_counter(family):
+    """Patch merger (4 patches per LLM token), M-RoPE decoder with GQA, and for Qwen2.5-VL
+    a gated tower MLP and window attention (8x8-patch windows, one global layer)."""
+    import transformers as tf
+
+    text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]})
+    common = dict(depth=3, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if family == "qwen2_vl":
+        cfg_cls, model_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
+        vision = dict(embed_dim=32, hidden_size=48, mlp_ratio=2, **common)
+    else:
+        cfg_cls, model_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
+        vision = dict(hidden_size=32, out_hidden_size=48, intermediate_size=40, window_size=32,
+                      fullatt_block_indexes=[2], **common)
+    cfg = cfg_cls(vision_config=vision, text_config=text, image_token_id=99,
+                  vision_start_token_id=97, vision_end_token_id=98)
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    model.set_attn_implementation("eager")
+    h = w = 16
+    n = h * w // 4
+    ids = torch.tensor([[1, 2, 97] + [99] * n + [98, 5, 6]])
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        model(input_ids=ids, pixel_values=torch.randn(h * w, 3 * 2 * 4 * 4),
+              image_grid_thw=torch.tensor([[1, h, w]]), mm_token_type_ids=(ids == 99).long(),
+              logits_to_keep=1)
+    dims = VLMDims.from_config(model.config)
+    with pytest.raises(ValueError, match="for_grid"):
+        account(dims)
+    dims = dims.for_grid(1, h, w)
+    assert dims.image_tokens == n and dims.vision_tokens == h * w
+    assert dims.vision.gated == (family == "qwen2_5_vl")
+    cost = account(dims, text_tokens=ids.shape[1] - n)
+    assert fc.get_total_flops() == 2 * cost.prefill

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 # Text model types whose MLP is gated (three matrices). Unknown types: see ``_is_gated``.
@@ -161,7 +161,15 @@ class VLMDims:
         vision_layers: tower layers that run (HF LLaVA runs them all even with
             ``vision_feature_layer=-2``).
         patch_macs: MACs of the patch embedding (``patches * 3 p^2 * d_v``).
-        projector: ``(in, out)`` shapes of the projector's linear layers, applied per token.
+        projector: ``(in, out)`` shapes of the projector's linear layers, applied per LLM
+            visual token.
+        merge: patches per LLM token along each side (Qwen2-VL's ``spatial_merge_size`` 2:
+            an LLM token stands for ``merge^2`` patches; 1 for LLaVA).
+        patch_volume: inputs of one patch (``channels * temporal_patch * p^2``), for
+            models whose token count depends on the image size (see ``for_grid``).
+        vision_window: patches per attention window in windowed tower layers (Qwen2.5-VL:
+            ``(window_size / patch)^2``); 0 when every layer attends globally.
+        vision_full_layers: tower layers with global attention when ``vision_window``.
     """
 
     llm: StackDims
@@ -173,11 +181,51 @@ class VLMDims:
     vision_layers: int = 0
     patch_macs: int = 0
     projector: tuple[tuple[int, int], ...] = ()
+    merge: int = 1
+    patch_volume: int = 0
+    vision_window: int = 0
+    vision_full_layers: tuple[int, ...] = ()
+
+    def for_grid(self, t: int, h: int, w: int) -> VLMDims:
+        """The dims for one image of ``t x h x w`` patches (Qwen2-VL's ``image_grid_thw``)."""
+        if not self.patch_volume or self.vision is None:
+            raise ValueError("for_grid: this model's visual token count does not depend on "
+                             "the image grid")
+        patches = int(t) * int(h) * int(w)
+        if patches % (self.merge ** 2):
+            raise ValueError(f"grid {(t, h, w)}: {patches} patches are not a multiple of "
+                             f"merge^2 = {self.merge ** 2}")
+        return replace(self, vision_tokens=patches, image_tokens=patches // self.merge ** 2,
+                       patch_macs=patches * self.patch_volume * self.vision.hidden)
+
+    @classmethod
+    def _from_qwen_vl(cls, config: Any, llm: StackDims, vocab: int) -> VLMDims:
+        v = config.vision_config
+        two_five = getattr(v, "intermediate_size", None) is not None and not hasattr(
+            v, "embed_dim")
+        embed = int(v.hidden_size if two_five else v.embed_dim)
+        inter = int(v.intermediate_size if two_five else embed * v.mlp_ratio)
+        out = int(getattr(v, "out_hidden_size", 0) or (llm.hidden if two_five else v.hidden_size))
+        vision = StackDims(layers=int(v.depth), hidden=embed, heads=int(v.num_heads),
+                           kv_heads=int(v.num_heads), head_dim=embed // int(v.num_heads),
+                           intermediate=inter, gated=two_five)
+        m, p = int(v.spatial_merge_size), int(v.patch_size)
+        window = getattr(v, "window_size", None)
+        full = tuple(getattr(v, "fullatt_block_indexes", None) or ())
+        return cls(
+            llm=llm, vocab=vocab, image_tokens=0, vision=vision, vision_tokens=0,
+            cls_tokens=0, vision_layers=vision.layers, patch_macs=0,
+            projector=((embed * m * m, embed * m * m), (embed * m * m, out)), merge=m,
+            patch_volume=int(getattr(v, "in_channels", 3)) * int(v.temporal_patch_size) * p * p,
+            vision_window=(int(window) // p) ** 2 if window else 0, vision_full_layers=full)
 
     @classmethod
     def from_config(cls, config: Any) -> VLMDims:
-        """Read a Hugging Face VLM config (``LlavaConfig``-like: ``vision_config``,
-        ``text_config``, ``vision_feature_layer``, ``vision_feature_select_strategy``).
+        """Read a Hugging Face VLM config: LLaVA-style (``vision_config`` with
+        ``image_size`` / ``patch_size``, ``text_config``, ``vision_feature_layer``,
+        ``vision_feature_select_strategy``) or Qwen2-VL / Qwen2.5-VL (patch merger, window
+        attention; their token count depends on the image: call ``for_grid`` with the
+        processor's ``image_grid_thw``).
 
         A config without ``vision_config`` is read as a plain decoder (only LLM costs).
         """
@@ -187,6 +235,8 @@ class VLMDims:
         vcfg = getattr(config, "vision_config", None)
         if vcfg is None:
             return cls(llm=llm, vocab=vocab, image_tokens=0)
+        if hasattr(vcfg, "spatial_merge_size") and hasattr(vcfg, "depth"):
+            return cls._from_qwen_vl(config, llm, vocab)
         vision = StackDims.from_config(vcfg, gated=False)
         image_size = getattr(vcfg, "image_size", None)
         patch = getattr(vcfg, "patch_size", None)
@@ -358,11 +408,17 @@ def account(dims: VLMDims, plan: Plan | None = None, *, text_tokens: int = 0,
         llm_visual = _per_layer(dims.llm.layers, n_img, plan.schedule, "llm")
     into_projector = n_img
     if dims.vision is not None:
+        if dims.vision_tokens <= 0:
+            raise ValueError("the model's visual token count depends on the image; use "
+                             "dims.for_grid(t, h, w) with the processor's image_grid_thw")
         patches = dims.vision_tokens - dims.cls_tokens
-        steps = plan.schedule if plan.stage == "encoder" else ()
+        per = dims.merge ** 2  # patches per LLM token
+        steps = tuple((a, b * per) for a, b in plan.schedule) if plan.stage == "encoder" else ()
         vis_patches = _per_layer(dims.vision_layers, patches, steps, "encoder")
         vis_counts = [p + dims.cls_tokens for p in vis_patches]
-        vision_macs = dims.patch_macs + sum(dims.vision.layer_macs(n) for n in vis_counts)
+        vision_macs = dims.patch_macs + sum(
+            dims.vision.layer_macs(n, _vision_context(dims, i, n))
+            for i, n in enumerate(vis_counts))
         vision_macs *= images
         if plan.stage == "encoder":
             into_projector = plan.final_tokens or n_img
@@ -378,6 +434,13 @@ def account(dims: VLMDims, plan: Plan | None = None, *, text_tokens: int = 0,
     return Cost(vision=vision_macs, projector=projector_macs, llm_prefill=llm_macs,
                 lm_head=lm_head, decode=decode_macs(dims, llm_tokens, 0), kv_cache_bytes=kv,
                 llm_tokens=llm_tokens, vision_layer_tokens=tuple(vis_counts))
+
+
+def _vision_context(dims: VLMDims, layer: int, n: int) -> int:
+    """Keys each query of tower layer ``layer`` attends to (a window or all ``n``)."""
+    if dims.vision_window and layer not in dims.vision_full_layers:
+        return min(n, dims.vision_window)
+    return n
 
 
 def decode_macs(dims: VLMDims, llm_tokens: Sequence[int], step: int = 0) -> int:

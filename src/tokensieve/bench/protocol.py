@@ -275,9 +275,18 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype):
     return model, processor
 
 
-def model_dims(model: torch.nn.Module) -> VLMDims:
-    """Accounting dimensions from the model's config (ValueError if it has no images)."""
+def model_dims(model: torch.nn.Module, processor: Any = None, image: Any = None) -> VLMDims:
+    """Accounting dimensions from the model's config (ValueError if it has no images).
+
+    Models whose visual-token count depends on the image size (Qwen2-VL) are sized for
+    ``image`` as ``processor`` prepares it (the benchmark's images all have one size)."""
     dims = VLMDims.from_config(model.config)
+    if dims.patch_volume and dims.vision is not None:
+        if processor is None or image is None:
+            raise ValueError(f"{type(model).__name__}: the visual-token count depends on the "
+                             "image; pass the processor and an image")
+        grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+        dims = dims.for_grid(*(int(x) for x in grid[0]))
     if dims.image_tokens <= 0:
         raise ValueError(f"model {type(model).__name__} has no vision tower in its config; "
                          "expected a vision-language model")
@@ -390,6 +399,7 @@ class Prepared:
     keeps: tuple[int, ...]
     out: Path
     cells: list[tuple[str, int]]
+    samples: list[Any] = field(default_factory=list)
 
 
 def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Prepared:
@@ -412,7 +422,10 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
         model, processor = load_model(config.model, device, dtype)
     elif processor is None:
         raise ValueError("a model was given without its processor")
-    dims = model_dims(model)
+    from tokensieve.zoo import scene_qa
+
+    samples = scene_qa(config.split, config.limit)
+    dims = model_dims(model, processor, samples[0].image)
     n = dims.image_tokens
     keeps = check_keeps(config.keeps, n) if config.keeps is not None else default_keeps(n)
     if methods is None:
@@ -426,18 +439,16 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
                                      f"{type(model).__name__}: {why}")
     return Prepared(config=config, model=model, processor=processor, dims=dims,
                     device=device, dtype=dtype, methods=methods, keeps=keeps, out=out,
-                    cells=plan_grid(methods, keeps, n))
+                    cells=plan_grid(methods, keeps, n), samples=samples)
 
 
 def run(prepared: Prepared, progress: Progress | None = None,
         samples: Sequence[Any] | None = None) -> BenchResult:
     """Run the grid of a prepared config and write ``results.json``, ``results.csv`` and
     ``pareto.png`` into its output folder. ``progress(label)`` is called once per cell."""
-    from tokensieve.zoo import scene_qa
-
     cfg, model, processor = prepared.config, prepared.model, prepared.processor
     if samples is None:
-        samples = scene_qa(cfg.split, cfg.limit)
+        samples = prepared.samples
     answer_tokens = cfg.answer_tokens or (1 if cfg.model is None else 8)
     timing_inputs = _timing_inputs(model, processor, samples[:cfg.timing_batch],
                                    prepared.dtype)

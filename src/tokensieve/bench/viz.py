@@ -176,13 +176,10 @@ def visualize(model: Any, processor: Any, image: Any, method: str, keep: int | f
     """Run ``model`` once on ``image`` and ``question`` with ``method`` at ``keep`` and draw
     which visual tokens it kept and merged. Returns the answer, counts and the PNG path."""
     from tokensieve import models
-    from tokensieve.bench.flops import VLMDims
+    from tokensieve.bench.protocol import model_dims
     from tokensieve.zoo import build_prompt
 
-    dims = VLMDims.from_config(model.config)
-    vcfg = model.config.vision_config
-    side = int(vcfg.image_size if isinstance(vcfg.image_size, int) else vcfg.image_size[0])
-    grid = (side // vcfg.patch_size, side // vcfg.patch_size)
+    dims = model_dims(model, processor, image)
     enc = processor(text=[build_prompt(processor, question)], images=[image],
                     return_tensors="pt")
     device = next(model.parameters()).device
@@ -199,15 +196,24 @@ def visualize(model: Any, processor: Any, image: Any, method: str, keep: int | f
     if not reductions:
         raise ValueError(f"method {method!r} recorded no reduction for this image")
     r, r_grid = reductions[0]
+    grid = r_grid
+    if grid is None:  # the tokens carried a CLS token: the grid of a square tower
+        side = int(round((dims.vision_tokens - dims.cls_tokens) ** 0.5))
+        grid = (side, side)
     n_src = r.assignment.shape[1] if r.assignment is not None else None
     patches = grid[0] * grid[1]
     offset = (n_src - patches) if n_src is not None else (0 if r_grid is not None else 1)
     tmap = token_map(r, grid, offset)
+    pixels = enc["pixel_values"]
+    if pixels.dim() == 4:  # [1, 3, S, S]: the image exactly as the model sees it
+        view = model_view(pixels, processor)
+    else:  # flattened patches (Qwen2-VL): the input image, which keeps its aspect
+        view = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     answer = processor.tokenizer.decode(gen[0, enc["input_ids"].shape[1]:],
                                         skip_special_tokens=True).strip()
     title = f"{method} keep={keep} ({r.num_tokens} of {dims.image_tokens} tokens)  " \
             f"Q: {question}  A: {answer}"
-    draw_token_map(model_view(enc["pixel_values"], processor), tmap, out, title)
+    draw_token_map(view, tmap, out, title)
     return {"answer": answer, "kept": int(tmap.kept.sum()), "merged_groups":
             len(set(tmap.group[tmap.group >= 0].tolist())), "tokens": r.num_tokens,
             "path": str(out)}
