@@ -47,6 +47,8 @@ class Encoded:
     counts: list[int]
     reductions: list[tuple[Reduction, tuple[int, int] | None]]
     positions: list[Tensor] | None = None
+    #: Other entries of ``mm_encoder_outputs`` (e.g. unreduced video features).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kept(self) -> list[int]:
@@ -113,7 +115,7 @@ class Adapter:
         raise NotImplementedError
 
     def fix_positions(self, args: dict[str, Any], new: dict[str, Any], plan: SurgeryPlan,
-                      enc: Encoded) -> None:
+                      enc: Encoded, generating: bool) -> None:
         """Set the position inputs of the shortened call (default: 1D positions re-indexed
         contiguously, i.e. a kept token's position minus the tokens cut before it)."""
         pos = args.get("position_ids")
@@ -148,17 +150,28 @@ class Adapter:
         default True)."""
         return self.spec.cls_token and bool(self.config.options.get("has_cls", True))
 
-    def text_signal(self, embeds: Tensor, text: Tensor, image_sample: Tensor,
+    def text_signal(self, args: dict[str, Any], placeholder: Tensor, counts: list[int],
                     ) -> tuple[Tensor, Tensor]:
-        """Per-image prompt text: ``text [I, M, D]`` and ``text_mask [I, M]`` from the LLM
-        input embeddings ``[B, T, D]`` of each image's sample, ``text [B, T]`` marking the
-        real non-image tokens."""
+        """Per-image prompt text: ``text [I, M, D]`` and ``text_mask [I, M]``, the LLM input
+        embeddings of the real non-image tokens of each image's sample (the model's own
+        stand-in for a text encoder; in the space of the projected visual tokens)."""
+        embeds = args.get("inputs_embeds")
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(args["input_ids"])
+        text = ~placeholder
+        for key in ("video_token_id",):
+            other = getattr(self.model.config, key, None)
+            if other is not None and args.get("input_ids") is not None:
+                text = text & (args["input_ids"] != other)
+        if args.get("attention_mask") is not None:
+            text = text & args["attention_mask"].bool()
+        rows_of_images = image_sample(placeholder, counts)
         m = max(int(text.sum(dim=1).max()), 1)
         b, t, d = embeds.shape
         order = torch.sort((~text).long(), dim=1, stable=True).indices[:, :m]
         rows = torch.gather(embeds, 1, order.unsqueeze(-1).expand(-1, -1, d))
         mask = torch.gather(text, 1, order)
-        return rows[image_sample], mask[image_sample]
+        return rows[rows_of_images], mask[rows_of_images]
 
     @staticmethod
     def split(r: Reduction, tokens: Tensor, grid: tuple[int, int] | None,
@@ -172,9 +185,10 @@ class Adapter:
         return feats, per
 
     # -- the call -------------------------------------------------------------------------
-    def prepare(self, state: PatchState, args: dict[str, Any], align: Align) -> dict[str, Any]:
+    def prepare(self, state: PatchState, args: dict[str, Any], align: Align,
+                generating: bool = False) -> dict[str, Any]:
         """Encode and reduce the images of a call and cut its sequence; returns the keyword
-        arguments for the model's own ``forward`` / ``generate``."""
+        arguments for the model's own ``forward`` (or ``generate`` when ``generating``)."""
         placeholder = self.placeholder_mask(args)
         enc = self.encode(args, placeholder)
         mask = args.get("attention_mask")
@@ -197,8 +211,8 @@ class Adapter:
         for key in SEQUENCE_INPUTS:
             if isinstance(args.get(key), Tensor) and args[key].shape[:2] == placeholder.shape:
                 new[key] = plan.take(args[key], 0)
-        self.fix_positions(args, new, plan, enc)
-        new["mm_encoder_outputs"] = self.encoder_outputs(enc.features)
+        self.fix_positions(args, new, plan, enc, generating)
+        new["mm_encoder_outputs"] = {**self.encoder_outputs(enc.features), **enc.extra}
         state.last = enc.reductions
         state.last_plan = plan
         return new
@@ -216,6 +230,14 @@ class Adapter:
         if pad is None or pad == image:
             pad = 0 if image != 0 else 1
         return int(pad)
+
+
+def image_sample(placeholder: Tensor, counts: list[int]) -> Tensor:
+    """``[I]`` the batch row holding each image's placeholder run."""
+    rows = torch.nonzero(placeholder, as_tuple=True)[0]
+    starts = torch.tensor(counts, device=rows.device).cumsum(0) - torch.tensor(
+        counts, device=rows.device)
+    return rows[starts]
 
 
 def _slice_reduction(r: Reduction, i: int) -> Reduction:
@@ -267,7 +289,7 @@ def _make_generate(state: PatchState, original: Callable[..., Any]) -> Callable[
             raise ValueError("generate: continuing from past_key_values with new images is not "
                              "supported by a tokensieve-patched model; re-send the whole history")
         ids = named.get("input_ids")
-        new = state.adapter.prepare(state, named, "right")
+        new = state.adapter.prepare(state, named, "right", generating=True)
         cut = state.last_plan.keep.shape[1] - state.last_plan.new_length if state.last_plan else 0
         if isinstance(new.get("max_length"), int):
             new["max_length"] -= cut
@@ -304,6 +326,7 @@ def supported_models() -> list[str]:
 
 def _load_adapters() -> None:
     import tokensieve.models.llava  # noqa: F401
+    import tokensieve.models.qwen_vl  # noqa: F401
 
 
 def find_adapter(model: object) -> type[Adapter]:

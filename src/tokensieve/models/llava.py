@@ -28,14 +28,6 @@ from tokensieve.models._signals import attention_received, cls_attention, mean_k
 ATTENTION_SIGNALS = ("cls_attn", "attn_received", "keys", "values")
 
 
-def image_sample(placeholder: Tensor, counts: list[int]) -> Tensor:
-    """``[I]`` the batch row holding each image's placeholder run."""
-    rows = torch.nonzero(placeholder, as_tuple=True)[0]
-    starts = torch.tensor(counts, device=rows.device).cumsum(0) - torch.tensor(
-        counts, device=rows.device)
-    return rows[starts]
-
-
 @register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
@@ -157,14 +149,7 @@ class LlavaAdapter(Adapter):
         signals["grid"] = grid
         counts = [n_llm] * tokens.shape[0]
         if self.wants("text"):
-            ids, embeds = args.get("input_ids"), args.get("inputs_embeds")
-            if embeds is None:
-                embeds = self.model.get_input_embeddings()(ids)
-            text = ~placeholder
-            if args.get("attention_mask") is not None:
-                text = text & args["attention_mask"].bool()
-            signals["text"], signals["text_mask"] = self.text_signal(
-                embeds, text, image_sample(placeholder, counts))
+            signals["text"], signals["text_mask"] = self.text_signal(args, placeholder, counts)
         k_keep = self.resolve_keep(n_llm)
         projector = self.inner.multi_modal_projector
         if self.spec.features == "projected":

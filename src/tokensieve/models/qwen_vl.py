@@ -1,0 +1,260 @@
+"""Qwen2-VL / Qwen2.5-VL adapter (``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` and their ``*Model`` bases).
+
+Layout: a ViT over ``patch x patch`` patches with 2D rotary positions and no CLS token;
+the patch merger turns each ``m x m`` group of patches (``m = spatial_merge_size``, 2)
+into one LLM token: ``mlp(norm(x).view(-1, m*m*D))``. An image of grid ``(t, h, w)``
+gives ``t*h*w / m^2`` tokens in raster order of the merged ``(h/m, w/m)`` grid; images
+differ in size, so methods run once per group of equally sized images. Qwen2.5-VL runs
+most blocks with window attention on a window-ordered sequence (undone here).
+
+Features: "projected" methods get the merger outputs (the LLM's tokens); "vision"
+methods get the merger's normalised, grouped input ``norm(x).view(-1, m*m*D)`` (the
+features right before the projector MLP), and the MLP is applied to their output.
+
+Signals, from the q/k (after the vision rotary embedding) of one block, by default the
+last full-attention block (the block whose output is merged), with the tower on SDPA:
+``attn_received`` (head- and query-mean attention received, summed over each merged
+group), ``keys`` / ``values`` (head-mean, averaged over each group), ``grid`` (the merged
+grid), ``text`` / ``text_mask`` (LLM input embeddings of the non-image prompt tokens). No
+``cls_attn``: there is no CLS token.
+
+Positions (M-RoPE): every kept token keeps the original ``(t, h, w)`` position of the
+source position the reduction gives it (``Reduction.positions``); text keeps its original
+positions, so decoding continues exactly where the untouched model would, and
+``rope_deltas`` is set for the shortened sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokensieve.models._base import Adapter, Encoded, register_adapter
+from tokensieve.models._signals import attention_received, mean_keys
+from tokensieve.models._surgery import SurgeryPlan
+
+ATTENTION_SIGNALS = ("attn_received", "keys", "values")
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Vision rotary embedding on ``x`` ``[S, H, Dh]`` (float32), as the tower applies it."""
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    x = x.float()
+    return x * cos + _rotate_half(x) * sin
+
+
+@register_adapter
+class QwenVLAdapter(Adapter):
+    family = "qwen2-vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel",
+                     "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
+    signals = ("attn_received", "keys", "values", "text", "text_mask", "grid")
+    visual_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+    def __init__(self, model: torch.nn.Module, spec: Any, config: Any) -> None:
+        super().__init__(model, spec, config)
+        self.inner = model if hasattr(model, "visual") else model.model
+        visual = self.inner.visual
+        self.merge = int(visual.spatial_merge_size)
+        full = getattr(visual, "fullatt_block_indexes", None)
+        self.signal_block = max(full) if full else len(visual.blocks) - 1
+
+    def check(self) -> None:
+        super().check()
+        if self.spec.cls_token and self.config.options.get("has_cls"):
+            raise ValueError(f"has_cls=True: the {self.family} vision tower has no CLS token")
+
+    def has_visual_inputs(self, args: dict[str, Any]) -> bool:
+        return args.get("pixel_values") is not None
+
+    def placeholder_mask(self, args: dict[str, Any]) -> Tensor:
+        image_id = self.model.config.image_token_id
+        if args.get("input_ids") is not None:
+            return args["input_ids"] == image_id
+        embeds = args["inputs_embeds"]
+        ref = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
+        return (embeds == ref).all(-1)
+
+    # -- encoding -------------------------------------------------------------------------
+    def _window_reverse(self, thw: Tensor) -> Tensor | None:
+        """Permutation from the tower's window order back to raster order (merged-group
+        level), or None when the tower does not reorder (Qwen2-VL)."""
+        visual = self.inner.visual
+        if not hasattr(visual, "window_size"):
+            return None
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            thw, spatial_merge_size=self.merge, window_size=visual.window_size,
+            patch_size=visual.patch_size)
+        return torch.argsort(window_index)
+
+    def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
+        pixel_values, thw = args["pixel_values"], args.get("image_grid_thw")
+        if thw is None:
+            raise ValueError("image_grid_thw: the qwen2-vl adapter needs the image grids "
+                             "(returned by the processor with pixel_values)")
+        visual = self.inner.visual
+        unit = self.merge * self.merge
+        counts = [int(c) for c in (thw.prod(-1) // unit).tolist()]
+        want_attn = any(self.wants(s) for s in ATTENTION_SIGNALS)
+        captured: dict[str, Any] = {}
+        handles = [visual.merger.register_forward_pre_hook(
+            lambda _m, a: captured.__setitem__("merger_in", a[0]))]
+        if want_attn:
+            attn = visual.blocks[self.signal_block].attn
+            handles.append(attn.register_forward_pre_hook(
+                lambda _m, a, kw: captured.__setitem__("rope", kw.get("position_embeddings")),
+                with_kwargs=True))
+            handles.append(attn.qkv.register_forward_hook(
+                lambda _m, _i, out: captured.__setitem__("qkv", out)))
+        try:
+            out = visual(pixel_values.type(visual.dtype), grid_thw=thw)
+        finally:
+            for h in handles:
+                h.remove()
+        merged = out.pooler_output  # [sum N_i, D], raster order
+        reverse = self._window_reverse(thw)
+
+        def raster(x: Tensor) -> Tensor:
+            """Patch-level rows in window order -> raster order."""
+            if reverse is None:
+                return x
+            return x.reshape(-1, unit, *x.shape[1:])[reverse].reshape(x.shape)
+
+        if self.spec.features == "vision":
+            x = raster(captured["merger_in"])
+            tokens_all = visual.merger.ln_q(x).reshape(-1, visual.merger.hidden_size)
+        else:
+            tokens_all = merged
+        per_patch: dict[str, Tensor] = {}
+        if want_attn:
+            heads = visual.blocks[self.signal_block].attn.num_heads
+            qkv = captured["qkv"]
+            s = qkv.shape[0]
+            q, k, v = qkv.reshape(s, 3, heads, -1).unbind(1)
+            cos, sin = captured["rope"]
+            q, k = raster(_rope(q, cos, sin)), raster(_rope(k, cos, sin))
+            per_patch = {"q": q.reshape(s, -1), "k": k.reshape(s, -1),
+                         "v": raster(v.float()).reshape(s, -1)}
+            per_patch["heads"] = heads  # type: ignore[assignment]
+        text = self.text_signal(args, placeholder, counts) if self.wants("text") else None
+
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        features: list[Tensor | None] = [None] * len(counts)
+        reductions: list[Any] = [None] * len(counts)
+        positions: list[Tensor | None] = [None] * len(counts)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, g in enumerate(thw.tolist()):
+            groups.setdefault(tuple(g), []).append(i)
+        for (t, h, w), members in groups.items():
+            n = counts[members[0]]
+            grid = (t * h // self.merge, w // self.merge)
+            tokens = torch.stack([tokens_all[starts[i]:starts[i + 1]] for i in members])
+            signals: dict[str, Any] = {"grid": grid}
+            if want_attn:
+                signals.update(self._group_signals(per_patch, members, starts, unit, n))
+            if text is not None:
+                signals["text"], signals["text_mask"] = text[0][members], text[1][members]
+            k = self.resolve_keep(n)
+            r = self.run_method(tokens, k, signals, has_cls=False)
+            feats = r.tokens if self.spec.features == "projected" else visual.merger.mlp(r.tokens)
+            if r.positions is None:
+                raise ValueError(f"method {self.spec.name!r} gives no source positions for its "
+                                 "tokens; the qwen2-vl adapter needs them for M-RoPE")
+            split_feats, per = self.split(r, feats, grid)
+            for j, i in enumerate(members):
+                features[i] = split_feats[j]
+                reductions[i] = per[j]
+                pos = r.positions[j] if r.mask is None else r.positions[j][r.mask[j]]
+                positions[i] = pos
+        extra = {}
+        if args.get("pixel_values_videos") is not None:
+            extra["video"] = self.inner.get_video_features(
+                args["pixel_values_videos"], args.get("video_grid_thw"), return_dict=True)
+        return Encoded(features=features, counts=counts, reductions=reductions,  # type: ignore
+                       positions=positions, extra=extra)  # type: ignore[arg-type]
+
+    def _group_signals(self, per_patch: dict[str, Any], members: list[int], starts: list[int],
+                       unit: int, n: int) -> dict[str, Tensor]:
+        """Attention signals of a group of equally sized images, at merged-token level."""
+        heads = per_patch["heads"]
+        scale = (per_patch["q"].shape[-1] // heads) ** -0.5
+
+        def rows(name: str) -> Tensor:
+            return torch.stack([per_patch[name][starts[i] * unit:starts[i + 1] * unit]
+                                for i in members])
+
+        q, k = rows("q"), rows("k")
+        out: dict[str, Tensor] = {}
+        if self.wants("attn_received"):
+            recv = attention_received(q, k, heads, scale)
+            out["attn_received"] = recv.reshape(len(members), n, unit).sum(-1)
+        if self.wants("keys"):
+            out["keys"] = mean_keys(k, heads).reshape(len(members), n, unit, -1).mean(2)
+        if self.wants("values"):
+            out["values"] = mean_keys(rows("v"), heads).reshape(len(members), n, unit, -1).mean(2)
+        return out
+
+    # -- positions ------------------------------------------------------------------------
+    def _original_positions(self, args: dict[str, Any]) -> Tensor:
+        """The untouched model's M-RoPE positions ``[3, B, T]`` of the full prompt."""
+        ids = args.get("input_ids")
+        if ids is None:
+            raise ValueError("the qwen2-vl adapter needs input_ids (or position_ids) to place "
+                             "the kept tokens' M-RoPE positions")
+        types = args.get("mm_token_type_ids")
+        if types is None:
+            types = torch.zeros_like(ids, dtype=torch.int)
+            types[ids == self.model.config.image_token_id] = 1
+            video = getattr(self.model.config, "video_token_id", None)
+            if video is not None:
+                types[ids == video] = 2
+        extra = {}
+        if args.get("second_per_grid_ts") is not None:
+            extra["second_per_grid_ts"] = args["second_per_grid_ts"]
+        pos, _ = self.inner.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=args.get("image_grid_thw"),
+            video_grid_thw=args.get("video_grid_thw"), attention_mask=args.get("attention_mask"),
+            **extra)
+        return pos
+
+    def fix_positions(self, args: dict[str, Any], new: dict[str, Any], plan: SurgeryPlan,
+                      enc: Encoded, generating: bool) -> None:
+        given = args.get("position_ids")
+        pos = self._original_positions(args) if given is None else given
+        if pos.dim() == 2:
+            pos = pos.unsqueeze(0).expand(3, -1, -1)
+        # Source column of each new column: kept placeholders take the column their
+        # reduction position stands for inside the image's run.
+        g = plan.gather
+        img = torch.gather(plan.image_of, 1, g)
+        rank = torch.gather(plan.rank, 1, g)
+        is_image = (img >= 0) & plan.valid
+        table = torch.nn.utils.rnn.pad_sequence(
+            [p.to(g.device) for p in enc.positions or []], batch_first=True, padding_value=0)
+        src_rank = table[img.clamp(min=0), rank.clamp(min=0)]
+        src = torch.where(is_image, g - rank + src_rank, g)
+        idx = src.unsqueeze(0).expand(pos.shape[0], -1, -1).to(pos.device)
+        new_pos = torch.gather(pos, 2, idx).masked_fill(~plan.valid.to(pos.device), 0)
+        if new_pos.shape[0] == 4:  # a leading text-position row: re-index it contiguously
+            text = (pos[0] - plan.dropped_before.to(pos.device)).unsqueeze(0)
+            new_pos[0] = plan.take(text, 0, dim=-1)[0]
+        mrope = new_pos[-3:]
+        real = plan.valid.to(pos.device)
+        biggest = mrope.masked_fill(~real.unsqueeze(0), -1).amax(dim=(0, 2))
+        self.inner.rope_deltas = (biggest + 1 - real.sum(dim=1)).unsqueeze(1)
+        if generating and new_pos.shape[0] == 3:
+            text_pos = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
+            new_pos = torch.cat([text_pos.unsqueeze(0), new_pos])
+        new["position_ids"] = new_pos
