@@ -48,7 +48,6 @@ class LazyRows:
         # guess far ahead, so prefetch fewer than a full block.
         self.prefetch = max(1, min(self.block, max(8, self.block // 4)))
         self.device = device
-        self.slot = torch.full((n,), -1, dtype=torch.long, device=device)
         self.cached = torch.zeros(n, dtype=torch.bool, device=device)
         self.store: list[Tensor] = []
         self.where: dict[int, tuple[int, int]] = {}
