@@ -223,6 +223,7 @@ def greedy_coverage(cover: Tensor, k: int) -> Tensor:
     dev = cover.device
     best = torch.zeros(cover.shape[0], device=dev)
     gain = cover.sum(dim=0)
+    chunk = max(1, (1 << 21) // cover.shape[1])   # rows gathered at once (~8 MB)
     picks = torch.empty(k, dtype=torch.long, device=dev)
     for t in range(k):
         j = int(torch.argmax(gain))
@@ -231,13 +232,13 @@ def greedy_coverage(cover: Tensor, k: int) -> Tensor:
             break
         col = cover[:, j]
         rows = torch.nonzero(col > best).squeeze(1)
-        if rows.numel():
-            old = best[rows].unsqueeze(1)
-            new = col[rows].unsqueeze(1)
-            # gain loss per row: max(c - old, 0) - max(c - new, 0) = clamp(c, old, new) - old
-            lost = cover.index_select(0, rows).clamp_(min=old, max=new).sub_(old)
+        # gain lost per improved row: max(c - old, 0) - max(c - new, 0) = clamp(c, old, new) - old
+        for part in torch.split(rows, chunk):
+            old = best[part].unsqueeze(1)
+            new = col[part].unsqueeze(1)
+            lost = cover.index_select(0, part).clamp_(min=old, max=new).sub_(old)
             gain -= lost.sum(dim=0)
-            best[rows] = new.squeeze(1)
+        best[rows] = col[rows]
         gain[j] = -math.inf
     return picks
 

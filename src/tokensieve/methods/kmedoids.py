@@ -88,8 +88,12 @@ def within_cluster_sums(dist: Tensor, assign: Tensor, k: int) -> Tensor:
     n, dev = dist.shape[0], dist.device
     counts = torch.bincount(assign, minlength=k)
     if int((counts * counts).sum()) > PAIR_BUDGET:
-        same = assign.unsqueeze(1) == assign.unsqueeze(0)
-        return (dist * same).sum(dim=1)
+        out = torch.empty(n, device=dev)
+        step = max(1, PAIR_BUDGET // n)
+        for s in range(0, n, step):
+            same = assign[s:s + step].unsqueeze(1) == assign.unsqueeze(0)
+            out[s:s + step] = (dist[s:s + step] * same).sum(dim=1)
+        return out
     order = torch.sort(assign, stable=True).indices
     starts = torch.cumsum(counts, 0) - counts
     reps = counts[assign]
