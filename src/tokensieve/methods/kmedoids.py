@@ -132,7 +132,7 @@ def kmedoids_one(x: Tensor, k: int, config: KMedoidsConfig) -> tuple[Tensor, Ten
     "kmedoids",
     paper="CenterCLIP: Token Clustering for Efficient Text-Video Retrieval "
           "(Zhao et al., SIGIR 2022), k-medoids token clustering",
-    stage="encoder", kind="subset", config=KMedoidsConfig,
+    stage="encoder", kind="subset", config=KMedoidsConfig, features="vision",
 )
 def kmedoids(tokens: Tensor, k: int, signals: Signals, config: KMedoidsConfig,
              generator: torch.Generator | None) -> Reduction:

@@ -45,6 +45,7 @@ class ToDREConfig:
     paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
           "Vision-Language Models (Li et al., 2025), stage 1",
     stage="pre-llm", kind="subset", optional_signals=("cls_attn",), config=ToDREConfig,
+    features="vision",
 )
 def todre(tokens: Tensor, k: int, signals: Signals, config: ToDREConfig,
           generator: torch.Generator | None) -> Reduction:
@@ -55,7 +56,8 @@ def todre(tokens: Tensor, k: int, signals: Signals, config: ToDREConfig,
     farthest from its nearest centre. That is the DivPrune recurrence, and the code is
     shared with it. The paper does not pin down the first centre or the distance (its v2
     replaces the step by max-sum diversification); by default this uses DivPrune's seed and
-    cosine distance, so ``todre`` with default options equals ``divprune``. Stage 2 (dropping
+    cosine distance, so ``todre`` with default options equals ``divprune`` (the paper selects
+    right after the vision encoder, hence ``features="vision"``). Stage 2 (dropping
     all visual tokens from a middle LLM layer on) belongs to a model adapter, not here.
     """
     seeds = None
