@@ -294,3 +294,32 @@ def test_run_uses_prepared_cells(tiny, samples, tmp_path, monkeypatch):
     seen = []
     res = run(prepared, progress=seen.append, samples=samples[:2])
     assert seen == ["full @ 64", "random @ 32"] and len(res.rows) == 2
+
+
+class _SleepyModel(torch.nn.Module):
+    """generate(): 60 ms before the prompt is pushed (vision + reduction), 30 ms of prefill,
+    then 10 ms per further token; pushes tokens to the streamer as HF generate does."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, max_new_tokens, min_new_tokens, do_sample, streamer=None):
+        time.sleep(0.06)
+        if streamer is not None:
+            streamer.put(input_ids)
+        for i in range(max_new_tokens):
+            time.sleep(0.03 if i == 0 else 0.01)
+            if streamer is not None:
+                streamer.put(input_ids[:, :1])
+        if streamer is not None:
+            streamer.end()
+        return input_ids
+
+
+def test_measure_generation_splits_prefill_and_decode():
+    t = measure_generation(_SleepyModel(), {"input_ids": torch.zeros(2, 5, dtype=torch.long)},
+                           new_tokens=4, warmup=0, repeats=2)
+    assert 0.088 <= t.prefill_s < 0.2  # 60 + 30 ms: from the call to the first token
+    assert 0.0095 <= t.decode_s_per_token < 0.05
+    assert t.batch_size == 2 and t.tokens_per_s == pytest.approx(2 / t.decode_s_per_token)

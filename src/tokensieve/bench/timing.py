@@ -1,12 +1,12 @@
 """Latency and memory measurement of generation: time to first token, time per decoded
 token, tokens/s and peak memory, with warm-up, repeats, medians and CUDA synchronisation.
 
-Prefill time (time to first token, TTFT) is the wall time of ``generate(max_new_tokens=1)``:
-vision tower, projector, any reduction and the LLM prefill. Time per decoded token is
-``(t(n) - t(1)) / (n - 1)`` with ``t(n)`` the time of ``generate(min_new_tokens=n,
-max_new_tokens=n)``, so it covers the decode loop only. Going through ``generate`` keeps the
-measurement valid for any patched model (position ids, caches and reductions are the
-adapter's business).
+Prefill time (time to first token, TTFT) runs from the ``generate`` call to its first new
+token: vision tower, projector, any reduction and the LLM prefill. Time per decoded token is
+the median gap between later tokens; a streamer timestamps every token (after a CUDA
+synchronisation), so one run gives both and noise on one token does not skew the other.
+Going through ``generate`` keeps the measurement valid for any patched model (position
+ids, caches and reductions are the adapter's business).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
 (bytes held by tensors); on CPU the process's resident-set high-water mark ``VmHWM`` from
@@ -175,42 +175,77 @@ class Timing:
         return asdict(self)
 
 
+class _TokenClock:
+    """A ``generate`` streamer that timestamps every ``put`` (the prompt, then each new
+    token), synchronising CUDA first so a stamp marks a finished token."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def put(self, value: Any) -> None:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def measure_generation(model: Any, inputs: Mapping[str, Any], *, new_tokens: int = 8,
                        warmup: int = 1, repeats: int = 3) -> Timing:
     """Time ``model.generate(**inputs)``: prefill, per-token decode and peak memory.
 
+    Every run generates exactly ``new_tokens`` tokens (``min_new_tokens``, so EOS does not
+    cut it short) with a streamer that timestamps each token: the time to first token runs
+    from the call (images, reduction and prefill included) to the first new token; the
+    decode time is the median interval between later tokens, over all timed runs.
+
     Args:
         model: a Hugging Face generative model (patched or not), in eval mode.
         inputs: processor outputs already on the model's device.
-        new_tokens: decoded tokens for the per-token measurement (>= 2); generation is
-            forced to that length (``min_new_tokens``), so EOS does not cut it short.
+        new_tokens: tokens per run (>= 2).
         warmup: untimed runs before timing (caches, allocator, lazy kernels).
         repeats: timed runs; medians are reported.
     """
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens={new_tokens!r}: expected an int >= 2")
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup={warmup}, repeats={repeats}: expected warmup >= 0, "
+                         "repeats >= 1")
     device = next(model.parameters()).device
     batch = int(next(iter(v for v in inputs.values() if torch.is_tensor(v))).shape[0])
 
-    def gen(n: int) -> Callable[[], Any]:
-        def run() -> Any:
-            with torch.inference_mode():
-                return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False)
-        return run
+    def once(streamer: _TokenClock | None = None) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, streamer=streamer)
+        synchronize(device)
+        return t0
 
-    t_first = statistics.median(time_call(gen(1), device, warmup=warmup, repeats=repeats))
-    t_all = statistics.median(time_call(gen(new_tokens), device, warmup=warmup,
-                                        repeats=repeats))
-    per_token = max(t_all - t_first, 0.0) / (new_tokens - 1)
+    for _ in range(warmup):
+        once()
+    firsts: list[float] = []
+    gaps: list[float] = []
+    for _ in range(repeats):
+        clock = _TokenClock(device)
+        t0 = once(clock)
+        stamps = clock.stamps[1:]  # stamps[0]: the prompt, pushed before the first token
+        if len(stamps) < 2:
+            raise ValueError(f"generate produced {len(stamps)} timed token(s); expected "
+                             f"{new_tokens} (does the model honour min_new_tokens?)")
+        firsts.append(stamps[0] - t0)
+        gaps.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    per_token = statistics.median(gaps)
     with PeakMemory(device) as pm:
-        gen(new_tokens)()
+        once()
     return Timing(
-        prefill_s=t_first, decode_s_per_token=per_token,
+        prefill_s=statistics.median(firsts), decode_s_per_token=per_token,
         tokens_per_s=(batch / per_token) if per_token > 0 else float("inf"),
         peak_memory_bytes=pm.peak_bytes, peak_memory_delta_bytes=pm.delta_bytes,
-        memory_method=pm.method, batch_size=batch,
-        new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+        memory_method=pm.method, batch_size=batch, new_tokens=new_tokens, repeats=repeats,
+        warmup=warmup,
     )
 
 
