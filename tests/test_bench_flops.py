@@ -241,3 +241,17 @@ def test_qwen_vl_matches_torch_flop_counter(family):
     assert dims.vision.gated == (family == "qwen2_5_vl")
     cost = account(dims, text_tokens=ids.shape[1] - n)
     assert fc.get_total_flops() == 2 * cost.prefill
+
+    # the protocol sizes such models for its images with the processor's image grid
+    from PIL import Image
+
+    from tokensieve.bench.protocol import model_dims
+
+    class Processor:
+        image_processor = tf.Qwen2VLImageProcessorPil(
+            min_pixels=64 * 64, max_pixels=64 * 64, patch_size=4, merge_size=2,
+            temporal_patch_size=2)
+
+    assert model_dims(model, Processor(), Image.new("RGB", (64, 64))) == dims
+    with pytest.raises(ValueError, match="depends on the image"):
+        model_dims(model)
