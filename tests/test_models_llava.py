@@ -428,3 +428,36 @@ def test_full_strategy_counts_cls_as_a_visual_token():
             small = m(input_ids=ids, pixel_values=pv).logits
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
     assert small.shape[1] == ids.shape[1] - (N + 1 - 10)
+
+
+def test_multi_layer_signals_equal_eager_attention(model):
+    """vtc-cls reads CLS attention of every encoder layer by default ([B, L, N]);
+    hiprune with signal_layers gets attention received of the listed layers."""
+    from tokensieve.core import registry
+
+    pv = images(1)
+    ids, mask = batch(ROWS[:1])
+    eager = copy.deepcopy(model.model.vision_tower)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = torch.stack(eager(pv, output_attentions=True).attentions, 1)  # [1, L, H, T, T]
+    seen = {}
+    for name, opts, key in [("vtc-cls", {}, "cls_attn"),
+                            ("hiprune", {"signal_layers": (0, "feature")}, "attn_received")]:
+        spec = registry.get_method(name)
+
+        def spy(tokens, k, signals, config, generator, spec=spec, key=key, name=name):
+            seen[name] = getattr(signals, key)
+            return spec.fn(tokens, k, signals, config, generator)
+
+        registry._REGISTRY[name] = spec.__class__(**{**spec.__dict__, "fn": spy})
+        try:
+            with tm.applied(model, name, 10, **opts), torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, pixel_values=pv)
+        finally:
+            registry._REGISTRY[name] = spec
+    expect_cls = att[:, :, :, 0, 1:].mean(2)  # every layer, head-mean CLS row
+    torch.testing.assert_close(seen["vtc-cls"], expect_cls, atol=1e-6, rtol=1e-5)
+    received = att.mean(dim=(2, 3))[..., 1:]  # head- and query-mean columns
+    expect_recv = received[:, [0, att.shape[1] - 2]]
+    torch.testing.assert_close(seen["hiprune"], expect_recv, atol=1e-6, rtol=1e-5)

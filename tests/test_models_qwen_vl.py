@@ -26,6 +26,9 @@ import tokensieve.models as tm
 
 IMG, VID, VS, VE = 60, 61, 58, 59
 ATOL = 1e-5
+# HiPrune's official object layer (16 of Qwen2.5-VL's 32 blocks) does not exist in a tiny
+# tower: read block 0 and the feature block instead.
+LAYERS = {"hiprune": {"signal_layers": (0, "feature")}}
 FAMILIES = ["qwen2", "qwen2.5"]
 
 
@@ -157,7 +160,7 @@ def test_keep_all_equals_untouched(model, method):
     kw = inputs(ROWS, ALL_GRIDS)
     with torch.no_grad():
         ref = model(**kw).logits
-        with tm.applied(model, method, 1.0):
+        with tm.applied(model, method, 1.0, **LAYERS.get(method, {})):
             out = model(**kw).logits
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
@@ -166,7 +169,7 @@ def test_keep_all_equals_untouched(model, method):
 @pytest.mark.parametrize("method,keep", [("divprune", 6), ("random", 0.5), ("hiprune", 5)])
 def test_pruned_equals_hand_pruned(model, method, keep):
     kw = inputs(ROWS, ALL_GRIDS)
-    with tm.applied(model, method, keep), torch.no_grad():
+    with tm.applied(model, method, keep, **LAYERS.get(method, {})), torch.no_grad():
         out = model(**kw).logits
         kept = kept_indices(model)
     embeds, mask, pos = hand_pruned(model, kw, kept)
@@ -181,7 +184,7 @@ def test_vision_features_follow_raster_order(model):
     """hiprune reduces the merger's pre-MLP features: its kept tokens must be the untouched
     merged tokens at the kept indices (checks the window-order undo of Qwen2.5-VL)."""
     kw = inputs(ROWS[:1], ROW_GRIDS[0])
-    with tm.applied(model, "hiprune", 7), torch.no_grad():
+    with tm.applied(model, "hiprune", 7, **LAYERS["hiprune"]), torch.no_grad():
         model(**kw)
         (r, grid), = tm.last_reductions(model)
         merged = model.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"])
@@ -211,18 +214,27 @@ def test_attn_received_equals_eager_attention(model):
     with torch.no_grad():
         eager.model.visual(kw["pixel_values"], grid_thw=kw["image_grid_thw"])
     visual = model.model.visual
-    # Window blocks give one chunk per window; the full-attention blocks one [1, H, S, S].
-    full = [w for w in _CAPTURED if w.shape[-1] == kw["pixel_values"].shape[0]]
-    weights = full[-1]  # the last full-attention block feeds the merger
-    recv = weights.mean(dim=(1, 2))[0]  # in the tower's order
+    s = kw["pixel_values"].shape[0]
+    # Every block gives one [1, H, n, n] chunk per attention segment (the image, or each
+    # window of a window-attention block), in the tower's (window) order.
+    per_block, cols, done = [], [], 0
+    for w in _CAPTURED:
+        cols.append(w.sum(dim=(1, 2))[0])
+        done += w.shape[-1]
+        if done == s:
+            per_block.append(torch.cat(cols) / (w.shape[1] * s))
+            cols, done = [], 0
+    assert len(per_block) == len(visual.blocks)
+    feature = max(getattr(visual, "fullatt_block_indexes", None) or [len(visual.blocks) - 1])
+    recv = torch.stack([per_block[0], per_block[feature]])
     if hasattr(visual, "window_size"):
         from transformers.vision_utils import get_vision_window_index
 
         order, _ = get_vision_window_index(kw["image_grid_thw"], spatial_merge_size=2,
                                            window_size=visual.window_size,
                                            patch_size=visual.patch_size)
-        recv = recv.reshape(-1, 4)[torch.argsort(order)].reshape(-1)
-    expect = recv.reshape(-1, 4).sum(-1)
+        recv = recv.reshape(2, -1, 4)[:, torch.argsort(order)].reshape(2, -1)
+    expect = recv.reshape(2, -1, 4).sum(-1)
     seen = {}
 
     def spy(tokens, k, signals, config, generator):
@@ -235,10 +247,11 @@ def test_attn_received_equals_eager_attention(model):
     original = spec.fn
     registry._REGISTRY["hiprune"] = spec.__class__(**{**spec.__dict__, "fn": spy})
     try:
-        with tm.applied(model, "hiprune", 6), torch.no_grad():
+        with tm.applied(model, "hiprune", 6, signal_layers=(0, "feature")), torch.no_grad():
             model(**kw)
     finally:
         registry._REGISTRY["hiprune"] = spec
+    assert seen["attn"].shape == (1, 2, n_tokens(grid))
     torch.testing.assert_close(seen["attn"][0].float(), expect.float(), atol=1e-5, rtol=1e-4)
 
 
@@ -285,7 +298,7 @@ def test_remove_restores_exactly(model):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_equals_single_samples(model, side):
     kw = inputs(ROWS, ALL_GRIDS, side)
-    with tm.applied(model, "hiprune", 0.5), torch.no_grad():
+    with tm.applied(model, "hiprune", 0.5, **LAYERS["hiprune"]), torch.no_grad():
         out = model(**kw).logits
         for i, (r, grids) in enumerate(zip(ROWS, ROW_GRIDS, strict=True)):
             one = model(**inputs([r], grids)).logits[0]
@@ -309,6 +322,8 @@ def test_errors(model):
         tm.apply(model, "fastervlm", 8)
     with pytest.raises(ValueError, match="partitions"):
         tm.apply(model, "hired", 8)
+    with pytest.raises(ValueError, match="layer 16 is not an encoder layer"):
+        tm.apply(model, "hiprune", 8)  # official object layer 16 > the tiny tower's depth
     tm.apply(model, "divprune", 9)
     try:
         kw = inputs(ROWS[:1], ROW_GRIDS[0])

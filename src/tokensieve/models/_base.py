@@ -28,6 +28,16 @@ STATE_ATTR = "_tokensieve"
 PATCHED_ATTRS = ("forward", "generate")
 #: Per-token inputs of a forward call that follow the sequence (cut with the same plan).
 SEQUENCE_INPUTS = ("token_type_ids", "mm_token_type_ids")
+#: Encoder layers whose attention (``cls_attn`` / ``attn_received``) a method reads by
+#: default: a tuple of layer indices ("feature": the layer whose output becomes the LLM's
+#: visual tokens), "all", or a per-family dict of those. Methods not listed read the
+#: feature layer only (as ``[B, N]``); listed ones get ``[B, L, N]`` in the listed order.
+DEFAULT_SIGNAL_LAYERS: dict[str, Any] = {
+    "vtc-cls": "all",  # sums CLS attention over layers (its options pick the range)
+    "hired": (0, "feature"),  # allocation layer 0, selection layer 22 of CLIP-L (feature)
+    "hiprune": {"llava": (9, "feature"), "qwen2-vl": (16, "feature")},  # object, deep layer
+}
+SignalLayers = str | tuple[int | str, ...] | list[int | str] | None
 
 
 @dataclass
@@ -91,10 +101,12 @@ class Adapter:
     #: Keyword inputs holding raw images; dropped once the images are encoded.
     visual_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
-    def __init__(self, model: torch.nn.Module, spec: MethodSpec, config: ReduceConfig) -> None:
+    def __init__(self, model: torch.nn.Module, spec: MethodSpec, config: ReduceConfig,
+                 signal_layers: SignalLayers = None) -> None:
         self.model = model
         self.spec = spec
         self.config = config
+        self.signal_layers = signal_layers
 
     # -- family hooks ---------------------------------------------------------------------
     def check(self) -> None:
@@ -124,6 +136,35 @@ class Adapter:
                                             dim=1 if pos.dim() == 2 else -1)
 
     # -- shared helpers -------------------------------------------------------------------
+    def layer_plan(self, depth: int, feature: int) -> list[int] | None:
+        """Encoder layers (0-based) whose attention signals are stacked ``[B, L, N]``, or
+        None for the feature layer alone (``[B, N]``)."""
+        wanted = self.signal_layers
+        source = "signal_layers"
+        if wanted is None:
+            wanted = DEFAULT_SIGNAL_LAYERS.get(self.spec.name)
+            if isinstance(wanted, dict):
+                wanted = wanted.get(self.family)
+            source = f"the default signal layers of {self.spec.name!r}"
+        if wanted is None:
+            return None
+        if wanted == "all":
+            return list(range(depth))
+        if isinstance(wanted, str) or not isinstance(wanted, (tuple, list)) or not wanted:
+            raise ValueError(f"signal_layers={wanted!r}: expected 'all' or a non-empty tuple of "
+                             "encoder layer indices (or 'feature')")
+        out = []
+        for w in wanted:
+            if w == "feature":
+                out.append(feature)
+                continue
+            if isinstance(w, bool) or not isinstance(w, int) or not -depth <= w < depth:
+                raise ValueError(f"{source}: layer {w!r} is not an encoder layer of this "
+                                 f"{depth}-layer tower; pass signal_layers=(...) with indices "
+                                 f"in [-{depth}, {depth}) or 'feature'")
+            out.append(w % depth)
+        return out
+
     def wants(self, name: str) -> bool:
         """Whether the method uses signal ``name`` (only those are computed)."""
         return name in self.spec.signals or name in self.spec.optional_signals
@@ -345,7 +386,7 @@ def get_state(model: object) -> PatchState | None:
 
 
 def apply(model: torch.nn.Module, method: str, keep: int | float, *, seed: int = 0,
-          **options: Any) -> torch.nn.Module:
+          signal_layers: SignalLayers = None, **options: Any) -> torch.nn.Module:
     """Patch ``model`` in place so that every call with images reduces its visual tokens.
 
     Args:
@@ -353,6 +394,11 @@ def apply(model: torch.nn.Module, method: str, keep: int | float, *, seed: int =
         method: a name from ``tokensieve.list_methods()``.
         keep: per image, an int count of visual tokens or a float fraction of them.
         seed: seed of methods that draw random numbers.
+        signal_layers: encoder layers whose attention signals (``cls_attn``,
+            ``attn_received``) the method gets, stacked ``[B, L, N]``: a tuple of layer
+            indices (negative from the end; "feature" = the layer feeding the LLM) or "all".
+            Default: the method's official layers (``DEFAULT_SIGNAL_LAYERS``), else the
+            feature layer alone (``[B, N]``).
         **options: the method's options (``tokensieve.describe(method).defaults()``).
 
     Returns:
@@ -369,7 +415,7 @@ def apply(model: torch.nn.Module, method: str, keep: int | float, *, seed: int =
         raise ValueError(f"method {spec.name!r} acts at stage {spec.stage!r}; tokensieve.apply "
                          "runs pre-LLM methods (on the visual tokens before the LLM)")
     config = ReduceConfig(method=spec.name, keep=keep, options=dict(options), seed=seed)
-    adapter = adapter_cls(model, spec, config)
+    adapter = adapter_cls(model, spec, config, signal_layers)
     adapter.check()
     state = PatchState(config=config, spec=spec, adapter=adapter)
     for name in PATCHED_ATTRS:

@@ -56,3 +56,28 @@ def attention_received(q: Tensor, k: Tensor, num_heads: int, scale: float,
 def mean_keys(k: Tensor, num_heads: int) -> Tensor:
     """Head-mean keys ``[B, N, Dh]`` (float32) from a key projection ``[B, N, H*Dh]``."""
     return _heads(k, num_heads).mean(dim=1)
+
+
+def received_sums(q: Tensor, k: Tensor, num_heads: int, scale: float, bounds: list[int],
+                  chunk: int = QUERY_CHUNK) -> Tensor:
+    """Attention each key receives, summed over heads and queries, for a packed sequence
+    attended in independent segments (images, or windows of window attention).
+
+    Args:
+        q, k: ``[S, H*Dh]`` queries and keys of the packed sequence (after any rotary
+            embedding the layer applies).
+        bounds: segment boundaries ``[0, s_1, ..., S]``; a query attends to the keys of
+            its own segment only.
+
+    Returns:
+        ``[S]`` float32 column sums (divide by ``H * n`` for the mean over the ``n``
+        queries of an image).
+    """
+    out = torch.zeros(k.shape[0], dtype=torch.float32, device=k.device)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        qh = _heads(q[None, a:b], num_heads)
+        kh = _heads(k[None, a:b], num_heads)
+        for start in range(0, b - a, chunk):
+            probs = ((qh[:, :, start:start + chunk] @ kh.transpose(-1, -2)) * scale).softmax(-1)
+            out[a:b] += probs.sum(dim=(0, 1, 2))
+    return out

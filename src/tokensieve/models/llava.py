@@ -34,8 +34,9 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     signals = ("cls_attn", "attn_received", "keys", "values", "text", "text_mask", "grid")
 
-    def __init__(self, model: torch.nn.Module, spec: Any, config: Any) -> None:
-        super().__init__(model, spec, config)
+    def __init__(self, model: torch.nn.Module, spec: Any, config: Any,
+                 signal_layers: Any = None) -> None:
+        super().__init__(model, spec, config, signal_layers)
         self.inner = model if hasattr(model, "vision_tower") else model.model
         vcfg = model.config.vision_config
         side = vcfg.image_size // vcfg.patch_size
@@ -87,7 +88,8 @@ class LlavaAdapter(Adapter):
         layer = self._feature_layer({})
         self._strategy({})
         if any(self.wants(s) for s in ATTENTION_SIGNALS):
-            self._attention_layer(layer)
+            idx = self._attention_layer(layer)
+            self.layer_plan(len(self._layers()), idx)
         self.resolve_keep(self.tokens_per_image())
 
     # -- the call -------------------------------------------------------------------------
@@ -102,15 +104,17 @@ class LlavaAdapter(Adapter):
         ref = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
         return (embeds == ref).all(-1)
 
-    def _capture(self, idx: int) -> tuple[dict[str, Tensor], list[Any]]:
-        attn = self._layers()[idx].self_attn
-        captured: dict[str, Tensor] = {}
+    def _capture(self, layers: set[int]) -> tuple[dict[int, dict[str, Tensor]], list[Any]]:
+        """Forward hooks keeping the q/k (and v) projections of ``layers``."""
+        captured: dict[int, dict[str, Tensor]] = {i: {} for i in layers}
         names = ["q_proj", "k_proj"] + (["v_proj"] if self.wants("values") else [])
         handles = []
-        for name in names:
-            def hook(_m: Any, _i: Any, out: Tensor, name: str = name) -> None:
-                captured[name] = out.detach()
-            handles.append(getattr(attn, name).register_forward_hook(hook))
+        for i in layers:
+            attn = self._layers()[i].self_attn
+            for name in names:
+                def hook(_m: Any, _i: Any, out: Tensor, i: int = i, name: str = name) -> None:
+                    captured[i][name] = out.detach()
+                handles.append(getattr(attn, name).register_forward_hook(hook))
         return captured, handles
 
     def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
@@ -120,7 +124,9 @@ class LlavaAdapter(Adapter):
                              "images")
         want_attn = any(self.wants(s) for s in ATTENTION_SIGNALS)
         idx = self._attention_layer(layer) if want_attn else -1
-        captured, handles = self._capture(idx) if want_attn else ({}, [])
+        plan = self.layer_plan(len(self._layers()), idx) if want_attn else None
+        layers = {idx, *(plan or [])} if want_attn else set()
+        captured, handles = self._capture(layers)
         try:
             out = self.inner.vision_tower(args["pixel_values"], output_hidden_states=True,
                                           return_dict=True)
@@ -135,16 +141,16 @@ class LlavaAdapter(Adapter):
         signals: dict[str, Any] = {}
         if want_attn:
             attn = self._layers()[idx].self_attn
-            q, k = captured["q_proj"], captured["k_proj"]
             heads, scale = attn.num_heads, attn.scale
-            if self.wants("cls_attn"):
-                signals["cls_attn"] = cls_attention(q, k, heads, scale)[:, start:]
-            if self.wants("attn_received"):
-                signals["attn_received"] = attention_received(q, k, heads, scale)[:, start:]
+            for name, fn in (("cls_attn", cls_attention), ("attn_received", attention_received)):
+                if self.wants(name):
+                    per = [fn(captured[i]["q_proj"], captured[i]["k_proj"], heads, scale)
+                           for i in (plan or [idx])]
+                    signals[name] = (per[0] if plan is None else torch.stack(per, 1))[..., start:]
             if self.wants("keys"):
-                signals["keys"] = mean_keys(k, heads)[:, start:]
+                signals["keys"] = mean_keys(captured[idx]["k_proj"], heads)[:, start:]
             if self.wants("values"):
-                signals["values"] = mean_keys(captured["v_proj"], heads)[:, start:]
+                signals["values"] = mean_keys(captured[idx]["v_proj"], heads)[:, start:]
         grid = self.grid if tokens.shape[1] == self.grid[0] * self.grid[1] else None
         signals["grid"] = grid
         counts = [n_llm] * tokens.shape[0]

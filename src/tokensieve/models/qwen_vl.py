@@ -12,10 +12,12 @@ Features: "projected" methods get the merger outputs (the LLM's tokens); "vision
 methods get the merger's normalised, grouped input ``norm(x).view(-1, m*m*D)`` (the
 features right before the projector MLP), and the MLP is applied to their output.
 
-Signals, from the q/k (after the vision rotary embedding) of one block, by default the
-last full-attention block (the block whose output is merged), with the tower on SDPA:
-``attn_received`` (head- and query-mean attention received, summed over each merged
-group), ``keys`` / ``values`` (head-mean, averaged over each group), ``grid`` (the merged
+Signals, from the q/k of the feature block (the last full-attention block, whose output
+is merged; other blocks with ``signal_layers``), with the tower on SDPA:
+``attn_received`` (head- and query-mean attention received, from q/k after the vision
+rotary embedding, within the block's own attention segments: the image, or its windows
+for window-attention blocks; summed over each merged group), ``keys`` / ``values``
+(head-mean, before the rotary embedding, averaged over each group), ``grid`` (the merged
 grid), ``text`` / ``text_mask`` (LLM input embeddings of the non-image prompt tokens). No
 ``cls_attn``: there is no CLS token.
 
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 from tokensieve.models._base import Adapter, Encoded, register_adapter
-from tokensieve.models._signals import attention_received, mean_keys
+from tokensieve.models._signals import received_sums
 from tokensieve.models._surgery import SurgeryPlan
 
 ATTENTION_SIGNALS = ("attn_received", "keys", "values")
@@ -59,8 +61,9 @@ class QwenVLAdapter(Adapter):
     signals = ("attn_received", "keys", "values", "text", "text_mask", "grid")
     visual_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
-    def __init__(self, model: torch.nn.Module, spec: Any, config: Any) -> None:
-        super().__init__(model, spec, config)
+    def __init__(self, model: torch.nn.Module, spec: Any, config: Any,
+                 signal_layers: Any = None) -> None:
+        super().__init__(model, spec, config, signal_layers)
         self.inner = model if hasattr(model, "visual") else model.model
         visual = self.inner.visual
         self.merge = int(visual.spatial_merge_size)
@@ -71,6 +74,8 @@ class QwenVLAdapter(Adapter):
         super().check()
         if self.spec.cls_token and self.config.options.get("has_cls"):
             raise ValueError(f"has_cls=True: the {self.family} vision tower has no CLS token")
+        if self.wants("attn_received"):
+            self.layer_plan(len(self.inner.visual.blocks), self.signal_block)
 
     def has_visual_inputs(self, args: dict[str, Any]) -> bool:
         return args.get("pixel_values") is not None
@@ -106,16 +111,24 @@ class QwenVLAdapter(Adapter):
         unit = self.merge * self.merge
         counts = [int(c) for c in (thw.prod(-1) // unit).tolist()]
         want_attn = any(self.wants(s) for s in ATTENTION_SIGNALS)
-        captured: dict[str, Any] = {}
+        depth = len(visual.blocks)
+        plan = self.layer_plan(depth, self.signal_block) if self.wants("attn_received") else None
+        blocks = {self.signal_block, *(plan or [])} if want_attn else set()
+        captured: dict[Any, Any] = {i: {} for i in blocks}
         handles = [visual.merger.register_forward_pre_hook(
             lambda _m, a: captured.__setitem__("merger_in", a[0]))]
-        if want_attn:
-            attn = visual.blocks[self.signal_block].attn
-            handles.append(attn.register_forward_pre_hook(
-                lambda _m, a, kw: captured.__setitem__("rope", kw.get("position_embeddings")),
-                with_kwargs=True))
-            handles.append(attn.qkv.register_forward_hook(
-                lambda _m, _i, out: captured.__setitem__("qkv", out)))
+        for i in blocks:
+            attn = visual.blocks[i].attn
+
+            def pre(_m: Any, _a: Any, kw: dict[str, Any], i: int = i) -> None:
+                captured[i]["rope"] = kw.get("position_embeddings")
+                captured[i]["cu"] = kw.get("cu_seqlens")
+
+            def qkv_hook(_m: Any, _i: Any, out: Tensor, i: int = i) -> None:
+                captured[i]["qkv"] = out.detach()
+
+            handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(attn.qkv.register_forward_hook(qkv_hook))
         try:
             out = visual(pixel_values.type(visual.dtype), grid_thw=thw)
         finally:
@@ -135,17 +148,7 @@ class QwenVLAdapter(Adapter):
             tokens_all = visual.merger.ln_q(x).reshape(-1, visual.merger.hidden_size)
         else:
             tokens_all = merged
-        per_patch: dict[str, Tensor] = {}
-        if want_attn:
-            heads = visual.blocks[self.signal_block].attn.num_heads
-            qkv = captured["qkv"]
-            s = qkv.shape[0]
-            q, k, v = qkv.reshape(s, 3, heads, -1).unbind(1)
-            cos, sin = captured["rope"]
-            q, k = raster(_rope(q, cos, sin)), raster(_rope(k, cos, sin))
-            per_patch = {"q": q.reshape(s, -1), "k": k.reshape(s, -1),
-                         "v": raster(v.float()).reshape(s, -1)}
-            per_patch["heads"] = heads  # type: ignore[assignment]
+        patch_signals = self._patch_signals(captured, plan, raster) if want_attn else {}
         text = self.text_signal(args, placeholder, counts) if self.wants("text") else None
 
         starts = [0]
@@ -162,8 +165,15 @@ class QwenVLAdapter(Adapter):
             grid = (t * h // self.merge, w // self.merge)
             tokens = torch.stack([tokens_all[starts[i]:starts[i + 1]] for i in members])
             signals: dict[str, Any] = {"grid": grid}
-            if want_attn:
-                signals.update(self._group_signals(per_patch, members, starts, unit, n))
+            for name, per_patch in patch_signals.items():
+                rows = [per_patch[..., starts[i] * unit:starts[i + 1] * unit, :] for i in members]
+                stacked = torch.stack(rows)  # [G, (L,) n*unit, C]
+                grouped = stacked.reshape(*stacked.shape[:-2], n, unit, stacked.shape[-1])
+                if name == "attn_received":
+                    value = grouped.sum(-2)[..., 0] / (unit * n)  # mean over the image's queries
+                else:
+                    value = grouped.mean(-2)
+                signals[name] = value
             if text is not None:
                 signals["text"], signals["text_mask"] = text[0][members], text[1][members]
             k = self.resolve_keep(n)
@@ -185,25 +195,37 @@ class QwenVLAdapter(Adapter):
         return Encoded(features=features, counts=counts, reductions=reductions,  # type: ignore
                        positions=positions, extra=extra)  # type: ignore[arg-type]
 
-    def _group_signals(self, per_patch: dict[str, Any], members: list[int], starts: list[int],
-                       unit: int, n: int) -> dict[str, Tensor]:
-        """Attention signals of a group of equally sized images, at merged-token level."""
-        heads = per_patch["heads"]
-        scale = (per_patch["q"].shape[-1] // heads) ** -0.5
-
-        def rows(name: str) -> Tensor:
-            return torch.stack([per_patch[name][starts[i] * unit:starts[i + 1] * unit]
-                                for i in members])
-
-        q, k = rows("q"), rows("k")
+    def _patch_signals(self, captured: dict[Any, Any], plan: list[int] | None,
+                       raster: Any) -> dict[str, Tensor]:
+        """Patch-level signals in raster order: ``attn_received`` ``[(L,) S, 1]`` (column
+        sums over heads and queries, divided by the head count), ``keys`` / ``values``
+        ``[S, Dh]`` (head-mean, before the rotary embedding)."""
+        visual = self.inner.visual
         out: dict[str, Tensor] = {}
+        heads = visual.blocks[self.signal_block].attn.num_heads
+
+        def split(i: int) -> tuple[Tensor, Tensor, Tensor]:
+            qkv = captured[i]["qkv"]
+            q, k, v = qkv.reshape(qkv.shape[0], 3, heads, -1).unbind(1)
+            return q, k, v
+
         if self.wants("attn_received"):
-            recv = attention_received(q, k, heads, scale)
-            out["attn_received"] = recv.reshape(len(members), n, unit).sum(-1)
+            per = []
+            for i in plan or [self.signal_block]:
+                q, k, _ = split(i)
+                cos, sin = captured[i]["rope"]
+                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+                s = q.shape[0]
+                bounds = [int(b) for b in captured[i]["cu"].tolist()]
+                sums = received_sums(q.reshape(s, -1), k.reshape(s, -1), heads,
+                                     q.shape[-1] ** -0.5, bounds)
+                per.append(raster(sums / heads).unsqueeze(-1))
+            out["attn_received"] = per[0] if plan is None else torch.stack(per)
+        _, k, v = split(self.signal_block)
         if self.wants("keys"):
-            out["keys"] = mean_keys(k, heads).reshape(len(members), n, unit, -1).mean(2)
+            out["keys"] = raster(k.float().mean(1))
         if self.wants("values"):
-            out["values"] = mean_keys(rows("v"), heads).reshape(len(members), n, unit, -1).mean(2)
+            out["values"] = raster(v.float().mean(1))
         return out
 
     # -- positions ------------------------------------------------------------------------
