@@ -1,0 +1,205 @@
+"""Prefill time of LLaVA-1.5-7B geometry, untouched vs ``tokensieve.apply``-patched.
+
+A ``LlavaForConditionalGeneration`` with the LLaVA-1.5-7B sizes (CLIP-L/336 tower: 24
+layers, width 1024, 577 tokens; two-layer GELU projector; Llama-7B decoder: width 4096,
+32 heads, MLP 11008, vocab 32064) and random weights, in bf16 on CPU, SDPA everywhere.
+The decoder depth can be truncated (``--llm-layers``; the full model has 32) to fit the
+time and memory at hand; the FLOPs-ideal speed-up is computed for the depth that runs.
+
+Measured, interleaved over repeats (medians, and minima: the least disturbed runs on a
+shared machine):
+- prefill: ``model(input_ids, pixel_values, logits_to_keep=1)`` (what ``generate`` runs
+  before the first token), untouched and patched at each budget;
+- the FLOPs-ideal speed-up ``MACs(untouched) / MACs(patched)`` (``tokensieve.bench.flops``);
+- the LLM alone on the prompt lengths of each budget (its own measured vs ideal speed-up);
+- the cost of signal capture + selection: the patched call at keep=576 (identity
+  reduction, every step runs) minus the untouched call, and, timed alone, the pieces
+  tokensieve adds (CLS attention from q/k, the method's ``reduce``, the sequence surgery).
+
+Run: ``python benchmarks/bench_llava_prefill.py --llm-layers 4 --repeats 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import tokensieve as ts
+from tokensieve.bench.flops import Plan, VLMDims, account
+from tokensieve.models._signals import cls_attention
+from tokensieve.models._surgery import plan_surgery
+
+IMAGE_TOKEN = 32000
+PREFIX, SUFFIX = 35, 30  # LLaVA-1.5: the image starts at position 35; a short question
+
+
+def build(llm_layers: int, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14,
+                              projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=llm_layers, num_attention_heads=32,
+                       num_key_value_heads=32, max_position_embeddings=4096, pad_token_id=0)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      image_seq_length=576, projector_hidden_act="gelu")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
+
+
+def inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(3, 31000, (PREFIX + SUFFIX,), generator=g)
+    ids = torch.cat([text[:PREFIX], torch.full((576,), IMAGE_TOKEN), text[PREFIX:]])[None]
+    pixel_values = torch.randn(1, 3, 336, 336, generator=g).to(dtype)
+    return {"input_ids": ids, "pixel_values": pixel_values}
+
+
+def timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--llm-layers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--keeps", default="576,192,128,64")
+    ap.add_argument("--method", default="fastervlm")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16
+    keeps = [int(k) for k in args.keeps.split(",")]
+
+    t0 = time.perf_counter()
+    model = build(args.llm_layers, dtype)
+    batch = inputs(dtype)
+    print(f"built in {time.perf_counter() - t0:.0f}s; attention: "
+          f"{model.config.text_config._attn_implementation}, threads {torch.get_num_threads()}")
+
+    def untouched() -> None:
+        model(**batch, logits_to_keep=1)
+
+    def patched(k: int) -> Any:
+        def run() -> None:
+            with ts.applied(model, args.method, k):
+                model(**batch, logits_to_keep=1)
+        return run
+
+    with torch.inference_mode():
+        untouched()  # warm-up
+        patched(keeps[-1])()
+        times: dict[str, list[float]] = {"untouched": []}
+        for k in keeps:
+            times[f"keep{k}"] = []
+        for rep in range(args.repeats):
+            times["untouched"].append(timed(untouched))
+            for k in keeps:
+                times[f"keep{k}"].append(timed(patched(k)))
+            print(f"repeat {rep}: " + ", ".join(f"{n} {v[-1]:.2f}s" for n, v in times.items()),
+                  flush=True)
+
+        # Pieces tokensieve adds, timed alone on tensors of the real sizes.
+        attn = model.model.vision_tower.encoder.layers[22].self_attn
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [getattr(attn, n).register_forward_hook(
+            lambda _m, _i, o, n=n: captured.__setitem__(n, o)) for n in ("q_proj", "k_proj")]
+        vision_s = timed(lambda: model.model.vision_tower(batch["pixel_values"],
+                                                          output_hidden_states=True))
+        for h in hooks:
+            h.remove()
+        q, k_ = captured["q_proj"], captured["k_proj"]
+        feats = torch.randn(1, 576, 4096, dtype=dtype)
+        placeholder = batch["input_ids"] == IMAGE_TOKEN
+        reps = 20
+        signal_s = statistics.median(
+            timed(lambda: cls_attention(q, k_, attn.num_heads, attn.scale)) for _ in range(reps))
+        scores = cls_attention(q, k_, attn.num_heads, attn.scale)[:, 1:]
+        select_s = {k: statistics.median(timed(lambda k=k: ts.reduce(
+            feats, args.method, k, cls_attn=scores, grid=(24, 24))) for _ in range(reps))
+            for k in keeps}
+        surgery_s = statistics.median(timed(lambda: plan_surgery(
+            placeholder, [576], [64], "right")) for _ in range(reps))
+
+        # The LLM alone on the prompt lengths each budget gives (no vision tower).
+        lm = model.model.language_model
+        llm_s: dict[int, float] = {}
+        for k in [576, *[k for k in keeps if k != 576]]:
+            embeds = torch.randn(1, PREFIX + SUFFIX + k, 4096, dtype=dtype)
+            lm(inputs_embeds=embeds)
+            llm_s[k] = min(timed(lambda e=embeds: lm(inputs_embeds=e)) for _ in range(2))
+
+    dims = VLMDims.from_config(model.config)
+    text_tokens = PREFIX + SUFFIX
+    base_macs = account(dims, None, text_tokens=text_tokens).prefill
+    med = {n: statistics.median(v) for n, v in times.items()}
+    best = {n: min(v) for n, v in times.items()}
+    base_cost = account(dims, None, text_tokens=text_tokens)
+    rows = []
+    for k in keeps:
+        cost = account(dims, Plan.pre_llm(k), text_tokens=text_tokens)
+        macs = cost.prefill
+        ideal = base_macs / macs
+        measured = med["untouched"] / med[f"keep{k}"]
+        measured_min = best["untouched"] / best[f"keep{k}"]
+        llm_ideal = (base_cost.llm_prefill + base_cost.lm_head) / (cost.llm_prefill + cost.lm_head)
+        rows.append({"keep": k, "prefill_s": med[f"keep{k}"], "speedup": measured,
+                     "ideal_speedup": ideal, "of_ideal": measured / ideal,
+                     "speedup_min": measured_min, "of_ideal_min": measured_min / ideal,
+                     "prefill_gmacs": macs / 1e9, "llm_alone_s": llm_s.get(k),
+                     "llm_alone_speedup": llm_s[576] / llm_s[k] if k in llm_s else None,
+                     "llm_ideal_speedup": llm_ideal})
+    overhead = med[f"keep{keeps[0]}"] - med["untouched"] if keeps[0] == 576 else math.nan
+    added = signal_s + min(select_s.values()) + surgery_s
+    result = {
+        "model": "LLaVA-1.5-7B geometry, random weights", "llm_layers": args.llm_layers,
+        "dtype": "bfloat16", "device": "cpu", "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "method": args.method,
+        "repeats": args.repeats, "prompt_tokens": int(batch["input_ids"].shape[1]),
+        "untouched_prefill_s": med["untouched"], "untouched_gmacs": base_macs / 1e9,
+        "rows": rows, "vision_tower_s": vision_s,
+        "signal_s": signal_s, "select_s": select_s, "surgery_s": surgery_s,
+        "added_pieces_s": added, "added_pieces_of_prefill": added / med["untouched"],
+        "identity_patch_overhead_s": overhead,
+        "identity_patch_overhead_of_prefill": overhead / med["untouched"],
+        "times": times,
+    }
+    print(f"\nuntouched prefill {med['untouched']:.2f}s ({base_macs / 1e9:.0f} GMACs, "
+          f"{args.llm_layers} of 32 LLM layers)")
+    print(f"{'keep':>5} {'prefill s':>10} {'speed-up':>9} {'(min)':>6} {'ideal':>7} "
+          f"{'of ideal':>9} {'(min)':>6} | {'LLM alone':>9} {'ideal':>6}")
+    for r in rows:
+        print(f"{r['keep']:>5} {r['prefill_s']:>10.2f} {r['speedup']:>9.2f} "
+              f"{r['speedup_min']:>6.2f} {r['ideal_speedup']:>7.2f} {r['of_ideal']:>9.2f} "
+              f"{r['of_ideal_min']:>6.2f} | {r['llm_alone_speedup'] or 0:>9.2f} "
+              f"{r['llm_ideal_speedup']:>6.2f}")
+    print(f"vision tower alone {vision_s:.2f}s")
+    print(f"signal capture (CLS row from q/k) {signal_s * 1e3:.2f} ms, selection "
+          f"{ {k: round(v * 1e3, 2) for k, v in select_s.items()} } ms, surgery "
+          f"{surgery_s * 1e3:.2f} ms: {100 * added / med['untouched']:.3f} % of the prefill")
+    print(f"identity patch (keep=576) minus untouched: {overhead:+.3f}s "
+          f"({100 * overhead / med['untouched']:+.2f} %)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
