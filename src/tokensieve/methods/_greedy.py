@@ -35,9 +35,10 @@ def block_size(n: int) -> int:
 class LazyRows:
     """Rows of a symmetric ``N x N`` matrix, computed on demand in blocks and cached.
 
-    A miss on row ``j`` computes ``j`` together with up to ``block - 1`` other rows the
-    caller expects to need soon (``prefetch``), in one matrix product: a greedy loop then
-    costs a few GEMMs instead of one memory-bound matrix-vector product per step.
+    :meth:`fetch` computes a block of rows in one matrix product; a miss in :meth:`row`
+    fetches the row together with ``prefetch - 1`` rows the caller expects to need soon.
+    A greedy loop then costs a few GEMMs instead of one memory-bound matrix-vector product
+    per step, and never more than the ``N`` rows of one ``N x N`` matrix.
     """
 
     def __init__(self, rows: RowFn, n: int, device: torch.device, block: int | None = None):
