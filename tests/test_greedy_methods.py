@@ -215,9 +215,20 @@ def test_cdpruner_ignores_masked_text_and_checks_width():
 
 
 def test_cdpruner_rank_exhausted_fills_by_relevance():
-    x, t = _data(2, 30, 3, seed=1)  # rank 3 kernel, keep 10
+    from tokensieve.methods._greedy import LazyRows, dpp_greedy
+
+    x, t = _data(2, 30, 3, seed=1)  # rank-3 kernel, keep 10
     r = ts.reduce(x, "cdpruner", 10, text=t)
-    assert all(len(set(row)) == 10 for row in r.indices.tolist())
+    rel = _official_relevance(x, t, -1.0, per_sample=False)
+    for b in range(2):
+        xn = torch.nn.functional.normalize(x[b], dim=-1)
+        big_l = rel[b].float().unsqueeze(1) * (xn @ xn.T) * rel[b].float().unsqueeze(0)
+        picks = dpp_greedy(LazyRows(lambda i, m=big_l: m[i], 30, x.device), big_l.diag(), 10)
+        assert sorted(picks.tolist()) == r.indices[b].tolist()
+        assert picks[:3].tolist() == _naive_dpp(x[b], rel[b], 3)
+        rest = rel[b].clone()
+        rest[picks[:3]] = -1
+        assert picks[3:].tolist() == rest.argsort(descending=True)[:7].tolist()
 
 
 # ---------------------------------------------------------------- mmtok

@@ -178,23 +178,25 @@ def max_min_select(cache: LazyRows, k: int, seed: int) -> Tensor:
     return picks
 
 
-def dpp_greedy(cache: LazyRows, diag: Tensor, k: int, eps: float = 1e-10) -> Tensor:
+def dpp_greedy(cache: LazyRows, diag: Tensor, k: int, rtol: float = 1e-6) -> Tensor:
     """Greedy MAP of a DPP with kernel ``L`` (rows from ``cache``, ``diag`` = ``diag(L)``).
 
     The fast incremental Cholesky update (Chen et al., NeurIPS 2018): ``d2 = diag(L)``;
     ``k`` times: ``j = argmax d2``, ``e = (L[j] - sum_t c_t[j] c_t) / sqrt(d2[j])``,
     ``d2 -= e^2``, ``d2[j] = -inf``. Each pick maximises ``log det L_S`` given the earlier
-    picks. Once no remaining ``d2`` exceeds ``eps`` (rank exhausted: ``k`` > rank of ``L``,
-    duplicates), the rest are the unpicked tokens of highest ``diag(L)`` (the official code
-    would divide by ``sqrt(<= 0)`` there). Returns the picks in pick order (``[k]`` long).
+    picks. Once no remaining ``d2`` exceeds ``rtol * max(diag)`` (float32 rounding noise:
+    the rank of ``L`` is exhausted, e.g. ``k > D`` or duplicate tokens), the rest are the
+    unpicked tokens of highest ``diag(L)``; the official code would go on dividing by the
+    square root of noise (or of a negative number). Returns the picks in pick order.
     """
     n, dev = cache.n, cache.device
     d2 = diag.float().clone()
+    floor = rtol * float(d2.max())
     coef = torch.zeros(k, n, device=dev)
     picks = torch.empty(k, dtype=torch.long, device=dev)
     for t in range(k):
         j = int(torch.argmax(d2))
-        if not float(d2[j]) > eps:
+        if not float(d2[j]) > floor:
             # The kernel restricted to the rest is (numerically) singular: every further
             # pick gives det 0. Fill up with the unpicked tokens of highest diag(L).
             rest = diag.float().clone()
