@@ -89,8 +89,9 @@ class PatchState:
 class Adapter:
     """One model family: where visual tokens live, how to capture signals, how to cut.
 
-    Subclasses set the class attributes and implement ``has_visual_inputs``,
-    ``placeholder_mask`` and ``encode``; they hold no method logic (a method is one
+    Subclasses set the class attributes and implement ``encode`` (and, where the family
+    differs from the defaults, ``has_visual_inputs``, ``placeholder_mask``,
+    ``fix_positions``, ``encoder_outputs``); they hold no method logic (a method is one
     ``reduce`` call over tensors, see :meth:`run_method`).
     """
 
@@ -118,10 +119,18 @@ class Adapter:
                 f"{self.family} adapter cannot give (it gives {list(self.signals)})")
 
     def has_visual_inputs(self, args: dict[str, Any]) -> bool:
-        raise NotImplementedError
+        """Whether a call carries images to reduce (default: ``pixel_values`` given)."""
+        return args.get("pixel_values") is not None
 
     def placeholder_mask(self, args: dict[str, Any]) -> Tensor:
-        raise NotImplementedError
+        """``[B, T]`` True on the image placeholder tokens (``config.image_token_id``), from
+        ``input_ids`` or, without them, by comparing ``inputs_embeds`` with its embedding."""
+        image_id = self.model.config.image_token_id
+        if args.get("input_ids") is not None:
+            return args["input_ids"] == image_id
+        embeds = args["inputs_embeds"]
+        ref = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
+        return (embeds == ref).all(-1)
 
     def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
         raise NotImplementedError
@@ -366,6 +375,7 @@ def supported_models() -> list[str]:
 
 
 def _load_adapters() -> None:
+    import tokensieve.models.gemma3  # noqa: F401
     import tokensieve.models.llava  # noqa: F401
     import tokensieve.models.qwen_vl  # noqa: F401
 

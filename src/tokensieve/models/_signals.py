@@ -81,3 +81,21 @@ def received_sums(q: Tensor, k: Tensor, num_heads: int, scale: float, bounds: li
             probs = ((qh[:, :, start:start + chunk] @ kh.transpose(-1, -2)) * scale).softmax(-1)
             out[a:b] += probs.sum(dim=(0, 1, 2))
     return out
+
+
+def capture_projections(attns: dict[int, torch.nn.Module], names: list[str],
+                        ) -> tuple[dict[int, dict[str, Tensor]], list[object]]:
+    """Forward hooks keeping the outputs of the projections ``names`` (e.g. "q_proj",
+    "k_proj") of the attention modules ``attns`` (layer index -> module).
+
+    Returns ``(captured, handles)``: ``captured[layer][name]`` is filled during the next
+    forward; call ``h.remove()`` on every handle afterwards.
+    """
+    captured: dict[int, dict[str, Tensor]] = {i: {} for i in attns}
+    handles = []
+    for i, attn in attns.items():
+        for name in names:
+            def hook(_m: object, _i: object, out: Tensor, i: int = i, name: str = name) -> None:
+                captured[i][name] = out.detach()
+            handles.append(getattr(attn, name).register_forward_hook(hook))
+    return captured, handles

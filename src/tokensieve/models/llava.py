@@ -23,7 +23,12 @@ import torch
 from torch import Tensor
 
 from tokensieve.models._base import Adapter, Encoded, register_adapter
-from tokensieve.models._signals import attention_received, cls_attention, mean_keys
+from tokensieve.models._signals import (
+    attention_received,
+    capture_projections,
+    cls_attention,
+    mean_keys,
+)
 
 ATTENTION_SIGNALS = ("cls_attn", "attn_received", "keys", "values")
 
@@ -93,30 +98,6 @@ class LlavaAdapter(Adapter):
         self.resolve_keep(self.tokens_per_image())
 
     # -- the call -------------------------------------------------------------------------
-    def has_visual_inputs(self, args: dict[str, Any]) -> bool:
-        return args.get("pixel_values") is not None
-
-    def placeholder_mask(self, args: dict[str, Any]) -> Tensor:
-        image_id = self.model.config.image_token_id
-        if args.get("input_ids") is not None:
-            return args["input_ids"] == image_id
-        embeds = args["inputs_embeds"]
-        ref = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
-        return (embeds == ref).all(-1)
-
-    def _capture(self, layers: set[int]) -> tuple[dict[int, dict[str, Tensor]], list[Any]]:
-        """Forward hooks keeping the q/k (and v) projections of ``layers``."""
-        captured: dict[int, dict[str, Tensor]] = {i: {} for i in layers}
-        names = ["q_proj", "k_proj"] + (["v_proj"] if self.wants("values") else [])
-        handles = []
-        for i in layers:
-            attn = self._layers()[i].self_attn
-            for name in names:
-                def hook(_m: Any, _i: Any, out: Tensor, i: int = i, name: str = name) -> None:
-                    captured[i][name] = out.detach()
-                handles.append(getattr(attn, name).register_forward_hook(hook))
-        return captured, handles
-
     def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
         layer, strategy = self._feature_layer(args), self._strategy(args)
         if args.get("image_sizes") is not None:
@@ -126,7 +107,9 @@ class LlavaAdapter(Adapter):
         idx = self._attention_layer(layer) if want_attn else -1
         plan = self.layer_plan(len(self._layers()), idx) if want_attn else None
         layers = {idx, *(plan or [])} if want_attn else set()
-        captured, handles = self._capture(layers)
+        names = ["q_proj", "k_proj"] + (["v_proj"] if self.wants("values") else [])
+        captured, handles = capture_projections(
+            {i: self._layers()[i].self_attn for i in layers}, names)
         try:
             out = self.inner.vision_tower(args["pixel_values"], output_hidden_states=True,
                                           return_dict=True)

@@ -77,17 +77,6 @@ class QwenVLAdapter(Adapter):
         if self.wants("attn_received"):
             self.layer_plan(len(self.inner.visual.blocks), self.signal_block)
 
-    def has_visual_inputs(self, args: dict[str, Any]) -> bool:
-        return args.get("pixel_values") is not None
-
-    def placeholder_mask(self, args: dict[str, Any]) -> Tensor:
-        image_id = self.model.config.image_token_id
-        if args.get("input_ids") is not None:
-            return args["input_ids"] == image_id
-        embeds = args["inputs_embeds"]
-        ref = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
-        return (embeds == ref).all(-1)
-
     # -- encoding -------------------------------------------------------------------------
     def _window_reverse(self, thw: Tensor) -> Tensor | None:
         """Permutation from the tower's window order back to raster order (merged-group
