@@ -400,6 +400,7 @@ class Prepared:
     out: Path
     cells: list[tuple[str, int]]
     samples: list[Any] = field(default_factory=list)
+    model_name: str = ""
 
 
 def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Prepared:
@@ -418,14 +419,16 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
     if config.keeps is not None and not config.keeps:
         raise ValueError("keeps=[]: expected at least one budget")
     out = check_output_dir(config.out)
+    name = config.model or "tokensieve tiny VLM (embedded)"
     if model is None:
         model, processor = load_model(config.model, device, dtype)
+    elif config.model is None:
+        name = type(model).__name__
     elif processor is None:
         raise ValueError("a model was given without its processor")
     from tokensieve.zoo import scene_qa
 
-    samples = scene_qa(config.split, config.limit)
-    dims = model_dims(model, processor, samples[0].image)
+    dims = model_dims(model, processor, scene_qa(config.split, 1)[0].image)
     n = dims.image_tokens
     keeps = check_keeps(config.keeps, n) if config.keeps is not None else default_keeps(n)
     if methods is None:
@@ -437,9 +440,11 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
                 if why is not None:
                     raise ValueError(f"method {m!r} at keep={k} cannot run on "
                                      f"{type(model).__name__}: {why}")
+    samples = scene_qa(config.split, config.limit)
     return Prepared(config=config, model=model, processor=processor, dims=dims,
                     device=device, dtype=dtype, methods=methods, keeps=keeps, out=out,
-                    cells=plan_grid(methods, keeps, n), samples=samples)
+                    cells=plan_grid(methods, keeps, n), samples=samples,
+                    model_name=name)
 
 
 def run(prepared: Prepared, progress: Progress | None = None,
@@ -473,7 +478,7 @@ def run(prepared: Prepared, progress: Progress | None = None,
         if method == FULL:
             full_acc = rows[-1].accuracy
     env = environment(prepared.device, prepared.dtype, cfg.seed, len(samples))
-    model_info = {"name": cfg.model or "tokensieve tiny VLM (embedded)",
+    model_info = {"name": prepared.model_name,
                   "class": type(model).__name__, "visual_tokens": n,
                   "dims": prepared.dims.to_dict(), "answer_tokens": answer_tokens}
     result = BenchResult(environment=env, config=cfg.to_dict(), model=model_info, rows=rows)
