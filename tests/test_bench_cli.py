@@ -42,6 +42,7 @@ def test_list_still_works():
     (["--keep", "abc"], "--keep 'abc'"),
     (["--dtype", "float8"], "dtype='float8'"),
     (["--limit", "0"], "limit=0"),
+    (["--limit", "2001"], "the test split has 2000 samples"),
     (["--device", "tpu"], "device='tpu'"),
 ])
 def test_bench_bad_input_fails_fast(no_long_work, tmp_path, args, message):

@@ -415,6 +415,12 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
     if config.batch_size < 1 or config.timing_batch < 1:
         raise ValueError(f"batch_size={config.batch_size}, timing_batch={config.timing_batch}:"
                          " expected >= 1")
+    from tokensieve.zoo.scenes import SPLIT_SEEDS, TEST_SIZE
+
+    if config.split not in SPLIT_SEEDS:
+        raise ValueError(f"split={config.split!r}: expected one of {sorted(SPLIT_SEEDS)}")
+    if config.split == "test" and config.limit > TEST_SIZE:
+        raise ValueError(f"limit={config.limit}: the test split has {TEST_SIZE} samples")
     methods = check_methods(config.methods) if config.methods is not None else None
     if config.keeps is not None and not config.keeps:
         raise ValueError("keeps=[]: expected at least one budget")
