@@ -206,6 +206,8 @@ def test_in_llm_plans_use_the_method_layer():
     if "dart" in list_methods():
         assert protocol._plan("dart", 64, 576, {}).stage == "llm"
     assert protocol._plan("random", 64, 576, {}) == Plan.pre_llm(64)
+    if "tome" in list_methods():  # progressive schedule unknown: tower counted in full
+        assert protocol._plan("tome", 64, 576, {}) == Plan.pre_llm(64)
     assert protocol._plan("full", 576, 576, {}) == Plan.full()
 
 

@@ -307,7 +307,12 @@ def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any]) -> Pla
     if method == FULL or keep >= n_tokens:
         return Plan.full()
     spec = get_method(method)
-    return plan_for(spec.stage, keep, _layer_option(method, options))
+    layer = _layer_option(method, options)
+    if spec.stage == "encoder" and layer is None:
+        # progressive in-encoder schedules (ToMe: r per layer) are not known here: count the
+        # tower at full size (an upper bound) and the projector and LLM at ``keep``
+        return Plan.pre_llm(keep)
+    return plan_for(spec.stage, keep, layer)
 
 
 def _text_tokens(processor: Any, samples: Sequence[Any]) -> int:
