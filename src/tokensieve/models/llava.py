@@ -98,11 +98,12 @@ class LlavaAdapter(Adapter):
         self.resolve_keep(self.tokens_per_image())
 
     # -- the call -------------------------------------------------------------------------
-    def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
-        layer, strategy = self._feature_layer(args), self._strategy(args)
-        if args.get("image_sizes") is not None:
-            raise ValueError("image_sizes: the llava adapter supports fixed-size (LLaVA-1.5) "
-                             "images")
+    def run_tower(self, args: dict[str, Any], pixel_values: Tensor,
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run the tower on ``pixel_values`` ``[C, 3, H, W]`` with the q/k hooks the method
+        needs. Returns the feature layer's hidden states ``[C, 1 + N, Dv]`` and the
+        attention signals aligned with all ``1 + N`` tokens (index 0: CLS)."""
+        layer = self._feature_layer(args)
         want_attn = any(self.wants(s) for s in ATTENTION_SIGNALS)
         idx = self._attention_layer(layer) if want_attn else -1
         plan = self.layer_plan(len(self._layers()), idx) if want_attn else None
@@ -111,17 +112,12 @@ class LlavaAdapter(Adapter):
         captured, handles = capture_projections(
             {i: self._layers()[i].self_attn for i in layers}, names)
         try:
-            out = self.inner.vision_tower(args["pixel_values"], output_hidden_states=True,
+            out = self.inner.vision_tower(pixel_values, output_hidden_states=True,
                                           return_dict=True)
         finally:
             for h in handles:
                 h.remove()
-        hidden = out.hidden_states[layer]  # [I, 1 + N, Dv]
-        full = strategy == "full"
-        start = 0 if (full or self.use_cls()) else 1
-        tokens = hidden[:, start:]
-        n_llm = self.tokens_per_image(args)
-        signals: dict[str, Any] = {}
+        signals: dict[str, Tensor] = {}
         if want_attn:
             attn = self._layers()[idx].self_attn
             heads, scale = attn.num_heads, attn.scale
@@ -129,11 +125,24 @@ class LlavaAdapter(Adapter):
                 if self.wants(name):
                     per = [fn(captured[i]["q_proj"], captured[i]["k_proj"], heads, scale)
                            for i in (plan or [idx])]
-                    signals[name] = (per[0] if plan is None else torch.stack(per, 1))[..., start:]
+                    signals[name] = per[0] if plan is None else torch.stack(per, 1)
             if self.wants("keys"):
-                signals["keys"] = mean_keys(captured[idx]["k_proj"], heads)[:, start:]
+                signals["keys"] = mean_keys(captured[idx]["k_proj"], heads)
             if self.wants("values"):
-                signals["values"] = mean_keys(captured[idx]["v_proj"], heads)[:, start:]
+                signals["values"] = mean_keys(captured[idx]["v_proj"], heads)
+        return out.hidden_states[layer], signals
+
+    def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
+        if args.get("image_sizes") is not None:
+            raise ValueError("image_sizes: the llava adapter supports fixed-size (LLaVA-1.5) "
+                             "images")
+        hidden, tower_signals = self.run_tower(args, args["pixel_values"])  # [I, 1 + N, Dv]
+        full = self._strategy(args) == "full"
+        start = 0 if (full or self.use_cls()) else 1
+        tokens = hidden[:, start:]
+        n_llm = self.tokens_per_image(args)
+        signals: dict[str, Any] = {k: v[..., start:] if k in ("cls_attn", "attn_received")
+                                   else v[:, start:] for k, v in tower_signals.items()}
         grid = self.grid if tokens.shape[1] == self.grid[0] * self.grid[1] else None
         signals["grid"] = grid
         counts = [n_llm] * tokens.shape[0]
