@@ -94,6 +94,11 @@ def test_pre_llm_reduction_equals_llm_at_n_prime():
         assert c.vision == ref.vision and c.projector == ref.projector  # tower untouched
         assert c.llm_tokens == (k + text,) * 32
     assert account(d, Plan.pre_llm(576)) == account(d)
+    # reducing the tower's features also shrinks the projector's work, nothing else
+    a, b = account(d, Plan.pre_llm(64)), account(d, Plan.pre_llm(64, before_projector=True))
+    assert b.projector == 64 * (1024 * 4096 + 4096 * 4096) == a.projector * 64 // 576
+    assert (b.vision, b.llm_prefill, b.kv_cache_bytes) == (a.vision, a.llm_prefill,
+                                                          a.kv_cache_bytes)
 
 
 def test_in_llm_and_in_encoder_plans():

@@ -80,8 +80,8 @@ def test_writes_valid_json_csv_png(result, samples):
     for r in data["rows"][1:]:
         assert r["config"] == {"method": r["method"], "keep": r["keep"], "options": {},
                                "seed": 0}
-        assert r["stage"] == "pre-llm" and r["plan"] == {"stage": "pre-llm",
-                                                         "schedule": [[0, r["keep"]]]}
+        assert r["stage"] == "pre-llm" and r["plan"] == {
+            "stage": "pre-llm", "schedule": [[0, r["keep"]]], "before_projector": False}
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], int(r["keep"])) for r in rows] == cells
@@ -207,7 +207,9 @@ def test_in_llm_plans_use_the_method_layer():
         assert protocol._plan("dart", 64, 576, {}).stage == "llm"
     assert protocol._plan("random", 64, 576, {}) == Plan.pre_llm(64)
     if "tome" in list_methods():  # progressive schedule unknown: tower counted in full
-        assert protocol._plan("tome", 64, 576, {}) == Plan.pre_llm(64)
+        assert protocol._plan("tome", 64, 576, {}) == Plan.pre_llm(64, before_projector=True)
+    if "visionzip" in list_methods():  # reduces the tower's features: projector on 64
+        assert protocol._plan("visionzip", 64, 576, {}) == Plan.pre_llm(64, True)
     assert protocol._plan("full", 576, 576, {}) == Plan.full()
 
 

@@ -26,9 +26,9 @@ Per decoder layer over ``n`` tokens attending to ``c`` keys (``c = n`` in prefil
 
 Where a reduction acts (``Plan``):
 
-* ``pre-llm``: the vision tower and projector run on all tokens; the LLM sees ``k`` visual
-  tokens instead of ``N`` (VisionZip, FasterVLM, DivPrune, ...; methods that reduce before
-  the projector save a little projector work that this plan does not credit).
+* ``pre-llm``: the vision tower runs on all tokens; the LLM sees ``k`` visual tokens instead
+  of ``N``; the projector runs on ``N`` (methods on projected tokens: FasterVLM, DivPrune)
+  or, with ``before_projector``, on ``k`` (methods on the tower's features: VisionZip).
 * ``encoder``: encoder layers ``>= layer`` run on ``k`` patch tokens (plus CLS if the tower has
   one); projector and LLM see ``k`` (ToMe-style schedules: pass ``schedule``).
 * ``llm``: decoder layers ``< layer`` see all ``N`` visual tokens, layers ``>= layer`` see ``k``
@@ -280,14 +280,17 @@ class Plan:
 
     stage: Stage = "none"
     schedule: tuple[tuple[int, int], ...] = field(default_factory=tuple)
+    before_projector: bool = False
 
     @classmethod
     def full(cls) -> Plan:
         return cls("none", ())
 
     @classmethod
-    def pre_llm(cls, keep: int) -> Plan:
-        return cls("pre-llm", ((0, keep),))
+    def pre_llm(cls, keep: int, before_projector: bool = False) -> Plan:
+        """Reduce before the LLM; ``before_projector``: on the tower's features, so the
+        projector too runs on ``keep`` tokens only."""
+        return cls("pre-llm", ((0, keep),), before_projector)
 
     @classmethod
     def in_encoder(cls, layer: int, keep: int) -> Plan:
@@ -307,7 +310,8 @@ class Plan:
         return self.schedule[-1][1] if self.schedule else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "schedule": [list(s) for s in self.schedule]}
+        return {"stage": self.stage, "schedule": [list(s) for s in self.schedule],
+                "before_projector": self.before_projector}
 
 
 def _per_layer(layers: int, full: int, schedule: Sequence[tuple[int, int]], what: str) -> list[int]:
@@ -420,7 +424,7 @@ def account(dims: VLMDims, plan: Plan | None = None, *, text_tokens: int = 0,
             dims.vision.layer_macs(n, _vision_context(dims, i, n))
             for i, n in enumerate(vis_counts))
         vision_macs *= images
-        if plan.stage == "encoder":
+        if plan.stage == "encoder" or (plan.stage == "pre-llm" and plan.before_projector):
             into_projector = plan.final_tokens or n_img
             llm_visual = [into_projector] * dims.llm.layers
         projector_macs = images * into_projector * sum(a * b for a, b in dims.projector)
@@ -451,10 +455,11 @@ def decode_macs(dims: VLMDims, llm_tokens: Sequence[int], step: int = 0) -> int:
         dims.llm.hidden * dims.vocab)
 
 
-def plan_for(stage: str, keep: int, layer: int | None = None) -> Plan:
+def plan_for(stage: str, keep: int, layer: int | None = None,
+             before_projector: bool = False) -> Plan:
     """A single-step plan for a method acting at ``stage`` (a ``MethodSpec.stage``)."""
     if stage == "pre-llm":
-        return Plan.pre_llm(keep)
+        return Plan.pre_llm(keep, before_projector)
     if stage == "encoder":
         return Plan.in_encoder(0 if layer is None else layer, keep)
     if stage == "llm":

@@ -311,8 +311,8 @@ def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any]) -> Pla
     if spec.stage == "encoder" and layer is None:
         # progressive in-encoder schedules (ToMe: r per layer) are not known here: count the
         # tower at full size (an upper bound) and the projector and LLM at ``keep``
-        return Plan.pre_llm(keep)
-    return plan_for(spec.stage, keep, layer)
+        return Plan.pre_llm(keep, before_projector=True)
+    return plan_for(spec.stage, keep, layer, before_projector=spec.features == "vision")
 
 
 def _text_tokens(processor: Any, samples: Sequence[Any]) -> int:
