@@ -3,8 +3,9 @@
     tokensieve bench --out bench-results
     python scripts/make_readme_figures.py bench-results [--docs docs/bench] [--readme README.md]
 
-Writes ``<docs>/results.md`` (overall and per-family tables), ``<docs>/pareto.png`` and a
-copy of ``results.json``; with ``--readme``, replaces the block between
+Writes ``<docs>/results.md`` (overall and per-family tables, and the analytic cost of
+LLaVA-1.5-7B under the same budgets), ``<docs>/pareto.png`` and a copy of
+``results.json``; with ``--readme``, replaces the block between
 ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` in that file. Nothing is
 typed by hand.
 """
@@ -18,7 +19,12 @@ from pathlib import Path
 
 from tokensieve.bench.plot import pareto_plot
 from tokensieve.bench.protocol import load_results
-from tokensieve.bench.report import family_table, markdown_table, replace_between_markers
+from tokensieve.bench.report import (
+    analytic_table,
+    family_table,
+    markdown_table,
+    replace_between_markers,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         pareto_plot(data, png)
         (docs / "results.md").write_text(
             "## Accuracy and cost\n\n" + table + "\n## Accuracy per question family\n\n"
-            + family_table(data))
+            + family_table(data) + "\n## Analytic cost at LLaVA-1.5 scale\n\n"
+            + analytic_table("7b"))
         (docs / "results.json").write_text(json.dumps(data, indent=2) + "\n")
         if args.readme:
             readme = Path(args.readme)

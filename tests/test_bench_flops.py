@@ -15,6 +15,7 @@ from tokensieve.bench.flops import (
     account,
     decode_macs,
     fastv_layer_flops,
+    llava15_dims,
     plan_for,
 )
 
@@ -30,7 +31,9 @@ def llava_15_7b() -> VLMDims:
                                 num_hidden_layers=32, num_attention_heads=32,
                                 vocab_size=32064),
         vision_feature_layer=-2, vision_feature_select_strategy="default")
-    return VLMDims.from_config(cfg)
+    dims = VLMDims.from_config(cfg)
+    assert dims == llava15_dims("7b")
+    return dims
 
 
 def test_reads_llava_config():
@@ -133,6 +136,18 @@ def test_decode_step_cost():
     one = d.llm.layer_macs(1, 101)
     assert c.decode == 32 * one + 4096 * 32064
     assert decode_macs(d, c.llm_tokens, step=3) == 32 * d.llm.layer_macs(1, 104) + 4096 * 32064
+
+
+def test_analytic_table_is_computed():
+    from tokensieve.bench.report import analytic_table
+
+    table = analytic_table("7b")
+    assert "| full | 3.82 | 100.0% | 0.191 |" in table
+    assert "| PyramidDrop 576/288/144/72 at 0/8/16/24 | 1.78 |" in table
+    assert "| pre-LLM, 64 tokens | 0.42 |" in table
+    assert llava15_dims("13b").llm.layers == 40
+    with pytest.raises(ValueError, match="size"):
+        llava15_dims("70b")
 
 
 @pytest.mark.parametrize("bad", [

@@ -142,6 +142,26 @@ class StackDims:
         return 2 * self.kv_heads * self.head_dim * bytes_per_element
 
 
+def llava15_dims(size: str = "7b") -> VLMDims:
+    """LLaVA-1.5 sizes, built offline: CLIP ViT-L/14 at 336 px (24 layers, width 1024, MLP
+    4096, 576 patches + CLS) and Vicuna ``"7b"`` (32 layers, width 4096, MLP 11008) or
+    ``"13b"`` (40 layers, width 5120, MLP 13824); vocabulary 32064; two-layer projector."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    llm = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}
+    if size not in llm:
+        raise ValueError(f"size={size!r}: expected one of {sorted(llm)}")
+    d, m, layers, heads = llm[size]
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096,
+                                       num_hidden_layers=24, num_attention_heads=16,
+                                       image_size=336, patch_size=14, projection_dim=768),
+        text_config=LlamaConfig(hidden_size=d, intermediate_size=m, num_hidden_layers=layers,
+                                num_attention_heads=heads, vocab_size=32064),
+        vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return VLMDims.from_config(cfg)
+
+
 def fastv_layer_flops(n: int, d: int, m: int) -> int:
     """FastV Eq. 5: ``4 n d^2 + 2 n^2 d + 2 n d m`` (multiply-adds counted once)."""
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m

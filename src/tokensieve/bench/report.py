@@ -45,6 +45,34 @@ def markdown_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
+def analytic_table(size: str = "7b", text_tokens: int = 0) -> str:
+    """Analytic cost of LLaVA-1.5 under typical budgets (computed, never typed): the
+    PyramidDrop / FastV convention (multiply-adds once, image tokens only when
+    ``text_tokens=0``)."""
+    from tokensieve.bench.flops import Plan, account, llava15_dims
+
+    dims = llava15_dims(size)
+    plans = [("full", Plan.full()),
+             *[(f"pre-LLM, {k} tokens", Plan.pre_llm(k)) for k in (192, 128, 64)],
+             ("FastV K=2, R=50% (288)", Plan.in_llm(2, 288)),
+             ("FastV K=2, R=75% (144)", Plan.in_llm(2, 144)),
+             ("PyramidDrop 576/288/144/72 at 0/8/16/24",
+              Plan.llm_schedule([(8, 288), (16, 144), (24, 72)]))]
+    full = account(dims, text_tokens=text_tokens)
+    lines = ["| LLaVA-1.5-" + size.upper() + " | LLM prefill TMACs | vs full | + vision tower "
+             "TMACs | KV cache MiB (fp16) | decode GMACs/token |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, plan in plans:
+        c = account(dims, plan, text_tokens=text_tokens)
+        lines.append(f"| {name} | {c.llm_prefill / 1e12:.2f} | "
+                     f"{_pct(c.llm_prefill / full.llm_prefill)} | {c.vision / 1e12:.3f} | "
+                     f"{c.kv_cache_bytes / 2**20:.0f} | {c.decode / 1e9:.2f} |")
+    return "\n".join(lines) + (
+        f"\n\n{text_tokens} text tokens; multiply-adds counted once (FastV Eq. 5 with "
+        "Vicuna's three-matrix MLP), the convention of PyramidDrop's 3.82 T for the full "
+        "model; hardware FLOPs are twice these.\n")
+
+
 def family_table(data: dict[str, Any]) -> str:
     """Accuracy per question family, one row per (method, tokens)."""
     rows = [r for r in data["rows"] if not r.get("error")]
