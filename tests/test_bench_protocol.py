@@ -282,6 +282,7 @@ def test_markdown_table_and_readme_script(result, tmp_path):
     assert "old" not in text and "| full | 64 | 100.0%" in text and text.endswith("tail\n")
     assert (docs / "pareto.png").is_file() and "per question family" in (
         docs / "results.md").read_text()
+    assert "| full | 3.82 |" in (docs / "llava15-cost.md").read_text()
     assert make_readme_figures.main([str(tmp_path / "nothing")]) == 2
     with pytest.raises(ValueError, match="markers"):
         replace_between_markers("no markers", "x")
