@@ -376,6 +376,7 @@ def supported_models() -> list[str]:
 
 def _load_adapters() -> None:
     import tokensieve.models.gemma3  # noqa: F401
+    import tokensieve.models.idefics3  # noqa: F401
     import tokensieve.models.llava  # noqa: F401
     import tokensieve.models.llava_next  # noqa: F401
     import tokensieve.models.qwen_vl  # noqa: F401

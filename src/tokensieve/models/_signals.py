@@ -35,22 +35,32 @@ def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
 
 
 def attention_received(q: Tensor, k: Tensor, num_heads: int, scale: float,
-                       chunk: int = QUERY_CHUNK) -> Tensor:
+                       chunk: int = QUERY_CHUNK, valid: Tensor | None = None) -> Tensor:
     """Head- and query-mean softmax attention each key receives (key-column means).
 
     Args:
         q, k: ``[B, N, H*Dh]`` query and key projections of one layer.
+        valid: optional ``[B, N]`` bool, False on tokens the layer masks out (padding
+            patches): they are neither attended to nor counted as queries.
 
     Returns:
-        ``[B, N]`` float32 (each row sums to 1).
+        ``[B, N]`` float32 (each row sums to 1; 0 on invalid tokens).
     """
     qh, kh = _heads(q, num_heads), _heads(k, num_heads)
     b, h, n, _ = qh.shape
     total = torch.zeros(b, kh.shape[2], dtype=torch.float32, device=q.device)
+    bias = None
+    if valid is not None:
+        bias = torch.zeros(valid.shape, dtype=torch.float32, device=q.device).masked_fill(
+            ~valid, float("-inf"))[:, None, None, :]
     for start in range(0, n, chunk):
-        probs = ((qh[:, :, start:start + chunk] @ kh.transpose(-1, -2)) * scale).softmax(dim=-1)
+        logits = (qh[:, :, start:start + chunk] @ kh.transpose(-1, -2)) * scale
+        probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+        if valid is not None:
+            probs = probs * valid[:, None, start:start + chunk, None]
         total += probs.sum(dim=(1, 2))
-    return total / (h * n)
+    count = h * (n if valid is None else valid.sum(dim=1, keepdim=True).clamp(min=1))
+    return total / count
 
 
 def mean_keys(k: Tensor, num_heads: int) -> Tensor:
