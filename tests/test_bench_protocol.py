@@ -328,3 +328,17 @@ def test_measure_generation_splits_prefill_and_decode():
     assert 0.088 <= t.prefill_s < 0.2  # 60 + 30 ms: from the call to the first token
     assert 0.0095 <= t.decode_s_per_token < 0.05
     assert t.batch_size == 2 and t.tokens_per_s == pytest.approx(2 / t.decode_s_per_token)
+
+
+def test_model_without_adapter_is_refused(tmp_path):
+    """A model no adapter supports fails in prepare, naming the reason."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokensieve.bench.tiny import random_tiny_llava
+
+    _, processor = random_tiny_llava()
+    text_only = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             vocab_size=64))
+    with pytest.raises(ValueError, match="no vision tower"):
+        prepare(BenchConfig(out=str(tmp_path)), text_only, processor)

@@ -268,10 +268,14 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype):
         where = "local folder" if local else "hub id (needs the network or the HF cache)"
         raise ValueError(f"model={name!r}: cannot read a model config from this {where}: "
                          f"{str(err).splitlines()[0]}") from None
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype,
-                                                        local_files_only=local).to(device)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype,
+                                                            local_files_only=local).to(device)
+        processor = AutoProcessor.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"model={name!r}: cannot load it as an image-text-to-text model with "
+                         f"its processor: {str(err).splitlines()[0]}") from None
     model.eval()
-    processor = AutoProcessor.from_pretrained(name, local_files_only=local)
     return model, processor
 
 
@@ -444,6 +448,10 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
     keeps = check_keeps(config.keeps, n) if config.keeps is not None else default_keeps(n)
     if methods is None:
         methods = default_methods(model, min(keeps))
+        if not methods:
+            why = supported(model, "random", min(keeps))
+            raise ValueError(f"none of the default methods runs on {type(model).__name__}"
+                             + (f": {why}" if why else "") + "; pass --methods")
     else:
         for m in methods:
             for k in keeps:
