@@ -461,3 +461,32 @@ def test_multi_layer_signals_equal_eager_attention(model):
     received = att.mean(dim=(2, 3))[..., 1:]  # head- and query-mean columns
     expect_recv = received[:, [0, att.shape[1] - 2]]
     torch.testing.assert_close(seen["hiprune"], expect_recv, atol=1e-6, rtol=1e-5)
+
+
+def test_base_model_class_and_state_record(model):
+    """LlavaModel (no LM head) is patched the same way; the state records what runs."""
+    base = model.model
+    ids, mask = batch(ROWS[:2])
+    pv = images(3)
+    with torch.no_grad():
+        ref = base(input_ids=ids, attention_mask=mask, pixel_values=pv).last_hidden_state
+        with tm.applied(base, "fastervlm", N):
+            out = base(input_ids=ids, attention_mask=mask, pixel_values=pv).last_hidden_state
+            record = tm.get_state(base).to_dict()
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    assert record == {"method": "fastervlm", "keep": N, "options": {}, "seed": 0,
+                      "family": "llava", "signal_layers": None}
+
+
+def test_bfloat16_keep_all_is_exact_and_pruning_runs():
+    m = tiny_llava().to(torch.bfloat16)
+    ids, mask = batch(ROWS)
+    pv = images(3).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+        with tm.applied(m, "fastervlm", N):
+            out = m(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+        with tm.applied(m, "visionzip", 8):
+            small = m(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert small.dtype == torch.bfloat16 and torch.isfinite(small.float()).all()

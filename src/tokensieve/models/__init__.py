@@ -1,13 +1,35 @@
 """Apply a token reduction method to a Hugging Face vision-language model.
 
 >>> import tokensieve as ts
->>> ts.apply(model, method="fastervlm", keep=64)      # doctest: +SKIP
+>>> ts.apply(model, "fastervlm", keep=64)              # doctest: +SKIP
 >>> out = model.generate(**inputs, max_new_tokens=20)  # doctest: +SKIP
 >>> ts.remove(model)                                   # doctest: +SKIP
 
-Supported families: see :func:`supported_models`. A patched model reduces the visual
-tokens of every call that carries images (``forward`` and ``generate``); calls without
-images run untouched. See :func:`apply` for the exact contract.
+Families (:func:`supported_models`): LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``),
+Qwen2-VL / Qwen2.5-VL (``qwen_vl``), Gemma 3 (``gemma3``), Idefics3 / SmolVLM
+(``idefics3``). Each adapter module documents its layout, features and signals.
+
+Contract of a patched model:
+
+- Every ``forward`` / ``generate`` call that carries images encodes them, runs the method
+  once per image (``keep`` counts per image, or per crop for Idefics3; a float is a
+  fraction of that image's visual tokens) and cuts the prompt: the placeholders beyond an
+  image's kept count are removed from ``input_ids`` / ``inputs_embeds``,
+  ``attention_mask``, ``labels``, ``token_type_ids`` / ``mm_token_type_ids`` and
+  ``position_ids`` (1D positions re-indexed contiguously; Qwen M-RoPE positions gathered
+  so every kept token keeps its original ``(t, h, w)``, ``rope_deltas`` updated). Padding
+  columns are dropped and rows re-padded (left for generate and left-padded batches,
+  right for right-padded ones). Calls without images run untouched.
+- ``forward`` returns the outputs of the shortened sequence (``logits`` ``[B, T', V]``);
+  ``get_state(model).last_plan`` maps its columns back to the caller's
+  (``gather[b, j]`` is the source column of column ``j``; ``valid`` marks real ones).
+- ``generate`` runs the model's own ``generate`` on the shortened prompt (KV cache, SDPA,
+  positions as usual) and returns sequences that start with the caller's original
+  prompt ids, so ``out[:, input_ids.shape[1]:]`` are the new tokens; ``max_length``
+  counts the caller's prompt. A follow-up turn re-sends the whole history (with its
+  images); continuing from ``past_key_values`` with new images is refused.
+- All state lives in ``model._tokensieve``; ``remove`` restores the instance exactly.
+  Applying to a patched model raises ``ValueError`` (remove first).
 """
 
 from __future__ import annotations

@@ -85,6 +85,12 @@ class PatchState:
     last: list[tuple[Reduction, tuple[int, int] | None]] = field(default_factory=list)
     last_plan: SurgeryPlan | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """What runs, as plain data (for results files): the method config, the model
+        family and the encoder layers the attention signals come from."""
+        return {**self.config.to_dict(), "family": self.adapter.family,
+                "signal_layers": self.adapter.signal_layers}
+
 
 class Adapter:
     """One model family: where visual tokens live, how to capture signals, how to cut.
