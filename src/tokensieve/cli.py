@@ -73,8 +73,9 @@ def bench_command(
 ) -> None:
     """Accuracy, FLOPs, latency and memory of methods x budgets; JSON, CSV and a Pareto plot.
 
-    With no arguments: the embedded tiny VLM, 70 scene-QA test samples, 6 methods at
-    192/128/64 of 576 tokens (sized to finish within about 5 minutes on 2 CPU cores).
+    With no arguments: the embedded tiny VLM, 70 scene-QA test samples, 6 methods (random,
+    pool, fastervlm, visionzip, divprune, cdpruner) at 192/128/64 of 576 tokens, sized to
+    finish within about 5 minutes on 2 CPU cores.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

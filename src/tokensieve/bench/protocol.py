@@ -46,8 +46,10 @@ from tokensieve.core.registry import get_method, list_methods
 REFERENCE_TOKENS = 576
 REFERENCE_KEEPS = (192, 128, 64)
 #: Methods tried by default, in this order (those registered and supported by the adapter).
-DEFAULT_METHODS = ("random", "uniform", "pool", "fastervlm", "visionzip", "divprune",
-                   "cdpruner", "vtc-cls", "hiprune", "dart", "fastv")
+#: One of each family: a random baseline, pooling (merge), [CLS] attention, attention plus
+#: merging, diversity, text-conditioned diversity; then the rest.
+DEFAULT_METHODS = ("random", "pool", "fastervlm", "visionzip", "divprune", "cdpruner",
+                   "uniform", "vtc-cls", "mmtok", "hiprune", "dart", "fastv")
 #: Default methods at most (keeps ``tokensieve bench`` within about 5 minutes on 2 CPU cores).
 DEFAULT_MAX_METHODS = 6
 DEFAULT_LIMIT = 70
