@@ -157,3 +157,27 @@ def test_draw_token_map_writes_png(tmp_path):
                    "title")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] >= 400
+
+
+def test_bench_and_viz_load_a_local_model_folder(tmp_path):
+    """--model PATH: a saved LLaVA folder (weights, config, processor) loads offline."""
+    pytest.importorskip("tokensieve.models")
+    from tokensieve.bench.tiny import random_tiny_llava
+    from tokensieve.zoo import scene_qa
+
+    model, processor = random_tiny_llava(seed=3)
+    folder = tmp_path / "tiny-llava"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    out = tmp_path / "out"
+    res = _invoke("bench", "--model", str(folder), "--methods", "fastervlm", "--keep", "8",
+                  "--limit", "2", "--repeats", "1", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["model"]["name"] == str(folder) and data["model"]["visual_tokens"] == 64
+    img = tmp_path / "scene.png"
+    scene_qa("test", 1)[0].image.save(img)
+    res = _invoke("viz", str(img), "--method", "divprune", "--keep", "0.25", "--model",
+                  str(folder), "--out", str(tmp_path / "v.png"))
+    assert res.exit_code == 0, res.output
+    assert "16 tokens (16 kept, 0 merged groups)" in res.output
