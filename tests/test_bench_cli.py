@@ -181,3 +181,15 @@ def test_bench_and_viz_load_a_local_model_folder(tmp_path):
                   str(folder), "--out", str(tmp_path / "v.png"))
     assert res.exit_code == 0, res.output
     assert "16 tokens (16 kept, 0 merged groups)" in res.output
+
+
+def test_group_outlines_are_perimeters():
+    from tokensieve.bench.viz import _group_edges
+
+    g = np.full((4, 4), -1)
+    g[1:3, 1:3] = 5  # a 2x2 block: perimeter of 8 unit edges
+    g[0, 0] = g[1, 0] = 7  # a vertical 1x2 bar
+    edges = _group_edges(g)
+    assert sorted(edges) == [5, 7]
+    assert len(edges[5]) == 8 and len(edges[7]) == 6  # a 1x2 bar: 6 unit edges
+    assert ((1, 1), (3, 1)) not in edges[5] and ((1, 1), (2, 1)) in edges[5]

@@ -155,7 +155,8 @@ def viz_command(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
 ) -> None:
-    """Draw which visual tokens a method keeps (bright), merges (outlined) and drops (dark)."""
+    """Draw which visual tokens a method keeps (white outline), merges (tinted, outlined per
+    group) and drops (dark) on the image as the model sees it."""
     from tokensieve.bench.protocol import check_output_dir, load_model, parse_device, parse_dtype
     from tokensieve.bench.viz import load_image, visualize
 

@@ -1,5 +1,5 @@
-"""Picture of one reduction: the image as the model sees it, kept tokens bright, dropped
-tokens dimmed, merged groups tinted and outlined (one colour per group)."""
+"""Picture of one reduction: the image as the model sees it, kept tokens outlined in white,
+dropped tokens dimmed, merged groups tinted and outlined (one colour per group)."""
 
 from __future__ import annotations
 
