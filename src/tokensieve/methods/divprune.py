@@ -33,10 +33,12 @@ def divprune(tokens: Tensor, k: int, signals: Signals, config: DivPruneConfig,
     nearest neighbour is farthest, ``argmax_j min_{i != j} D[i, j]``; every further pick is
     ``argmax_j min_{i in S} D[i, j]``. Kept tokens are returned in original order.
 
-    Differences from the official code, none of which changes a pick on data without exact
-    duplicates: picked tokens are excluded explicitly (the official loop relies on their
-    self-distance being ~0 and can re-pick one when all remaining tokens duplicate picked
-    ones), and distance rows are computed lazily in blocks (see ``_greedy.LazyRows``)
-    instead of as one ``N x N`` matrix.
+    Differences from the official code, which change no pick on data without exact
+    duplicates (up to float32 rounding in near-ties): picked tokens are excluded explicitly
+    (the official loop relies on their self-distance being ~0 and can re-pick one when all
+    remaining tokens duplicate picked ones), and distance rows are computed lazily in blocks
+    (see ``_greedy.LazyRows``; the first pick is certified with upper bounds from the rows
+    computed so far) instead of as one ``N x N`` matrix: about a third of the rows at
+    N=576 on random tokens.
     """
     return select(tokens, max_min_indices(tokens, k, "cosine"))
