@@ -165,6 +165,30 @@ def test_cdpruner_matches_brute_force_logdet(sign, norm):
         assert r.indices[b].tolist() == sorted(_naive_dpp(x[b], rel[b], k))
 
 
+def test_dpp_greedy_lazy_rows_match_dense_recurrence():
+    """Many rows fetched late (after earlier picks): the pre-subtracted projections must
+    give the textbook recurrence's picks (float64 reference on the full kernel)."""
+    from tokensieve.methods._greedy import dpp_greedy
+
+    x, t = _data(2, 300, 64, seed=5)
+    rel = _official_relevance(x, t, -1.0, per_sample=True)
+    for b in range(2):
+        xn = x[b].double() / x[b].double().norm(dim=-1, keepdim=True)
+        big_l = rel[b].unsqueeze(1) * (xn @ xn.T) * rel[b].unsqueeze(0)
+        d2, coef, want = big_l.diag().clone(), [], []
+        for _ in range(40):
+            j = int(torch.argmax(d2))
+            want.append(j)
+            e = big_l[j] - sum((c[j] * c for c in coef), torch.zeros(300, dtype=torch.float64))
+            e = e / d2[j].sqrt()
+            coef.append(e)
+            d2 = d2 - e * e
+            d2[j] = -math.inf
+        lf = big_l.float()
+        got = dpp_greedy(lambda i, m=lf: m[i], lf.diag(), 40)
+        assert got.tolist() == want
+
+
 def test_cdpruner_official_quirks():
     from tokensieve.methods.cdpruner import CDPrunerConfig, relevance
 
@@ -215,7 +239,7 @@ def test_cdpruner_ignores_masked_text_and_checks_width():
 
 
 def test_cdpruner_rank_exhausted_fills_by_relevance():
-    from tokensieve.methods._greedy import LazyRows, dpp_greedy
+    from tokensieve.methods._greedy import dpp_greedy
 
     x, t = _data(2, 30, 3, seed=1)  # rank-3 kernel, keep 10
     r = ts.reduce(x, "cdpruner", 10, text=t)
@@ -223,7 +247,7 @@ def test_cdpruner_rank_exhausted_fills_by_relevance():
     for b in range(2):
         xn = torch.nn.functional.normalize(x[b], dim=-1)
         big_l = rel[b].float().unsqueeze(1) * (xn @ xn.T) * rel[b].float().unsqueeze(0)
-        picks = dpp_greedy(LazyRows(lambda i, m=big_l: m[i], 30, x.device), big_l.diag(), 10)
+        picks = dpp_greedy(lambda i, m=big_l: m[i], big_l.diag(), 10)
         assert sorted(picks.tolist()) == r.indices[b].tolist()
         assert picks[:3].tolist() == _naive_dpp(x[b], rel[b], 3)
         rest = rel[b].clone()

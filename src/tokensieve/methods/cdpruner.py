@@ -12,7 +12,7 @@ from tokensieve.core.ops import normalize, select
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
-from tokensieve.methods._greedy import LazyRows, dpp_greedy
+from tokensieve.methods._greedy import dpp_greedy
 
 SIGNS = ("negative", "positive")
 NORMS = ("batch", "sample")
@@ -91,7 +91,7 @@ def cdpruner(tokens: Tensor, k: int, signals: Signals, config: CDPrunerConfig,
     embeds the image for ``r`` with CLIP's image projection and the instruction with CLIP's
     text tower; here both sides of ``r`` are the given tokens and text, which must share a
     space. Selection is the fast greedy DPP MAP (incremental Cholesky), with kernel rows
-    computed lazily instead of materialising ``L``.
+    computed lazily instead of materialising ``L`` (see ``_greedy.dpp_greedy``).
     """
     text = signals.require("text", "cdpruner")
     assert isinstance(text, Tensor)
@@ -106,5 +106,5 @@ def cdpruner(tokens: Tensor, k: int, signals: Signals, config: CDPrunerConfig,
             return rb[idx].unsqueeze(1) * (xb[idx] @ xb.T) * rb.unsqueeze(0)
 
         diag = rb * rb * (xb * xb).sum(dim=-1)
-        picks.append(dpp_greedy(LazyRows(rows, xb.shape[0], tokens.device), diag, k))
+        picks.append(dpp_greedy(rows, diag, k))
     return select(tokens, torch.stack(picks))
