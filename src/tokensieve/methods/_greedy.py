@@ -296,3 +296,11 @@ def max_min_indices(tokens: Tensor, k: int, distance: str = "cosine",
         seed = farthest_isolated(cache) if seeds is None else int(seeds[b])
         out.append(max_min_select(cache, k, seed))
     return torch.stack(out)
+
+
+def text_dim_check(tokens: Tensor, text: Tensor, method: str) -> None:
+    """Text-conditioned methods compare text and tokens directly: their widths must agree."""
+    if text.shape[-1] != tokens.shape[-1]:
+        raise ValueError(f"method {method!r}: text has width {text.shape[-1]} but tokens have "
+                         f"{tokens.shape[-1]}; expected text embeddings in the tokens' space "
+                         "(same last dimension)")

@@ -12,7 +12,7 @@ from tokensieve.core.ops import normalize, select
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
-from tokensieve.methods._greedy import dpp_greedy
+from tokensieve.methods._greedy import dpp_greedy, text_dim_check
 
 SIGNS = ("negative", "positive")
 NORMS = ("batch", "sample")
@@ -38,14 +38,6 @@ class CDPrunerConfig:
             raise ValueError(f"relevance_sign={self.relevance_sign!r}: expected one of {SIGNS}")
         if self.relevance_norm not in NORMS:
             raise ValueError(f"relevance_norm={self.relevance_norm!r}: expected one of {NORMS}")
-
-
-def text_dim_check(tokens: Tensor, text: Tensor, method: str) -> None:
-    """Text-conditioned methods compare text and tokens directly: their widths must agree."""
-    if text.shape[-1] != tokens.shape[-1]:
-        raise ValueError(f"method {method!r}: text has width {text.shape[-1]} but tokens have "
-                         f"{tokens.shape[-1]}; expected text embeddings in the tokens' space "
-                         "(same last dimension)")
 
 
 def relevance(tokens: Tensor, text: Tensor, text_mask: Tensor | None,

@@ -12,7 +12,7 @@ from tokensieve.core.ops import normalize, select
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
-from tokensieve.methods.cdpruner import text_dim_check
+from tokensieve.methods._greedy import text_dim_check
 
 
 @dataclass(frozen=True)
