@@ -212,8 +212,9 @@ def dpp_greedy(kernel_rows: RowFn, diag: Tensor, k: int, rtol: float = 1e-6) -> 
 
     cache = LazyRows(residual_rows, n, dev)
     for t in range(k):
-        j = int(torch.argmax(d2))
-        if not float(d2[j]) > floor:
+        top, arg = torch.max(d2, dim=0)
+        j, dj = int(arg), float(top)
+        if not dj > floor:
             # The kernel restricted to the rest is (numerically) singular: every further
             # pick gives det 0. Fill up with the unpicked tokens of highest diag(L).
             rest = diag.float().clone()
@@ -224,13 +225,13 @@ def dpp_greedy(kernel_rows: RowFn, diag: Tensor, k: int, rtol: float = 1e-6) -> 
         if t == k - 1:
             break
         filled[0] = t
-        e = cache.row(j, priority=d2)
+        row = cache.row(j, priority=d2)
         t0 = int(since[j])
+        inv = 1.0 / math.sqrt(dj)
+        e = torch.mul(row, inv, out=coef[t])
         if t0 < t:
-            e = e - coef[t0:t, j] @ coef[t0:t]
-        e = e / torch.sqrt(d2[j])
-        coef[t] = e
-        d2 -= e * e
+            e.addmv_(coef[t0:t].T, coef[t0:t, j], alpha=-inv)
+        d2.addcmul_(e, e, value=-1.0)
         d2[j] = -math.inf
     return picks
 
