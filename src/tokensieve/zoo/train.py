@@ -71,7 +71,7 @@ class TrainConfig:
     """Hyper-parameters of both stages (defaults: the shipped checkpoint)."""
 
     seed: int = 0
-    stage1_steps: int = 500
+    stage1_steps: int = 1000
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
     stage2_images: int = 5000
@@ -142,7 +142,7 @@ def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Ten
     ce = F.cross_entropy
     loss = ce(p_col.flatten(0, 1), t["color"].flatten())
     loss = loss + ce(p_shape.flatten(0, 1), t["shape"].flatten())
-    loss = loss + ce(p_digit.flatten(0, 1), t["digit"].flatten())
+    loss = loss + 2.0 * ce(p_digit.flatten(0, 1), t["digit"].flatten())
     loss = loss + F.binary_cross_entropy_with_logits(
         p_center.squeeze(-1), t["center"], pos_weight=torch.tensor(20.0))
     loss = loss + 4.0 * F.mse_loss(p_pos, _ROWCOL.expand_as(p_pos))
@@ -150,7 +150,7 @@ def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Ten
     loss = loss + ce(g_col.reshape(-1, N_COUNT), t["per_color"].flatten())
     loss = loss + ce(g_shape.reshape(-1, N_COUNT), t["per_shape"].flatten())
     loss = loss + F.binary_cross_entropy_with_logits(g_pairs, t["pairs"])
-    loss = loss + ce(g_digit, t["sign"])
+    loss = loss + 2.0 * ce(g_digit, t["sign"])
     acc = {
         "patch_color": (p_col.argmax(-1) == t["color"]).float().mean().item(),
         "count": (g_count.argmax(-1) == t["count"]).float().mean().item(),
