@@ -89,6 +89,9 @@ def main() -> None:
     ap.add_argument("--method", default="fastervlm")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--identity-ab", type=int, default=0, metavar="N",
+                    help="only measure the identity patch (keep=576) against the untouched "
+                         "model, alternating N times (CPU time), and exit")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,6 +106,27 @@ def main() -> None:
 
     def untouched() -> None:
         model(**batch, logits_to_keep=1)
+
+    if args.identity_ab:
+        with torch.inference_mode():
+            untouched()
+            ab: dict[str, list[float]] = {"untouched": [], "identity": []}
+            for _ in range(args.identity_ab):
+                timed(untouched)
+                ab["untouched"].append(CPU_TIMES[-1])
+                with ts.applied(model, args.method, 576):
+                    timed(untouched)
+                ab["identity"].append(CPU_TIMES[-1])
+        u, i = statistics.median(ab["untouched"]), statistics.median(ab["identity"])
+        diffs = [b - a for a, b in zip(ab["untouched"], ab["identity"], strict=True)]
+        print(f"identity patch vs untouched, CPU s (median of {args.identity_ab}): {u:.3f} vs "
+              f"{i:.3f}: {100 * (i - u) / u:+.2f} %; paired differences median "
+              f"{100 * statistics.median(diffs) / u:+.2f} % (min {100 * min(diffs) / u:+.2f}, "
+              f"max {100 * max(diffs) / u:+.2f})")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"llm_layers": args.llm_layers, "cpu_times": ab}, f, indent=1)
+        return
 
     def patched(k: int) -> Any:
         def run() -> None:

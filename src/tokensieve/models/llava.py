@@ -112,7 +112,8 @@ class LlavaAdapter(Adapter):
         captured, handles = capture_projections(
             {i: self._layers()[i].self_attn for i in layers}, names)
         try:
-            out = self.inner.vision_tower(pixel_values, output_hidden_states=True,
+            # Keep only the feature layer's hidden state, as the model itself asks for.
+            out = self.inner.vision_tower(pixel_values, output_hidden_states=[layer],
                                           return_dict=True)
         finally:
             for h in handles:
