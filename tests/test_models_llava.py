@@ -490,3 +490,22 @@ def test_bfloat16_keep_all_is_exact_and_pruning_runs():
             small = m(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
     assert small.dtype == torch.bfloat16 and torch.isfinite(small.float()).all()
+
+
+@pytest.mark.parametrize("kw", [dict(num_beams=2), dict(num_beams=2, num_return_sequences=2),
+                                dict(do_sample=True, num_return_sequences=2, top_k=5)])
+def test_generate_beams_and_sampling(model, kw):
+    ids, mask = batch(ROWS)
+    pv = images(3)
+    gen = dict(max_new_tokens=4, pad_token_id=0, **kw)
+    with tm.applied(model, "fastervlm", 8), torch.no_grad():
+        torch.manual_seed(0)
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, **gen)
+        kept = kept_indices(model)
+    embeds, hmask, _ = hand_pruned(model, ROWS, pv, kept)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ref = model.generate(inputs_embeds=embeds, attention_mask=hmask, **gen)
+    n = out.shape[0] // ids.shape[0]
+    assert torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(n, 0))
+    assert torch.equal(out[:, ids.shape[1]:], ref)

@@ -212,8 +212,9 @@ class Adapter:
         embeddings of the real non-image tokens of each image's sample (the model's own
         stand-in for a text encoder; in the space of the projected visual tokens)."""
         embeds = args.get("inputs_embeds")
-        if embeds is None:
-            embeds = self.model.get_input_embeddings()(args["input_ids"])
+        if embeds is None:  # placeholder ids may lie outside the vocabulary: embed them as 0
+            ids = args["input_ids"].masked_fill(placeholder, 0)
+            embeds = self.model.get_input_embeddings()(ids)
         text = ~placeholder
         for key in ("video_token_id",):
             other = getattr(self.model.config, key, None)
