@@ -428,6 +428,13 @@ def apply(model: torch.nn.Module, method: str, keep: int | float, *, seed: int =
         raise ValueError(f"model is already patched by tokensieve ({st.config.method}, "
                          f"keep={st.config.keep}); call tokensieve.remove(model) first")
     adapter_cls = find_adapter(model)
+    if "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
+        import transformers
+
+        raise ValueError(f"{type(model).__name__}.forward takes no `mm_encoder_outputs` in "
+                         f"transformers {transformers.__version__}; tokensieve.apply needs a "
+                         "transformers release whose VLMs accept pre-encoded image features "
+                         "(5.x)")
     spec = get_method(method)
     spec.make_config({k: v for k, v in options.items()})  # unknown options fail here
     if spec.stage != "pre-llm":
