@@ -386,6 +386,7 @@ def _load_adapters() -> None:
     import tokensieve.models.idefics3  # noqa: F401
     import tokensieve.models.llava  # noqa: F401
     import tokensieve.models.llava_next  # noqa: F401
+    import tokensieve.models.llava_onevision  # noqa: F401
     import tokensieve.models.qwen_vl  # noqa: F401
 
 

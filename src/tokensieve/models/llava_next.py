@@ -16,9 +16,11 @@ that honour partitions), ``tiling`` = ``(rows, cols)``, ``grid`` = one crop's gr
 grid. Note: with unpadding, edge crops hold fewer than ``H*W`` tokens; methods that need
 full crops (HiRED, GlobalCom2) then raise their own error.
 
-Features: "projected" methods get the packed LLM tokens; "vision" methods get the
-packed feature-layer tokens (zeros on newline slots), which are projected afterwards,
-kept newline slots receiving the model's ``image_newline``.
+Features: subset methods and "projected" methods get the packed LLM tokens (a kept
+token is unchanged, so selecting among projected tokens is what a vision-feature subset
+method produces); merging "vision" methods get the packed feature-layer tokens (zeros on
+newline slots), which are projected afterwards, kept newline slots receiving the model's
+``image_newline``.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def use_cls(self) -> bool:
         return False
 
-    def _num_crops(self, sizes: Tensor) -> list[int]:
+    def _num_crops(self, args: dict[str, Any]) -> list[int]:
+        """Tower inputs (overview + crops) of every image."""
         from transformers.models.llava_next.modeling_llava_next import (
             image_size_to_num_patches,
         )
@@ -72,7 +75,7 @@ class LlavaNextAdapter(LlavaAdapter):
         cfg = self.model.config
         return [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
                                           patch_size=cfg.vision_config.image_size)
-                for s in sizes]
+                for s in args["image_sizes"]]
 
     def _tiling(self, size: Tensor) -> tuple[int, int]:
         from transformers.models.llava_next.modeling_llava_next import (
@@ -84,62 +87,81 @@ class LlavaNextAdapter(LlavaAdapter):
                                                  cfg.vision_config.image_size)
         return int(rows), int(cols)
 
-    def _pack(self, per_crop: list[Tensor], sizes: Tensor, newline: Tensor) -> list[Tensor]:
-        packed, _ = self.inner.pack_image_features(per_crop, sizes, "default",
+    def _pack(self, per_crop: list[Tensor], args: dict[str, Any], newline: Tensor,
+              ) -> list[Tensor]:
+        """The model's own packing of per-crop tokens ``[c_i, n, D]`` into per-image
+        sequences ``[M_i, D]`` (unpadding, newlines)."""
+        packed, _ = self.inner.pack_image_features(per_crop, args["image_sizes"], "default",
                                                    image_newline=newline)
         return list(packed)
 
+    def _vision_view(self) -> bool:
+        """Whether the method sees packed feature-layer tokens: only merging methods that
+        read vision features. Subset methods see the packed LLM tokens (they keep tokens
+        unchanged, so this is what they would produce; it also holds where the model
+        interpolates projected tokens, as LLaVA-OneVision does)."""
+        return self.spec.features == "vision" and self.spec.kind != "subset"
+
+    def _patch_start(self, args: dict[str, Any]) -> int:
+        """Index of the first patch token in the tower's sequence (1 after a CLS token)."""
+        return 1
+
+    def _packed(self, x: Tensor, crops: list[int], args: dict[str, Any],
+                newline: float) -> list[Tensor]:
+        """Pack a per-crop token signal ``[C, n, D]`` like the LLM tokens (``newline`` on
+        newline slots)."""
+        line = torch.full((x.shape[-1],), newline, dtype=x.dtype, device=x.device)
+        return self._pack(list(torch.split(x, crops)), args, line)
+
     def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
-        sizes = args.get("image_sizes")
-        if sizes is None:
+        if args.get("image_sizes") is None:
             raise ValueError("image_sizes: the llava-next adapter needs the image sizes "
                              "(returned by the processor with pixel_values)")
-        crops = self._num_crops(sizes)
+        sizes = args["image_sizes"]
+        crops = self._num_crops(args)
         pixel_values = args["pixel_values"]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([p[:c] for p, c in zip(pixel_values, crops, strict=True)])
-        hidden, tower = self.run_tower(args, pixel_values)  # [C, 1 + n, Dv]
-        n = hidden.shape[1] - 1
-        patches = hidden[:, 1:]
-        # Where every packed token comes from: the packing of (crop, token) indices.
-        src_ids = torch.arange(patches.shape[0] * n, device=hidden.device, dtype=torch.float32)
-        src_ids = list(torch.split(src_ids.reshape(-1, n, 1), crops))
-        sources = [s[:, 0].round().long() for s in self._pack(
-            src_ids, sizes, torch.full((1,), -1.0, device=hidden.device))]
+        hidden, tower = self.run_tower(args, pixel_values)  # [C, (1 +) n, Dv]
+        start = self._patch_start(args)
+        patches = hidden[:, start:]
+        c_all, n = patches.shape[:2]
+        dev = hidden.device
+        # Crop id of every packed token (0 overview, 1..P crops, -1 newline).
+        first = torch.tensor([0] + crops[:-1], device=dev).cumsum(0)
+        local = torch.arange(c_all, device=dev) - torch.repeat_interleave(
+            first, torch.tensor(crops, device=dev))
+        ids = [p[:, 0].round().long() for p in self._packed(
+            local.float()[:, None, None].expand(-1, n, 1), crops, args, -1.0)]
         projector = self.inner.multi_modal_projector
         newline = self.inner.image_newline
-        if self.spec.features == "projected":
-            view = self._pack(list(torch.split(projector(patches), crops)), sizes, newline)
+        in_vision = self._vision_view()
+        if not in_vision:
+            view = self._pack(list(torch.split(projector(patches), crops)), args, newline)
         else:
-            zeros = torch.zeros(patches.shape[-1], dtype=patches.dtype, device=patches.device)
-            view = self._pack(list(torch.split(patches, crops)), sizes, zeros)
-        counts = [int(s.shape[0]) for s in sources]
+            view = self._packed(patches, crops, args, 0.0)
+        packed_signals: dict[str, list[Tensor]] = {}
+        for name, value in tower.items():
+            if name in ("cls_attn", "attn_received"):  # [C, (L,) 1 + n] -> [C, n, (L or 1)]
+                per = value[..., start:]
+                per = per.unsqueeze(-1) if per.dim() == 2 else per.transpose(1, 2)
+                packed_signals[name] = [p.T if value.dim() == 3 else p[:, 0]
+                                        for p in self._packed(per.float(), crops, args, 0.0)]
+            else:
+                packed_signals[name] = self._packed(value[:, start:], crops, args, 0.0)
+        counts = [int(i.shape[0]) for i in ids]
         text = self.text_signal(args, placeholder, counts) if self.wants("text") else None
-        first_crop = [sum(crops[:i]) for i in range(len(crops))]
         features, reductions = [], []
-        for i, src in enumerate(sources):
-            is_newline = src < 0
-            flat = src.clamp(min=0)
-            signals: dict[str, Any] = {}
-            for name, value in tower.items():
-                per_token = value[..., 1:] if name in ("cls_attn", "attn_received") else (
-                    value[:, 1:])
-                if name in ("cls_attn", "attn_received"):
-                    lead = per_token.shape[1:-1]
-                    per_token = per_token.movedim(0, -2).reshape(*lead, -1)[..., flat]
-                    per_token = per_token.masked_fill(is_newline, 0).unsqueeze(0)
-                else:
-                    per_token = per_token.reshape(-1, per_token.shape[-1])[flat]
-                    per_token = per_token.masked_fill(is_newline[:, None], 0).unsqueeze(0)
-                signals[name] = per_token
-            ids = torch.where(is_newline, -1, flat // n - first_crop[i])
-            signals["partitions"] = Partitions(ids=ids[None], tiling=self._tiling(sizes[i]),
+        for i, part in enumerate(ids):
+            is_newline = part < 0
+            signals: dict[str, Any] = {k: v[i][None] for k, v in packed_signals.items()}
+            signals["partitions"] = Partitions(ids=part[None], tiling=self._tiling(sizes[i]),
                                                grid=self.grid)
             if text is not None:
                 signals["text"], signals["text_mask"] = text[0][i:i + 1], text[1][i:i + 1]
             k = self.resolve_keep(counts[i])
             r = self.run_method(view[i][None], k, signals, has_cls=False)
-            if self.spec.features == "projected":
+            if not in_vision:
                 feats = r.tokens
             else:
                 feats = projector(r.tokens)
@@ -147,7 +169,7 @@ class LlavaNextAdapter(LlavaAdapter):
                     slot = torch.zeros(feats.shape[1], dtype=torch.bool, device=feats.device)
                     slot[:r.indices.shape[1]] = is_newline[r.indices[0]]
                     feats = torch.where(slot[None, :, None], newline.to(feats.dtype), feats)
-            f, per = self.split(r, feats, None)
+            f, per_image = self.split(r, feats, None)
             features += f
-            reductions += per
+            reductions += per_image
         return Encoded(features=features, counts=counts, reductions=reductions)
