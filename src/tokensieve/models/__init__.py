@@ -6,16 +6,18 @@
 >>> ts.remove(model)                                   # doctest: +SKIP
 
 Families (:func:`supported_models`): LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``),
-Qwen2-VL / Qwen2.5-VL (``qwen_vl``), Gemma 3 (``gemma3``), Idefics3 / SmolVLM
-(``idefics3``). Each adapter module documents its layout, features and signals.
+LLaVA-OneVision (``llava_onevision``), Qwen2-VL / Qwen2.5-VL (``qwen_vl``), Gemma 3
+(``gemma3``), Idefics3 / SmolVLM (``idefics3``). Each adapter module documents its
+layout, features and signals.
 
 Contract of a patched model:
 
 - Every ``forward`` / ``generate`` call that carries images encodes them, runs the method
-  once per image (``keep`` counts per image, or per crop for Idefics3; a float is a
-  fraction of that image's visual tokens) and cuts the prompt: the placeholders beyond an
-  image's kept count are removed from ``input_ids`` / ``inputs_embeds``,
-  ``attention_mask``, ``labels``, ``token_type_ids`` / ``mm_token_type_ids`` and
+  per image (``keep`` counts per image: per packed anyres image on LLaVA-NeXT /
+  OneVision, per crop on Idefics3 / SmolVLM; a float is a fraction of those tokens)
+  and cuts the prompt: the placeholders beyond an image's kept count are removed from
+  ``input_ids`` / ``inputs_embeds``, ``attention_mask``, ``labels``, ``token_type_ids`` /
+  ``mm_token_type_ids`` and
   ``position_ids`` (1D positions re-indexed contiguously; Qwen M-RoPE positions gathered
   so every kept token keeps its original ``(t, h, w)``, ``rope_deltas`` updated). Padding
   columns are dropped and rows re-padded (left for generate and left-padded batches,
