@@ -11,7 +11,8 @@ shared machine):
 - prefill: ``model(input_ids, pixel_values, logits_to_keep=1)`` (what ``generate`` runs
   before the first token), untouched and patched at each budget;
 - the FLOPs-ideal speed-up ``MACs(untouched) / MACs(patched)`` (``tokensieve.bench.flops``);
-- the LLM alone on the prompt lengths of each budget (its own measured vs ideal speed-up);
+- the LLM alone on the prompt lengths of each budget (its own measured vs ideal speed-up)
+  and the vision tower alone (CPU time);
 - the cost of signal capture + selection: the patched call at keep=576 (identity
   reduction, every step runs) minus the untouched call, and, timed alone, the pieces
   tokensieve adds (CLS attention from q/k, the method's ``reduce``, the sequence surgery).
@@ -157,8 +158,8 @@ def main() -> None:
         captured: dict[str, torch.Tensor] = {}
         hooks = [getattr(attn, n).register_forward_hook(
             lambda _m, _i, o, n=n: captured.__setitem__(n, o)) for n in ("q_proj", "k_proj")]
-        vision_s = timed(lambda: model.model.vision_tower(batch["pixel_values"],
-                                                          output_hidden_states=True))
+        timed(lambda: model.model.vision_tower(batch["pixel_values"], output_hidden_states=True))
+        vision_s = CPU_TIMES[-1]
         for h in hooks:
             h.remove()
         q, k_ = captured["q_proj"], captured["k_proj"]
@@ -180,7 +181,11 @@ def main() -> None:
         for k in [576, *[k for k in keeps if k != 576]]:
             embeds = torch.randn(1, PREFIX + SUFFIX + k, 4096, dtype=dtype)
             lm(inputs_embeds=embeds)
-            llm_s[k] = min(timed(lambda e=embeds: lm(inputs_embeds=e)) for _ in range(2))
+            runs = []
+            for _ in range(2):
+                timed(lambda e=embeds: lm(inputs_embeds=e))
+                runs.append(CPU_TIMES[-1])
+            llm_s[k] = min(runs)
 
     dims = VLMDims.from_config(model.config)
     text_tokens = PREFIX + SUFFIX
@@ -234,7 +239,8 @@ def main() -> None:
               f"{r['ideal_speedup']:>6.2f} {r['of_ideal']:>9.2f} {r['of_ideal_min']:>6.2f} "
               f"{r['of_ideal_cpu']:>6.2f} | {r['llm_alone_speedup'] or 0:>9.2f} "
               f"{r['llm_ideal_speedup']:>6.2f}")
-    print(f"vision tower alone {vision_s:.2f}s")
+    print(f"vision tower alone {vision_s:.2f}s cpu; LLM alone (cpu s): "
+          f"{ {k: round(v, 2) for k, v in llm_s.items()} }")
     print(f"signal capture (CLS row from q/k) {signal_s * 1e3:.2f} ms, selection "
           f"{ {k: round(v * 1e3, 2) for k, v in select_s.items()} } ms, surgery "
           f"{surgery_s * 1e3:.2f} ms: {100 * added / med['untouched']:.3f} % of the prefill")
