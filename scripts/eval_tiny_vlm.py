@@ -75,7 +75,7 @@ def pruned_predictions(model, processor, samples, keep: dict[str, int | None], s
             chunk = samples[i:i + batch_size]
             enc = processor(text=[build_prompt(processor, s.question) for s in chunk],
                             images=[s.image for s in chunk], return_tensors="pt",
-                            padding=False)
+                            padding=True)
             pix = enc["pixel_values"].to(model.dtype)
             feats = image_features(model, pix)
             cls = hook.value
@@ -83,7 +83,7 @@ def pruned_predictions(model, processor, samples, keep: dict[str, int | None], s
             for name, rule in keep.items():
                 seqs = []
                 for b, ids in enumerate(enc["input_ids"]):
-                    ids = torch.as_tensor(ids)
+                    ids = ids[enc["attention_mask"][b].bool()]  # drop padding
                     if rule is None:
                         idx = torch.arange(n)
                     elif rule[0] == "cls":

@@ -54,6 +54,7 @@ from .scenes import (
     FAMILIES,
     GRID,
     MAX_OBJECTS,
+    PATCH,
     SHAPES,
     Scene,
     make_scene,
@@ -71,15 +72,16 @@ class TrainConfig:
     """Hyper-parameters of both stages (defaults: the shipped checkpoint)."""
 
     seed: int = 0
-    stage1_steps: int = 1000
+    stage1_steps: int = 500
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
     stage2_images: int = 5000
-    stage2_steps: int = 600
+    stage2_steps: int = 1500
     stage2_batch: int = 16
     questions_per_image: int = 10
-    stage2_lr: float = 1.5e-3
-    drop_prob: float = 0.25
+    stage2_lr: float = 2e-3
+    object_prob: float = 0.5
+    drop_prob: float = 0.2
     drop_min_keep: int = 48
     bf16: bool = True
     threads: int | None = None
@@ -142,7 +144,7 @@ def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Ten
     ce = F.cross_entropy
     loss = ce(p_col.flatten(0, 1), t["color"].flatten())
     loss = loss + ce(p_shape.flatten(0, 1), t["shape"].flatten())
-    loss = loss + 2.0 * ce(p_digit.flatten(0, 1), t["digit"].flatten())
+    loss = loss + ce(p_digit.flatten(0, 1), t["digit"].flatten())
     loss = loss + F.binary_cross_entropy_with_logits(
         p_center.squeeze(-1), t["center"], pos_weight=torch.tensor(20.0))
     loss = loss + 4.0 * F.mse_loss(p_pos, _ROWCOL.expand_as(p_pos))
@@ -150,7 +152,7 @@ def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Ten
     loss = loss + ce(g_col.reshape(-1, N_COUNT), t["per_color"].flatten())
     loss = loss + ce(g_shape.reshape(-1, N_COUNT), t["per_shape"].flatten())
     loss = loss + F.binary_cross_entropy_with_logits(g_pairs, t["pairs"])
-    loss = loss + 2.0 * ce(g_digit, t["sign"])
+    loss = loss + ce(g_digit, t["sign"])
     acc = {
         "patch_color": (p_col.argmax(-1) == t["color"]).float().mean().item(),
         "count": (g_count.argmax(-1) == t["count"]).float().mean().item(),
@@ -353,9 +355,49 @@ def lm_answer_logits(model, codec: PromptCodec, image_embeds: torch.Tensor,
     return model.lm_head(out2.last_hidden_state), lens
 
 
+def object_masks(scenes: list[Scene]) -> np.ndarray:
+    """[N, 576] bool: patches touched by any object's bounding box (shapes and signs)."""
+    out = np.zeros((len(scenes), GRID, GRID), bool)
+    for i, scene in enumerate(scenes):
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            out[i, y0 // PATCH:(y1 - 1) // PATCH + 1, x0 // PATCH:(x1 - 1) // PATCH + 1] = True
+    return out.reshape(len(scenes), -1)
+
+
+def _select_tokens(masks: np.ndarray, cfg: TrainConfig, rng: np.random.Generator):
+    """Kept visual-token indices [B, L] (raster order) for one batch, or None for all.
+
+    With probability ``object_prob`` every image keeps all tokens its objects
+    touch plus random background tokens, padded to a common length; with
+    probability ``drop_prob`` a random subset of at least ``drop_min_keep``.
+    """
+    b, n = masks.shape
+    r = rng.random()
+    if r < cfg.object_prob:
+        length = min(n, int(masks.sum(1).max()) + int(rng.integers(8, 97)))
+        rows = []
+        for m in masks:
+            obj, bg = np.flatnonzero(m), np.flatnonzero(~m)
+            extra = rng.choice(bg, length - len(obj), replace=False)
+            rows.append(np.sort(np.concatenate([obj, extra])))
+        return np.stack(rows)
+    if r < cfg.object_prob + cfg.drop_prob:
+        keep = int(rng.integers(cfg.drop_min_keep, n + 1))
+        return np.sort(np.stack([rng.choice(n, keep, replace=False) for _ in range(b)]), axis=1)
+    return None
+
+
 def train_language(model, codec: PromptCodec, feats: torch.Tensor, bank: QuestionBank,
-                   cfg: TrainConfig, log: Log = print, device: str = "cpu") -> None:
-    """Stage 2: train projector + LM on cached features (tower frozen)."""
+                   cfg: TrainConfig, log: Log = print, device: str = "cpu",
+                   masks: np.ndarray | None = None) -> None:
+    """Stage 2: train projector + LM on cached features (tower frozen).
+
+    ``masks``: per-image object masks (see ``object_masks``) for the
+    object-preserving subsets; without them those batches use all tokens.
+    """
+    if masks is None:
+        masks = np.ones((feats.shape[0], feats.shape[1]), bool)
     dev = torch.device(device)
     torch.manual_seed(cfg.seed + 2)
     rng = np.random.default_rng((cfg.seed, 22))
@@ -377,10 +419,8 @@ def train_language(model, codec: PromptCodec, feats: torch.Tensor, bank: Questio
         idx = [int(i) for i in order[pos:pos + cfg.stage2_batch]]
         pos += cfg.stage2_batch
         x = feats[idx].to(dev)
-        if rng.random() < cfg.drop_prob:
-            keep = int(rng.integers(cfg.drop_min_keep, x.shape[1] + 1))
-            sel = np.sort(np.stack([rng.choice(x.shape[1], keep, replace=False)
-                                    for _ in idx]), axis=1)
+        sel = _select_tokens(masks[idx], cfg, rng)
+        if sel is not None:
             x = torch.gather(x, 1, torch.from_numpy(sel).to(dev)[..., None]
                              .expand(-1, -1, x.shape[-1]))
         rows = _sample_questions(bank, idx, k, rng)
@@ -441,11 +481,12 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
     feats = cache_features(model, scenes, device=device, bf16=cfg.bf16)
     codec = PromptCodec(tokenizer)
     bank = build_bank(scenes, codec, cfg.seed)
+    masks = object_masks(scenes)
     del scenes
     times["cache_s"] = time.time() - t1
     log(f"cached {tuple(feats.shape)} features in {times['cache_s']:.0f}s")
     t2 = time.time()
-    train_language(model, codec, feats, bank, cfg, log, device)
+    train_language(model, codec, feats, bank, cfg, log, device, masks)
     times["stage2_s"] = time.time() - t2
     times["total_s"] = time.time() - t0
     return model.float().eval(), processor, times
