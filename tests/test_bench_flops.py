@@ -275,3 +275,51 @@ def test_qwen_vl_matches_torch_flop_counter(family):
     assert model_dims(model, Processor(), Image.new("RGB", (64, 64))) == dims
     with pytest.raises(ValueError, match="depends on the image"):
         model_dims(model)
+
+
+def test_llava_next_anyres_counts_from_the_processor():
+    """LLaVA-NeXT (anyres): the processor's layout gives the LLM's visual tokens (crops,
+    unpadding, newlines); the tower runs once per crop and the projector on every crop's
+    patches. Exact against torch's flop counter."""
+    import transformers as tf
+
+    from tokensieve.bench.protocol import model_dims
+    from tokensieve.zoo import build_prompt, scene_qa
+    from tokensieve.zoo.build import (
+        CHAT_TEMPLATE,
+        CLIP_MEAN,
+        CLIP_STD,
+        IMAGE_TOKEN,
+        build_tokenizer,
+    )
+
+    tok = build_tokenizer()
+    pins = [[28, 56], [56, 28], [56, 56]]
+    processor = tf.LlavaNextProcessor(
+        image_processor=tf.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+            image_grid_pinpoints=pins, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)),
+        tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
+    torch.manual_seed(0)
+    cfg = tf.LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=3, num_attention_heads=4,
+                                       image_size=28, patch_size=4, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, pad_token_id=tok.pad_token_id),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=pins)
+    model = tf.LlavaNextForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation("eager")
+    sample = scene_qa("test", 1)[0]
+    dims = model_dims(model, processor, sample.image)
+    enc = processor(text=[build_prompt(processor, sample.question)], images=[sample.image],
+                    return_tensors="pt")
+    assert dims.image_tokens == int((enc["input_ids"] == cfg.image_token_index).sum())
+    assert dims.crops == enc["pixel_values"].shape[1] > 1 and dims.approximate
+    text = enc["input_ids"].shape[1] - dims.image_tokens
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        model(**enc, logits_to_keep=1)
+    assert fc.get_total_flops() == 2 * account(dims, text_tokens=text).prefill

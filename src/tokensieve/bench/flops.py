@@ -190,6 +190,9 @@ class VLMDims:
         vision_window: patches per attention window in windowed tower layers (Qwen2.5-VL:
             ``(window_size / patch)^2``); 0 when every layer attends globally.
         vision_full_layers: tower layers with global attention when ``vision_window``.
+        crops: tower passes per image (anyres: the base image plus its crops).
+        approximate: empty when every term is exact for this family; otherwise which terms
+            are estimates (written into results).
     """
 
     llm: StackDims
@@ -205,6 +208,8 @@ class VLMDims:
     patch_volume: int = 0
     vision_window: int = 0
     vision_full_layers: tuple[int, ...] = ()
+    crops: int = 1
+    approximate: str = ""
 
     def for_grid(self, t: int, h: int, w: int) -> VLMDims:
         """The dims for one image of ``t x h x w`` patches (Qwen2-VL's ``image_grid_thw``)."""
@@ -447,6 +452,10 @@ def account(dims: VLMDims, plan: Plan | None = None, *, text_tokens: int = 0,
         if plan.stage == "encoder" or (plan.stage == "pre-llm" and plan.before_projector):
             into_projector = plan.final_tokens or n_img
             llm_visual = [into_projector] * dims.llm.layers
+        vision_macs *= dims.crops
+        if dims.crops > 1 and into_projector == n_img:
+            # anyres: every crop's patches are projected before unpadding / newlines
+            into_projector = dims.crops * patches
         projector_macs = images * into_projector * sum(a * b for a, b in dims.projector)
     elif plan.stage == "encoder":
         llm_visual = [plan.final_tokens or n_img] * dims.llm.layers

@@ -293,10 +293,42 @@ def model_dims(model: torch.nn.Module, processor: Any = None, image: Any = None)
                              "image; pass the processor and an image")
         grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
         dims = dims.for_grid(*(int(x) for x in grid[0]))
+    elif processor is not None and image is not None and dims.vision is not None:
+        dims = _measured_tokens(model, processor, image, dims)
     if dims.image_tokens <= 0:
         raise ValueError(f"model {type(model).__name__} has no vision tower in its config; "
                          "expected a vision-language model")
     return dims
+
+
+def _measured_tokens(model: torch.nn.Module, processor: Any, image: Any,
+                     dims: VLMDims) -> VLMDims:
+    """Visual tokens per image as the processor lays them out (anyres crops, pooling, pixel
+    shuffle): the LLM cost is then exact; the tower and projector are estimates unless the
+    count is the LLaVA-1.5 one the config implies."""
+    from dataclasses import replace
+
+    from tokensieve.zoo import build_prompt
+
+    cfg = model.config
+    image_id = getattr(cfg, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(cfg, "image_token_index", None)
+    if image_id is None:
+        return dims
+    enc = processor(text=[build_prompt(processor, "what color is the circle ?")],
+                    images=[image], return_tensors="pt")
+    n = int((enc["input_ids"] == image_id).sum())
+    pixels = enc.get("pixel_values")
+    crops = 1
+    if torch.is_tensor(pixels):
+        crops = int(pixels.shape[1]) if pixels.dim() == 5 else int(pixels.shape[0])
+    if n == dims.image_tokens and crops == 1:
+        return dims
+    return replace(dims, image_tokens=n, crops=max(crops, 1),
+                   approximate=f"{type(model).__name__}: LLM terms exact ({n} visual tokens "
+                               f"from the processor); vision tower ({crops} pass(es)) and "
+                               "projector estimated")
 
 
 # -- the protocol -------------------------------------------------------------------------
@@ -500,6 +532,7 @@ def run(prepared: Prepared, progress: Progress | None = None,
             full_acc = rows[-1].accuracy
     env = environment(prepared.device, prepared.dtype, cfg.seed, len(samples))
     model_info = {"name": prepared.model_name,
+                  "accounting": prepared.dims.approximate or "exact",
                   "class": type(model).__name__, "visual_tokens": n,
                   "dims": prepared.dims.to_dict(), "answer_tokens": answer_tokens}
     result = BenchResult(environment=env, config=cfg.to_dict(), model=model_info, rows=rows)
