@@ -177,7 +177,7 @@ class VLMDims:
         image_tokens: visual tokens one image puts into the LLM (``N``; 576 for LLaVA-1.5).
         vision: the vision tower (``None``: not counted).
         vision_tokens: tokens the tower processes (patches plus CLS; 577 for CLIP-L/336).
-        cls_tokens: leading non-patch tokens in the tower (1 for CLIP, 0 for SigLIP).
+        cls_tokens: leading non-patch tokens in the tower (1 for CLIP, 0 for SigLIP and others).
         vision_layers: tower layers that run (HF LLaVA runs them all even with
             ``vision_feature_layer=-2``).
         patch_macs: MACs of the patch embedding (``patches * 3 p^2 * d_v``).
@@ -271,7 +271,7 @@ class VLMDims:
         image_size = image_size if isinstance(image_size, int) else int(image_size[0])
         patches = (image_size // patch) ** 2
         model_type = str(getattr(vcfg, "model_type", ""))
-        cls_tokens = 0 if "siglip" in model_type else 1
+        cls_tokens = 1 if "clip" in model_type and "siglip" not in model_type else 0
         strategy = getattr(config, "vision_feature_select_strategy", "default")
         image_tokens = patches + (cls_tokens if strategy == "full" else 0)
         feature_layer = getattr(config, "vision_feature_layer", -1)
