@@ -429,7 +429,7 @@ def apply(model: torch.nn.Module, method: str, keep: int | float, *, seed: int =
         raise ValueError(f"model is already patched by tokensieve ({st.config.method}, "
                          f"keep={st.config.keep}); call tokensieve.remove(model) first")
     adapter_cls = find_adapter(model)
-    if "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
+    if "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters:
         import transformers
 
         raise ValueError(f"{type(model).__name__}.forward takes no `mm_encoder_outputs` in "
