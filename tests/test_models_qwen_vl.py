@@ -333,3 +333,31 @@ def test_errors(model):
             model(**{k: v for k, v in kw.items() if k != "image_grid_thw"})
     finally:
         tm.remove(model)
+
+
+def test_labels_and_second_turn(model):
+    """Labels are cut with the sequence; a second turn re-sending the history (with its
+    image) continues from the same M-RoPE positions as the hand-pruned reference."""
+    kw = inputs(ROWS[:1], ROW_GRIDS[0])
+    labels = kw["input_ids"].masked_fill(kw["input_ids"] == IMG, -100)
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with tm.applied(model, "divprune", 7), torch.no_grad():
+        loss = model(**kw, labels=labels).loss
+        kept = kept_indices(model)
+        first = model.generate(**kw, **gen)
+        history = first[0].tolist() + [20, 21]
+        kw2 = inputs([history], ROW_GRIDS[0])
+        second = model.generate(**kw2, **gen)
+        kept2 = kept_indices(model)
+    embeds, mask, pos = hand_pruned(model, kw, kept)
+    text = [t for t in ROWS[0] if t != IMG]  # [1, 5, 6, VS, VE, 7, 8, 9]
+    ref_labels = torch.tensor([text[:4] + [-100] * 7 + text[4:]])
+    with torch.no_grad():
+        ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                    labels=ref_labels).loss
+    torch.testing.assert_close(loss, ref, atol=ATOL, rtol=0)
+    assert second[0, :len(history)].tolist() == history
+    embeds, mask, pos = hand_pruned(model, kw2, kept2)
+    with torch.no_grad():
+        ref2 = model.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **gen)
+    assert torch.equal(second[0, len(history):], ref2[0])
