@@ -219,9 +219,6 @@ def test_errors(model, lengths):
     with pytest.raises(ValueError, match="grid"), torch.no_grad():
         with tm.applied(model, "uniform", 20):  # a packed set is no grid (259 tokens)
             model(**inputs(model, lengths, SAMPLES[1:2]))
-    with pytest.raises(ValueError, match="every partition must hold"), torch.no_grad():
-        with tm.applied(model, "hired", 0.3):
-            model(**kw)  # unpadded crops hold fewer tokens than HiRED needs
     with pytest.raises(ValueError, match=rf"keep=1000.*{lengths[0]} visual"), torch.no_grad():
         with tm.applied(model, "fastervlm", 1000):
             model(**kw)
@@ -229,3 +226,55 @@ def test_errors(model, lengths):
         with tm.applied(model, "fastervlm", 10):
             model(**{k: v for k, v in kw.items() if k != "image_sizes"})
     assert not tm.is_applied(model)
+
+
+@pytest.mark.parametrize("method", ["hired", "globalcom2"])
+def test_partition_methods_select_on_whole_crops(model, lengths, method):
+    """HiRED / GlobalCom2 see [overview | crops] with n tokens each; the kept tokens are
+    packed by the model (stitched, unpadded) without newlines."""
+    kw = inputs(model, lengths, SAMPLES)
+    with tm.applied(model, method, 0.3), torch.no_grad():
+        out = model(**kw).logits
+        reds = [r for r, _ in tm.last_reductions(model)]
+    crops = [crops_of(SIZES[j]) for j in (0, 1, 2)]
+    assert [r.indices.shape[1] for r in reds] == [round(0.3 * c * 49) for c in crops]
+    with torch.no_grad():  # the test's own packing of masks and features
+        pv = torch.cat([p[:c] for p, c in zip(kw["pixel_values"], crops, strict=True)])
+        hidden = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[-2]
+        per_crop = torch.split(model.model.multi_modal_projector(hidden[:, 1:]), crops)
+        masks = []
+        for r, c in zip(reds, crops, strict=True):
+            m = torch.zeros(c * 49)
+            m[r.indices[0]] = 1
+            masks.append(m.reshape(c, 49, 1))
+        sizes = kw["image_sizes"]
+        packed_m, _ = model.model.pack_image_features(masks, sizes, "default", None)
+        packed_f, _ = model.model.pack_image_features(list(per_crop), sizes, "default", None)
+    kept_feats = [f[m[:, 0] > 0.5] for f, m in zip(packed_f, packed_m, strict=True)]
+    assert all(len(f) <= r.indices.shape[1] for f, r in zip(kept_feats, reds, strict=True))
+    ids, mask = kw["input_ids"], kw["attention_mask"]
+    emb = model.get_input_embeddings()(ids)
+    seqs, img = [], 0
+    for b in range(ids.shape[0]):
+        parts, t = [], 0
+        while t < ids.shape[1]:
+            if mask[b, t] == 0:
+                t += 1
+            elif ids[b, t] == IMG:
+                parts.append(kept_feats[img])
+                t, img = t + lengths[img], img + 1
+            else:
+                parts.append(emb[b, t:t + 1])
+                t += 1
+        seqs.append(torch.cat(parts))
+    n = max(x.shape[0] for x in seqs)
+    embeds = torch.zeros(len(seqs), n, emb.shape[-1])
+    hmask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for b, x in enumerate(seqs):
+        embeds[b, n - x.shape[0]:] = x
+        hmask[b, n - x.shape[0]:] = 1
+    with torch.no_grad():
+        ref = model(inputs_embeds=embeds.detach(), attention_mask=hmask).logits
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out[hmask.bool()], ref[hmask.bool()], atol=ATOL, rtol=0)
+

@@ -13,8 +13,8 @@ tokens (0 on newlines); ``partitions`` gives every packed token its crop (0 = ov
 ``1..P`` = crops in raster order of the tiling, -1 = newline, always kept by methods
 that honour partitions), ``tiling`` = ``(rows, cols)``, ``grid`` = one crop's grid;
 ``text`` / ``text_mask`` as in ``llava``. No ``grid`` signal: the packed set is not a
-grid. Note: with unpadding, edge crops hold fewer than ``H*W`` tokens; methods that need
-full crops (HiRED, GlobalCom2) then raise their own error.
+grid. Methods that need whole partitions (``partitions`` among their required signals: HiRED,
+GlobalCom2) run on the crop layout instead (see ``_encode_crops``).
 
 Features: subset methods and "projected" methods get the packed LLM tokens (a kept
 token is unchanged, so selecting among projected tokens is what a vision-feature subset
@@ -135,6 +135,10 @@ class LlavaNextAdapter(LlavaAdapter):
             local.float()[:, None, None].expand(-1, n, 1), crops, args, -1.0)]
         projector = self.inner.multi_modal_projector
         newline = self.inner.image_newline
+        if "partitions" in self.spec.signals:
+            counts = [int(i.shape[0]) for i in ids]
+            return self._encode_crops(args, placeholder, crops, projector(patches), tower,
+                                      start, counts)
         in_vision = self._vision_view()
         if not in_vision:
             view = self._pack(list(torch.split(projector(patches), crops)), args, newline)
@@ -173,3 +177,47 @@ class LlavaNextAdapter(LlavaAdapter):
             features += f
             reductions += per_image
         return Encoded(features=features, counts=counts, reductions=reductions)
+
+    def _encode_crops(self, args: dict[str, Any], placeholder: Tensor, crops: list[int],
+                      projected: Tensor, tower: dict[str, Tensor], start: int,
+                      counts: list[int]) -> Encoded:
+        """Crop layout, for methods that need whole partitions (HiRED, GlobalCom2): the
+        method sees every image as ``[overview | crop 1 | ... | crop P]``, ``n`` tokens
+        each (``keep`` counts or is a fraction of those ``(P + 1) n`` tokens), as their
+        official LLaVA-NeXT code selects before packing. The kept tokens are then packed
+        by the model (stitched, unpadded) without image newlines, as HiRED's code does;
+        kept tokens the unpadding removes are dropped, so an image may keep fewer."""
+        n = projected.shape[1]
+        sizes = args["image_sizes"]
+        text = self.text_signal(args, placeholder, counts) if self.wants("text") else None
+        starts = [sum(crops[:i]) for i in range(len(crops))]
+        masks, reductions = [], []
+        for i, c in enumerate(crops):
+            rows = slice(starts[i], starts[i] + c)
+            tokens = projected[rows].reshape(1, c * n, -1)
+            signals: dict[str, Any] = {}
+            for name, value in tower.items():
+                per = value[rows][..., start:]
+                if name in ("cls_attn", "attn_received"):
+                    per = per.movedim(0, -2).reshape(*per.shape[1:-1], c * n)[None]
+                else:
+                    per = per.reshape(1, c * n, -1)
+                signals[name] = per
+            ids = torch.arange(c, device=projected.device).repeat_interleave(n)[None]
+            signals["partitions"] = Partitions(ids=ids, tiling=self._tiling(sizes[i]),
+                                               grid=self.grid)
+            if text is not None:
+                signals["text"], signals["text_mask"] = text[0][i:i + 1], text[1][i:i + 1]
+            r = self.run_method(tokens, self.resolve_keep(c * n), signals, has_cls=False)
+            if r.indices is None or r.indices.shape[1] != r.tokens.shape[1]:
+                raise ValueError(f"method {self.spec.name!r}: the crop layout of "
+                                 f"{self.family} needs a subset method")
+            mask = torch.zeros(c * n, device=projected.device)
+            mask[r.indices[0]] = 1.0
+            masks.append(mask.reshape(c, n, 1))
+            reductions.append((r, self.grid))
+        packed_masks = self._pack(masks, args, None)
+        packed = self._pack(list(torch.split(projected, crops)), args, None)
+        features = [f[m[:, 0] > 0.5] for f, m in zip(packed, packed_masks, strict=True)]
+        return Encoded(features=features, counts=counts, reductions=reductions)
+
