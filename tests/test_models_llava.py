@@ -509,3 +509,13 @@ def test_generate_beams_and_sampling(model, kw):
     n = out.shape[0] // ids.shape[0]
     assert torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(n, 0))
     assert torch.equal(out[:, ids.shape[1]:], ref)
+
+
+def test_generate_without_no_grad_builds_no_graph():
+    m = tiny_llava()
+    ids, mask = batch(ROWS[:1])
+    with tm.applied(m, "divprune", 8):
+        out = m.generate(input_ids=ids, attention_mask=mask, pixel_values=images(1),
+                         max_new_tokens=2, do_sample=False, pad_token_id=0)
+        (r, _), = tm.last_reductions(m)
+    assert out.shape[1] == ids.shape[1] + 2 and not r.tokens.requires_grad

@@ -346,7 +346,8 @@ def _make_generate(state: PatchState, original: Callable[..., Any]) -> Callable[
             raise ValueError("generate: continuing from past_key_values with new images is not "
                              "supported by a tokensieve-patched model; re-send the whole history")
         ids = named.get("input_ids")
-        new = state.adapter.prepare(state, named, "right", generating=True)
+        with torch.no_grad():  # as generate itself: no autograd graph for the images
+            new = state.adapter.prepare(state, named, "right", generating=True)
         cut = state.last_plan.keep.shape[1] - state.last_plan.new_length if state.last_plan else 0
         if isinstance(new.get("max_length"), int):
             new["max_length"] -= cut
