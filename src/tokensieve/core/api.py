@@ -35,6 +35,7 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return signals, options
 
 
+@torch.no_grad()
 def reduce(
     tokens: Tensor,
     method: str,
@@ -56,7 +57,8 @@ def reduce(
 
     Returns:
         A :class:`Reduction` with ``.tokens`` ``[B, K', D]`` and ``.indices`` ``[B, K]``
-        (ascending; ``None`` for pure merging).
+        (ascending; ``None`` for pure merging). Reductions are training-free and run
+        without autograd: gather from ``.indices`` yourself to keep gradients.
     """
     spec = get_method(method)
     tokens = check_tokens(tokens)
