@@ -43,6 +43,7 @@ def test_list_still_works():
     (["--dtype", "float8"], "dtype='float8'"),
     (["--limit", "0"], "limit=0"),
     (["--limit", "2001"], "the test split has 2000 samples"),
+    (["--answer-tokens", "0"], "answer_tokens=0"),
     (["--device", "tpu"], "device='tpu'"),
 ])
 def test_bench_bad_input_fails_fast(no_long_work, tmp_path, args, message):

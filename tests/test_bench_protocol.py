@@ -328,6 +328,7 @@ def test_measure_generation_splits_prefill_and_decode():
     assert 0.088 <= t.prefill_s < 0.2  # 60 + 30 ms: from the call to the first token
     assert 0.0095 <= t.decode_s_per_token < 0.05
     assert t.batch_size == 2 and t.tokens_per_s == pytest.approx(2 / t.decode_s_per_token)
+    assert t.prefill_cpu_s < 0.03 and t.decode_cpu_s_per_token < 0.005  # sleeping is not CPU
 
 
 def test_model_without_adapter_is_refused(tmp_path):

@@ -70,6 +70,9 @@ def bench_command(
     batch_size: Annotated[int, typer.Option(help="samples per generate call")] = 16,
     seed: Annotated[int, typer.Option(help="seed of randomised methods")] = 0,
     repeats: Annotated[int, typer.Option(help="timed repeats (medians reported)")] = 3,
+    answer_tokens: Annotated[int | None, typer.Option(
+        help="greedy tokens per answer (default: 1 for the embedded VLM, whose answers are "
+             "single tokens; 4 otherwise)")] = None,
 ) -> None:
     """Accuracy, FLOPs, latency and memory of methods x budgets; JSON, CSV and a Pareto plot.
 
@@ -86,7 +89,7 @@ def bench_command(
         config = BenchConfig(model=model, methods=tuple(_split(methods)) if methods else None,
                              keeps=_keeps(keep), limit=limit, device=device, dtype=dtype,
                              seed=seed, batch_size=batch_size, timing_repeats=repeats,
-                             out=str(out))
+                             answer_tokens=answer_tokens, out=str(out))
         with console.status("checking the settings and loading the model..."):
             prepared = prepare(config)
     except (ValueError, FileNotFoundError) as err:

@@ -75,7 +75,8 @@ class BenchConfig:
         seed: seed of the methods' randomness.
         batch_size: samples per ``generate`` call when answering.
         answer_tokens: greedy tokens per answer (``None``: 1 for the embedded model, whose
-            answers are single word-level tokens, else 8).
+            answers are single word-level tokens, else 4: enough for the first word, which is
+            what is scored).
         timing_batch: samples in the timed batch; ``timing_repeats`` / ``timing_warmup``
             timed and untimed runs; ``timing_new_tokens`` tokens for the decode timing.
         out: output folder.
@@ -455,6 +456,8 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
     dtype = parse_dtype(config.dtype)
     if isinstance(config.limit, bool) or not isinstance(config.limit, int) or config.limit < 1:
         raise ValueError(f"limit={config.limit!r}: expected a positive number of samples")
+    if config.answer_tokens is not None and config.answer_tokens < 1:
+        raise ValueError(f"answer_tokens={config.answer_tokens}: expected >= 1")
     if config.batch_size < 1 or config.timing_batch < 1:
         raise ValueError(f"batch_size={config.batch_size}, timing_batch={config.timing_batch}:"
                          " expected >= 1")
@@ -507,7 +510,7 @@ def run(prepared: Prepared, progress: Progress | None = None,
     cfg, model, processor = prepared.config, prepared.model, prepared.processor
     if samples is None:
         samples = prepared.samples
-    answer_tokens = cfg.answer_tokens or (1 if cfg.model is None else 8)
+    answer_tokens = cfg.answer_tokens or (1 if cfg.model is None else 4)
     timing_inputs = _timing_inputs(model, processor, samples[:cfg.timing_batch],
                                    prepared.dtype)
     text_tokens = _text_tokens(processor, samples)
@@ -590,8 +593,8 @@ def run_protocol(config: BenchConfig, progress: Progress | None = None, *, model
 # -- outputs ------------------------------------------------------------------------------
 CSV_FIELDS = ("method", "keep", "stage", "options", "seed", "accuracy", "retention",
               "prefill_macs", "decode_macs_per_token", "kv_cache_bytes", "prefill_s",
-              "decode_s_per_token", "tokens_per_s", "peak_memory_bytes", "peak_memory_delta_bytes",
-              "eval_seconds")
+              "decode_s_per_token", "prefill_cpu_s", "decode_cpu_s_per_token", "tokens_per_s",
+              "peak_memory_bytes", "peak_memory_delta_bytes", "eval_seconds")
 
 
 def flat_rows(result: BenchResult | dict[str, Any]) -> list[dict[str, Any]]:
@@ -611,6 +614,8 @@ def flat_rows(result: BenchResult | dict[str, Any]) -> list[dict[str, Any]]:
             "kv_cache_bytes": r["cost"]["kv_cache_bytes"],
             "prefill_s": r["timing"]["prefill_s"],
             "decode_s_per_token": r["timing"]["decode_s_per_token"],
+            "prefill_cpu_s": r["timing"]["prefill_cpu_s"],
+            "decode_cpu_s_per_token": r["timing"]["decode_cpu_s_per_token"],
             "tokens_per_s": r["timing"]["tokens_per_s"],
             "peak_memory_bytes": r["timing"]["peak_memory_bytes"],
             "peak_memory_delta_bytes": r["timing"]["peak_memory_delta_bytes"],

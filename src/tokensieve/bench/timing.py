@@ -148,6 +148,8 @@ class Timing:
     Attributes:
         prefill_s: time to first token (vision + reduction + LLM prefill).
         decode_s_per_token: time per decoded token after the first.
+        prefill_cpu_s, decode_cpu_s_per_token: the same in process CPU time (all threads;
+            steadier than wall time on a shared machine, blind to GPU work).
         tokens_per_s: decoded tokens per second over the batch
             (``batch_size / decode_s_per_token``).
         peak_memory_bytes: peak memory during one ``new_tokens`` generation (whole process on
@@ -162,6 +164,8 @@ class Timing:
 
     prefill_s: float
     decode_s_per_token: float
+    prefill_cpu_s: float
+    decode_cpu_s_per_token: float
     tokens_per_s: float
     peak_memory_bytes: int
     peak_memory_delta_bytes: int
@@ -182,10 +186,12 @@ class _TokenClock:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stamps: list[float] = []
+        self.cpu: list[float] = []
 
     def put(self, value: Any) -> None:
         synchronize(self.device)
         self.stamps.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
     def end(self) -> None:
         pass
@@ -215,33 +221,39 @@ def measure_generation(model: Any, inputs: Mapping[str, Any], *, new_tokens: int
     device = next(model.parameters()).device
     batch = int(next(iter(v for v in inputs.values() if torch.is_tensor(v))).shape[0])
 
-    def once(streamer: _TokenClock | None = None) -> float:
+    def once(streamer: _TokenClock | None = None) -> tuple[float, float]:
         synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            do_sample=False, streamer=streamer)
         synchronize(device)
-        return t0
+        return t0, c0
 
     for _ in range(warmup):
         once()
     firsts: list[float] = []
     gaps: list[float] = []
+    cpu_firsts: list[float] = []
+    cpu_gaps: list[float] = []
     for _ in range(repeats):
         clock = _TokenClock(device)
-        t0 = once(clock)
-        stamps = clock.stamps[1:]  # stamps[0]: the prompt, pushed before the first token
+        t0, c0 = once(clock)
+        stamps, cpu = clock.stamps[1:], clock.cpu[1:]  # [0]: the prompt, before any token
         if len(stamps) < 2:
             raise ValueError(f"generate produced {len(stamps)} timed token(s); expected "
                              f"{new_tokens} (does the model honour min_new_tokens?)")
         firsts.append(stamps[0] - t0)
         gaps.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+        cpu_firsts.append(cpu[0] - c0)
+        cpu_gaps.extend(b - a for a, b in zip(cpu, cpu[1:], strict=False))
     per_token = statistics.median(gaps)
     with PeakMemory(device) as pm:
         once()
     return Timing(
         prefill_s=statistics.median(firsts), decode_s_per_token=per_token,
+        prefill_cpu_s=statistics.median(cpu_firsts),
+        decode_cpu_s_per_token=statistics.median(cpu_gaps),
         tokens_per_s=(batch / per_token) if per_token > 0 else float("inf"),
         peak_memory_bytes=pm.peak_bytes, peak_memory_delta_bytes=pm.delta_bytes,
         memory_method=pm.method, batch_size=batch, new_tokens=new_tokens, repeats=repeats,
