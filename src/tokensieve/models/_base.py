@@ -118,6 +118,10 @@ class Adapter:
     # -- family hooks ---------------------------------------------------------------------
     def check(self) -> None:
         """Validate the model and the method at ``apply`` time (raise ValueError)."""
+        self.check_signals()
+
+    def check_signals(self) -> None:
+        """Raise ValueError when the method needs a signal this family cannot give."""
         missing = [s for s in self.spec.signals if s not in self.signals]
         if missing:
             raise ValueError(

@@ -47,11 +47,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return side * side  # the overview alone; crops add more (checked per image)
 
     def check(self) -> None:
-        missing = [s for s in self.spec.signals if s not in self.signals]
-        if missing:
-            raise ValueError(
-                f"method {self.spec.name!r} needs the signal(s) {missing}, which the "
-                f"{self.family} adapter cannot give (it gives {list(self.signals)})")
+        self.check_signals()
         layer = self._feature_layer({})
         if any(self.wants(s) for s in ("cls_attn", "attn_received", "keys", "values")):
             self.layer_plan(len(self._layers()), self._attention_layer(layer))

@@ -36,11 +36,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                              if has_cls or s != "cls_attn")
 
     def check(self) -> None:
-        missing = [s for s in self.spec.signals if s not in self.signals]
-        if missing:
-            raise ValueError(
-                f"method {self.spec.name!r} needs the signal(s) {missing}, which the "
-                f"{self.family} adapter cannot give (it gives {list(self.signals)})")
+        self.check_signals()
         layer = self._feature_layer({})
         if any(self.wants(s) for s in ("attn_received", "keys", "values")):
             self.layer_plan(len(self._layers()), self._attention_layer(layer))
