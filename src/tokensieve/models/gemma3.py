@@ -24,10 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokensieve.models._base import Adapter, Encoded, register_adapter
-from tokensieve.models._signals import attention_received, capture_projections, mean_keys
-
-ATTENTION_SIGNALS = ("attn_received", "keys", "values")
+from tokensieve.models._base import Encoded, register_adapter
+from tokensieve.models._grouped import GroupedTowerAdapter
 
 
 def pool_windows(x: Tensor, side: int, kernel: int, mode: str) -> Tensor:
@@ -41,7 +39,7 @@ def pool_windows(x: Tensor, side: int, kernel: int, mode: str) -> Tensor:
 
 
 @register_adapter
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(GroupedTowerAdapter):
     family = "gemma3"
     model_classes = ("Gemma3ForConditionalGeneration", "Gemma3Model")
     signals = ("attn_received", "keys", "values", "text", "text_mask", "grid")
@@ -59,65 +57,21 @@ class Gemma3Adapter(Adapter):
         tower = self.inner.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers
 
-    def check(self) -> None:
-        super().check()
-        if self.spec.cls_token and self.config.options.get("has_cls"):
-            raise ValueError(f"has_cls=True: the {self.family} vision tower has no CLS token")
-        depth = len(self._layers())
-        if self.wants("attn_received"):
-            self.layer_plan(depth, depth - 1)
-        self.resolve_keep(self.grid[0] * self.grid[1])
-
     def _project(self, pooled: Tensor) -> Tensor:
         """The projector after pooling: RMS norm and projection (as Gemma3 computes it)."""
         proj = self.inner.multi_modal_projector
         normed = proj.mm_soft_emb_norm(pooled)
         return torch.matmul(normed, proj.mm_input_projection_weight).type_as(pooled)
 
+    def _group(self, hidden: Tensor) -> Tensor:
+        return pool_windows(hidden, self.side, self.kernel, "mean")
+
+    def _per_group(self, x: Tensor, mode: str) -> Tensor:
+        return pool_windows(x, self.side, self.kernel, mode)
+
     def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
-        depth = len(self._layers())
-        feature = depth - 1
-        want_attn = any(self.wants(s) for s in ATTENTION_SIGNALS)
-        plan = self.layer_plan(depth, feature) if self.wants("attn_received") else None
-        layers = {feature, *(plan or [])} if want_attn else set()
-        names = ["q_proj", "k_proj"] + (["v_proj"] if self.wants("values") else [])
-        captured, handles = capture_projections(
-            {i: self._layers()[i].self_attn for i in layers}, names)
-        try:
-            hidden = self.inner.vision_tower(pixel_values=args["pixel_values"],
-                                             return_dict=True).last_hidden_state
-        finally:
-            for h in handles:
-                h.remove()
-        pooled = pool_windows(hidden, self.side, self.kernel, "mean")
-        n = pooled.shape[1]
-        signals: dict[str, Any] = {"grid": self.grid}
-        if want_attn:
-            attn = self._layers()[feature].self_attn
-            heads, scale = attn.num_heads, attn.scale
-            if self.wants("attn_received"):
-                per = [pool_windows(attention_received(
-                    captured[i]["q_proj"], captured[i]["k_proj"], heads, scale).unsqueeze(-1),
-                    self.side, self.kernel, "sum")[..., 0] for i in (plan or [feature])]
-                signals["attn_received"] = per[0] if plan is None else torch.stack(per, 1)
-            if self.wants("keys"):
-                signals["keys"] = pool_windows(mean_keys(captured[feature]["k_proj"], heads),
-                                               self.side, self.kernel, "mean")
-            if self.wants("values"):
-                signals["values"] = pool_windows(mean_keys(captured[feature]["v_proj"], heads),
-                                                 self.side, self.kernel, "mean")
-        counts = [n] * pooled.shape[0]
-        if self.wants("text"):
-            signals["text"], signals["text_mask"] = self.text_signal(args, placeholder, counts)
-        k = self.resolve_keep(n)
-        if self.spec.features == "projected":
-            r = self.run_method(self._project(pooled), k, signals, has_cls=False)
-            feats = r.tokens
-        else:
-            r = self.run_method(pooled, k, signals, has_cls=False)
-            feats = self._project(r.tokens)
-        features, per_image = self.split(r, feats, self.grid)
-        return Encoded(features=features, counts=counts, reductions=per_image)
+        return self.encode_grouped(args, placeholder, lambda: self.inner.vision_tower(
+            pixel_values=args["pixel_values"], return_dict=True).last_hidden_state)
 
     def encoder_outputs(self, features: list[Tensor]) -> dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling

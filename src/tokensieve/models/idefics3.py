@@ -25,14 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokensieve.models._base import Adapter, Encoded, register_adapter
-from tokensieve.models._signals import attention_received, capture_projections, mean_keys
-
-ATTENTION_SIGNALS = ("attn_received", "keys", "values")
+from tokensieve.models._base import Encoded, register_adapter
+from tokensieve.models._grouped import GroupedTowerAdapter
 
 
 @register_adapter
-class Idefics3Adapter(Adapter):
+class Idefics3Adapter(GroupedTowerAdapter):
     family = "idefics3"
     model_classes = ("Idefics3ForConditionalGeneration", "Idefics3Model",
                      "SmolVLMForConditionalGeneration", "SmolVLMModel")
@@ -50,15 +48,6 @@ class Idefics3Adapter(Adapter):
 
     def _layers(self) -> Any:
         return self.inner.vision_model.encoder.layers
-
-    def check(self) -> None:
-        super().check()
-        if self.spec.cls_token and self.config.options.get("has_cls"):
-            raise ValueError(f"has_cls=True: the {self.family} vision tower has no CLS token")
-        depth = len(self._layers())
-        if self.wants("attn_received"):
-            self.layer_plan(depth, depth - 1)
-        self.resolve_keep(self.grid[0] * self.grid[1])
 
     def _real_images(self, args: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """(pixel values ``[I, 3, H, W]`` of the real images, patch mask ``[I, h, w]``,
@@ -80,61 +69,22 @@ class Idefics3Adapter(Adapter):
         pv = args.get("pixel_values")
         return pv is not None and bool(self._real_images(args)[2].any())
 
-    def _shuffle(self, x: Tensor) -> Tensor:
+    def _group(self, hidden: Tensor) -> Tensor:
         """The connector's pixel shuffle: ``[I, S, C]`` -> ``[I, S / s^2, s^2 * C]``."""
-        return self.inner.connector.pixel_shuffle(x, self.scale)
+        return self.inner.connector.pixel_shuffle(hidden, self.scale)
 
-    def _per_block(self, x: Tensor, mode: str) -> Tensor:
+    def _per_group(self, x: Tensor, mode: str) -> Tensor:
         """``[I, S, C]`` patch signal -> ``[I, n, C]``, summed or averaged per shuffle block."""
-        y = self._shuffle(x)
+        y = self._group(x)
         y = y.reshape(*y.shape[:2], self.scale * self.scale, x.shape[-1])
         return y.sum(2) if mode == "sum" else y.mean(2)
 
+    def _project(self, tokens: Tensor) -> Tensor:
+        return self.inner.connector.modality_projection(tokens)
+
     def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
         pixel_values, patch_mask, _ = self._real_images(args)
-        depth = len(self._layers())
-        feature = depth - 1
-        want_attn = any(self.wants(s) for s in ATTENTION_SIGNALS)
-        plan = self.layer_plan(depth, feature) if self.wants("attn_received") else None
-        layers = {feature, *(plan or [])} if want_attn else set()
-        names = ["q_proj", "k_proj"] + (["v_proj"] if self.wants("values") else [])
-        captured, handles = capture_projections(
-            {i: self._layers()[i].self_attn for i in layers}, names)
-        try:
-            hidden = self.inner.vision_model(pixel_values=pixel_values,
-                                             patch_attention_mask=patch_mask,
-                                             return_dict=True).last_hidden_state
-        finally:
-            for h in handles:
-                h.remove()
-        shuffled = self._shuffle(hidden)  # [I, n, s^2 * Dv]
-        n = shuffled.shape[1]
         valid = patch_mask.reshape(patch_mask.shape[0], -1)
-        signals: dict[str, Any] = {"grid": self.grid}
-        if want_attn:
-            attn = self._layers()[feature].self_attn
-            heads, scale = attn.num_heads, attn.scale
-            if self.wants("attn_received"):
-                per = [self._per_block(attention_received(
-                    captured[i]["q_proj"], captured[i]["k_proj"], heads, scale,
-                    valid=valid).unsqueeze(-1), "sum")[..., 0] for i in (plan or [feature])]
-                signals["attn_received"] = per[0] if plan is None else torch.stack(per, 1)
-            if self.wants("keys"):
-                signals["keys"] = self._per_block(mean_keys(captured[feature]["k_proj"], heads),
-                                                  "mean")
-            if self.wants("values"):
-                signals["values"] = self._per_block(
-                    mean_keys(captured[feature]["v_proj"], heads), "mean")
-        counts = [n] * shuffled.shape[0]
-        if self.wants("text"):
-            signals["text"], signals["text_mask"] = self.text_signal(args, placeholder, counts)
-        k = self.resolve_keep(n)
-        project = self.inner.connector.modality_projection
-        if self.spec.features == "projected":
-            r = self.run_method(project(shuffled), k, signals, has_cls=False)
-            feats = r.tokens
-        else:
-            r = self.run_method(shuffled, k, signals, has_cls=False)
-            feats = project(r.tokens)
-        features, per_image = self.split(r, feats, self.grid)
-        return Encoded(features=features, counts=counts, reductions=per_image)
+        return self.encode_grouped(args, placeholder, lambda: self.inner.vision_model(
+            pixel_values=pixel_values, patch_attention_mask=patch_mask,
+            return_dict=True).last_hidden_state, valid=valid)
