@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokensieve.core.grid import target_grid, valid_grid_counts
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
-from tokensieve.core.signals import Signals, infer_grid
+from tokensieve.core.signals import Signals
+from tokensieve.methods._grid import output_grid
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,7 @@ def dct_reduce(tokens: Tensor, k: int, signals: Signals, config: DCTConfig,
     tile, though through the whole low-pass spectrum rather than a window average).
     """
     b, n, _ = tokens.shape
-    grid = infer_grid(n, signals.grid, "dct")
-    out = target_grid(k, grid)
-    if out is None:
-        raise ValueError(f"dct: keep={k} does not factor into a grid of about the aspect of "
-                         f"{grid}; try one of {valid_grid_counts(grid, k)}")
+    grid, out = output_grid(n, k, signals.grid, "dct")
     dev = tokens.device
     tile_r, rows = _tiles(grid[0], out[0], dev)
     tile_c, cols = _tiles(grid[1], out[1], dev)

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokensieve.core.grid import target_grid, valid_grid_counts
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
-from tokensieve.core.signals import Signals, infer_grid
+from tokensieve.core.signals import Signals
+from tokensieve.methods._grid import output_grid
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,7 @@ def pool_reduce(tokens: Tensor, k: int, signals: Signals, config: PoolConfig,
                 generator: torch.Generator | None) -> Reduction:
     """Average-pool the grid to ``keep`` tokens; each output stands for one window."""
     b, n, _ = tokens.shape
-    grid = infer_grid(n, signals.grid, "pool")
-    out = target_grid(k, grid)
-    if out is None:
-        raise ValueError(f"pool: keep={k} does not factor into a grid of about the aspect of "
-                         f"{grid}; try one of {valid_grid_counts(grid, k)}")
+    grid, out = output_grid(n, k, signals.grid, "pool")
     row_lo, row_hi = _bins(grid[0], out[0])
     col_lo, col_hi = _bins(grid[1], out[1])
     centre = ((row_lo + row_hi - 1) // 2).unsqueeze(1) * grid[1] + (
