@@ -20,18 +20,26 @@ Stage 2 (projector + LM). The tower is frozen; its feature-layer output is
 cached once per image; several questions per image are trained against one
 shared image prefix (the prefix's key/value cache is computed once and
 repeated for each question, which is exactly equivalent to separate causal
-passes, and several times cheaper).
+passes, and several times cheaper). The projector's first layer is initialised
+with the features' per-channel standardisation folded in (the residual stream
+has a large shared offset). Besides the answer (and end-of-sequence) loss, a
+small next-word loss on the question text gives every question position a
+reason to look at the image.
 
-Augmentation choice: in a fraction ``drop_prob`` of stage-2 batches, each image
-keeps only a random subset of its visual tokens (kept in raster order, with
-contiguous positions, i.e. what a pre-LLM token reducer produces). Rationale:
-after pruning, RoPE positions no longer tell the LM where a token was, so a
-model trained only on full grids may lean on sequence positions for "where"
-questions and collapse under any reduction, which would make every reduction
-method look equally bad. With the augmentation the LM learns to read position
-from the CLIP position information carried in the features, as the design
-requires. It is applied to a minority of batches so that full-token accuracy
-stays the primary target (and is what is reported first).
+Augmentation choice (visual-token subsets). A pre-LLM token reducer hands the
+LM a subset of the 576 tokens in raster order with contiguous positions, so
+RoPE positions no longer say where a token was; only the CLIP position
+information carried in the features does. Stage 2 therefore mixes three kinds
+of batches: all 576 tokens (the primary target; the rest of the batches after
+the curriculum phase), object-preserving subsets (every token an object's box
+touches plus random background tokens, ``object_prob``), and random subsets
+(``drop_prob``). During the first ``curriculum`` fraction of stage 2 all
+batches are object-preserving with little background: with few tokens the LM
+finds objects much sooner, and these batches are several times cheaper. The
+object-preserving subsets use ground-truth boxes only at training time; they
+make the LM read position and content from the features instead of from
+sequence positions. Reported accuracy is always measured with all tokens
+first; reduced-token results are a benchmark, not a training target.
 """
 
 from __future__ import annotations
@@ -55,7 +63,9 @@ from .scenes import (
     GRID,
     MAX_OBJECTS,
     PATCH,
+    PLURALS,
     SHAPES,
+    Question,
     Scene,
     make_scene,
     questions_for,
@@ -84,6 +94,7 @@ class TrainConfig:
     drop_prob: float = 0.2
     curriculum: float = 0.3
     text_loss: float = 0.5
+    attn_loss: float = 0.5
     drop_min_keep: int = 48
     bf16: bool = True
     threads: int | None = None
@@ -241,7 +252,8 @@ def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu")
 class QuestionBank:
     """Per image: its questions grouped by family (token ids of suffix and answer)."""
 
-    per_image: list[dict[str, list[tuple[list[int], int]]]]
+    per_image: list[dict[str, list[tuple[list[int], int, tuple[int, ...]]]]]
+    object_masks: list[np.ndarray]  # per image [n_objects, 576] bool (box-touched patches)
 
 
 class PromptCodec:
@@ -288,9 +300,48 @@ def build_bank(scenes: list[Scene], codec: PromptCodec, seed: int) -> QuestionBa
         for fam in FAMILIES:
             qs = questions_for(scene, fam, rng)
             if qs:
-                fams[fam] = [(codec.suffix(q.question), codec.answer_id(q.answer)) for q in qs]
+                fams[fam] = [(codec.suffix(q.question), codec.answer_id(q.answer),
+                              question_objects(scene, q)) for q in qs]
         per_image.append(fams)
-    return QuestionBank(per_image)
+    return QuestionBank(per_image, [box_masks(s) for s in scenes])
+
+
+def box_masks(scene: Scene) -> np.ndarray:
+    """[n_objects, 576] bool: the patches each object's bounding box touches."""
+    out = np.zeros((len(scene.objects), GRID, GRID), bool)
+    for j, o in enumerate(scene.objects):
+        x0, y0, x1, y1 = o.box
+        out[j, y0 // PATCH:(y1 - 1) // PATCH + 1, x0 // PATCH:(x1 - 1) // PATCH + 1] = True
+    return out.reshape(len(scene.objects), -1)
+
+
+def question_objects(scene: Scene, q: Question) -> tuple[int, ...]:
+    """Indices (into ``scene.objects``) of the objects a question is about."""
+    w = q.question.split()
+    objs = scene.objects
+
+    def find(**attrs) -> tuple[int, ...]:
+        return tuple(j for j, o in enumerate(objs) if o.kind == "shape"
+                     and all(getattr(o, k) == v for k, v in attrs.items()))
+
+    if q.family == "existence":
+        return find(color=w[3], shape=w[4]) if q.answer == "yes" else ()
+    if q.family == "color":
+        return find(shape=w[-2])
+    if q.family == "shape":
+        return find(color=w[-3])
+    if q.family == "count":
+        if w[2] == "shapes":
+            return find()
+        if w[2] in COLOR_NAMES:
+            return find(color=w[2])
+        return tuple(j for j, o in enumerate(objs) if o.kind == "shape"
+                     and PLURALS[o.shape] == w[2])
+    if q.family == "relation":
+        return find(color=w[2], shape=w[3]) + find(color=w[-3], shape=w[-2])
+    if q.family == "region":
+        return find(color=w[3], shape=w[4])
+    return tuple(j for j, o in enumerate(objs) if o.kind == "sign")
 
 
 @torch.no_grad()
@@ -318,7 +369,9 @@ def _sample_questions(bank: QuestionBank, idx: list[int], k: int, rng: np.random
             if fam == "existence":  # balance yes / no
                 want = bool(rng.random() < 0.5)
                 qs = [q for q in qs if (q[1] == bank_yes_id(bank)) == want] or qs
-            rows.append(qs[int(rng.integers(0, len(qs)))])
+            suffix, ans, objs = qs[int(rng.integers(0, len(qs)))]
+            target = bank.object_masks[i][list(objs)].any(0) if objs else None
+            rows.append((suffix, ans, target))
     return rows
 
 
@@ -444,6 +497,7 @@ def train_language(model, codec: PromptCodec, feats: torch.Tensor, bank: Questio
     opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.01)
     model.model.multi_modal_projector.train()
     model.model.language_model.train()
+    capture = AttentionCapture(model.model.language_model)
     n = feats.shape[0]
     order = rng.permutation(n)
     pos = 0
@@ -460,31 +514,113 @@ def train_language(model, codec: PromptCodec, feats: torch.Tensor, bank: Questio
             x = torch.gather(x, 1, torch.from_numpy(sel).to(dev)[..., None]
                              .expand(-1, -1, x.shape[-1]))
         rows = _sample_questions(bank, idx, k, rng)
-        suffixes = [s + [a] for s, a in rows]
+        suffixes = [s + [a] for s, a, _ in rows]
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg.stage2_steps, cfg.stage2_lr)
-        with _autocast(cfg, dev):
+        with _autocast(cfg, dev), capture:
             img = model.model.multi_modal_projector(x)
             logits, lens = lm_answer_logits(model, codec, img, suffixes, repeat=k)
         logits = logits.float()
         r = torch.arange(len(rows), device=dev)
         last = torch.tensor(lens, device=dev)
-        ans = torch.tensor([a for _, a in rows], device=dev)
+        ans = torch.tensor([a for _, a, _ in rows], device=dev)
         ans_logits = logits[r, last - 2]  # prediction made at "ASSISTANT:"
         eos_logits = logits[r, last - 1]  # after the answer: end of sequence
         loss = F.cross_entropy(ans_logits, ans) + 0.2 * F.cross_entropy(
             eos_logits, torch.full_like(ans, codec.eos_id))
         if cfg.text_loss > 0:  # next-word loss on the question text (dense grounding signal)
             loss = loss + cfg.text_loss * _question_loss(logits, suffixes, lens)
+        if cfg.attn_loss > 0:
+            targets = _kept_targets([t for _, _, t in rows], sel, k, x.shape[1])
+            attn_loss = capture.loss(targets, lens, len(codec.prefix))
+            loss = loss + cfg.attn_loss * attn_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % cfg.log_every == 0 or step == cfg.stage2_steps - 1:
             acc = (ans_logits.argmax(-1) == ans).float().mean().item()
-            log(f"stage2 step {step} loss={loss.item():.4f} acc={acc:.3f} "
+            extra = f" attn={attn_loss.item():.3f}" if cfg.attn_loss > 0 else ""
+            log(f"stage2 step {step} loss={loss.item():.4f} acc={acc:.3f}{extra} "
                 f"t={time.time() - t0:.0f}s")
+    capture.remove()
     model.eval()
+
+
+def _kept_targets(targets: list, sel: np.ndarray | None, k: int, n_img: int):
+    """[B*K, n_img] bool targets restricted to the kept tokens (None rows: all False)."""
+    out = torch.zeros(len(targets), n_img, dtype=torch.bool)
+    for r, t in enumerate(targets):
+        if t is None:
+            continue
+        t = torch.from_numpy(t)
+        out[r] = t if sel is None else t[torch.from_numpy(sel[r // k])]
+    return out
+
+
+class AttentionCapture:
+    """Forward hooks on LM attention layers 1.. that keep post-RoPE queries and cached keys.
+
+    Used for an auxiliary loss on the answer position's attention: at least one
+    head of each hooked layer should put its mass on the tokens of the objects
+    the question is about. The model keeps its SDPA attention; the weights of
+    the one query row are recomputed from q and k.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self._rope = apply_rotary_pos_emb
+        self.active = False
+        self.store: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.handles = [layer.self_attn.register_forward_hook(self._hook, with_kwargs=True)
+                        for layer in list(lm.layers)[1:]]
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for h in self.handles:
+            h.remove()
+
+    def __enter__(self):
+        self.active, self.store = True, []
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active = False
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        cache = kwargs.get("past_key_values")
+        h = kwargs["hidden_states"]
+        if not self.active or cache is None or h.shape[1] == 0:
+            return
+        keys = cache.layers[module.layer_idx].keys
+        if keys.shape[2] == h.shape[1]:  # the prefix pass: nothing to supervise
+            return
+        b, s, _ = h.shape
+        q = module.q_proj(h).view(b, s, -1, module.head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        q, _ = self._rope(q, q, cos, sin)
+        self.store.append((q, keys, module.scaling))
+
+    def loss(self, targets: torch.Tensor, lens: list[int], n_text: int) -> torch.Tensor:
+        """Mean over hooked layers and rows with a target of -log(best head's target mass)."""
+        rows = targets.any(-1).nonzero().flatten()
+        if len(rows) == 0 or not self.store:
+            return torch.zeros(())
+        qpos = torch.tensor(lens)[rows] - 2  # the "ASSISTANT:" position
+        n_img = targets.shape[1]
+        total = torch.zeros(())
+        for q, keys, scaling in self.store:
+            plen = keys.shape[2] - q.shape[2]
+            qr = q[rows, :, qpos].float()  # [R, H, d]
+            scores = torch.einsum("rhd,rhkd->rhk", qr, keys[rows].float()) * scaling
+            limit = plen + qpos
+            visible = torch.arange(keys.shape[2])[None] <= limit[:, None]
+            attn = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+            img = attn[..., n_text:n_text + n_img]
+            mass = (img * targets[rows, None].to(img.dtype)).sum(-1)  # [R, H]
+            total = total - torch.log(mass.max(-1).values + 1e-4).mean()
+        return total / len(self.store)
 
 
 def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = print,
