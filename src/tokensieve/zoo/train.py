@@ -24,7 +24,13 @@ passes, and several times cheaper). The projector's first layer is initialised
 with the features' per-channel standardisation folded in (the residual stream
 has a large shared offset). Besides the answer (and end-of-sequence) loss, a
 small next-word loss on the question text gives every question position a
-reason to look at the image.
+reason to look at the image, and an auxiliary attention loss (``attn_loss``)
+asks that, in every LM layer but the first, at least one head of the answer
+position ("ASSISTANT:") put its attention on the tokens of the objects the
+question is about (known from the generator). Without it, the LM sat at the
+answer prior for thousands of steps: one object's few tokens are diluted among
+576 under near-uniform initial attention. The weights of that one query row are
+recomputed from q and k captured by forward hooks; the model keeps SDPA.
 
 Augmentation choice (visual-token subsets). A pre-LLM token reducer hands the
 LM a subset of the 576 tokens in raster order with contiguous positions, so
@@ -85,8 +91,8 @@ class TrainConfig:
     stage1_steps: int = 500
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
-    stage2_images: int = 5000
-    stage2_steps: int = 3000
+    stage2_images: int = 4000
+    stage2_steps: int = 1600
     stage2_batch: int = 16
     questions_per_image: int = 8
     stage2_lr: float = 2e-3
@@ -412,12 +418,7 @@ def lm_answer_logits(model, codec: PromptCodec, image_embeds: torch.Tensor,
 
 def object_masks(scenes: list[Scene]) -> np.ndarray:
     """[N, 576] bool: patches touched by any object's bounding box (shapes and signs)."""
-    out = np.zeros((len(scenes), GRID, GRID), bool)
-    for i, scene in enumerate(scenes):
-        for o in scene.objects:
-            x0, y0, x1, y1 = o.box
-            out[i, y0 // PATCH:(y1 - 1) // PATCH + 1, x0 // PATCH:(x1 - 1) // PATCH + 1] = True
-    return out.reshape(len(scenes), -1)
+    return np.stack([box_masks(s).any(0) for s in scenes])
 
 
 def _select_tokens(masks: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
