@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Regenerate the embedded tiny LLaVA checkpoint (deterministic given --seed).
 
-    python scripts/train_tiny_vlm.py                 # full run (CPU: about 80 min)
+    python scripts/train_tiny_vlm.py                 # full run (2 CPU cores: about 50 min)
     python scripts/train_tiny_vlm.py --out /tmp/ck --stage1-steps 20 --stage2-steps 20
 
 Stage 1 trains the CLIP tower with dense supervision, stage 2 trains projector
