@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from model_refs import kept_indices, splice_left_padded
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -87,26 +88,8 @@ def hand_pruned(model, kw, kept):
     feats = torch.cat(list(model.model.get_image_features(kw["pixel_values"]).pooler_output))
     feats = feats.reshape(-1, N, feats.shape[-1])  # one row per real crop
     emb = model.get_input_embeddings()(ids)
-    seqs, crop = [], 0
-    for b in range(ids.shape[0]):
-        parts, t = [], 0
-        while t < ids.shape[1]:
-            if mask[b, t] == 0:
-                t += 1
-            elif ids[b, t] == IMG:
-                parts.append(feats[crop][kept[crop]])
-                t, crop = t + N, crop + 1
-            else:
-                parts.append(emb[b, t:t + 1])
-                t += 1
-        seqs.append(torch.cat(parts))
-    n = max(s.shape[0] for s in seqs)
-    embeds = torch.zeros(len(seqs), n, emb.shape[-1])
-    new_mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        embeds[b, n - s.shape[0]:] = s
-        new_mask[b, n - s.shape[0]:] = 1
-    return embeds, new_mask
+    pieces = [f[k] for f, k in zip(feats, kept, strict=True)]
+    return splice_left_padded(ids, mask, emb, IMG, pieces, [N] * len(pieces))
 
 
 @torch.no_grad()
@@ -122,10 +105,6 @@ def greedy(model, embeds, mask, steps: int) -> torch.Tensor:
         out = model(input_ids=nxt, attention_mask=mask, position_ids=pos,
                     past_key_values=out.past_key_values, use_cache=True)
     return torch.cat(tokens, dim=1)
-
-
-def kept_indices(model):
-    return [r.indices[0] for r, _ in tm.last_reductions(model)]
 
 
 @pytest.mark.parametrize("method", ["random", "divprune", "hiprune", "uniform"])

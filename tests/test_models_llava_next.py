@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_refs import kept_indices, splice_left_padded
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -100,31 +101,8 @@ def hand_pruned(model, kw, kept):
     feats = list(model.model.get_image_features(kw["pixel_values"], kw["image_sizes"])
                  .pooler_output)
     emb = model.get_input_embeddings()(ids)
-    seqs, img = [], 0
-    for b in range(ids.shape[0]):
-        parts, t = [], 0
-        while t < ids.shape[1]:
-            if mask[b, t] == 0:
-                t += 1
-            elif ids[b, t] == IMG:
-                parts.append(feats[img][kept[img]])
-                t += feats[img].shape[0]
-                img += 1
-            else:
-                parts.append(emb[b, t:t + 1])
-                t += 1
-        seqs.append(torch.cat(parts))
-    n = max(s.shape[0] for s in seqs)
-    embeds = torch.zeros(len(seqs), n, emb.shape[-1])
-    new_mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        embeds[b, n - s.shape[0]:] = s
-        new_mask[b, n - s.shape[0]:] = 1
-    return embeds, new_mask
-
-
-def kept_indices(model):
-    return [r.indices[0] for r, _ in tm.last_reductions(model)]
+    pieces = [f[k] for f, k in zip(feats, kept, strict=True)]
+    return splice_left_padded(ids, mask, emb, IMG, pieces, [f.shape[0] for f in feats])
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "random", "divprune", "vtc-cls"])
@@ -254,25 +232,7 @@ def test_partition_methods_select_on_whole_crops(model, lengths, method):
     assert all(len(f) <= r.indices.shape[1] for f, r in zip(kept_feats, reds, strict=True))
     ids, mask = kw["input_ids"], kw["attention_mask"]
     emb = model.get_input_embeddings()(ids)
-    seqs, img = [], 0
-    for b in range(ids.shape[0]):
-        parts, t = [], 0
-        while t < ids.shape[1]:
-            if mask[b, t] == 0:
-                t += 1
-            elif ids[b, t] == IMG:
-                parts.append(kept_feats[img])
-                t, img = t + lengths[img], img + 1
-            else:
-                parts.append(emb[b, t:t + 1])
-                t += 1
-        seqs.append(torch.cat(parts))
-    n = max(x.shape[0] for x in seqs)
-    embeds = torch.zeros(len(seqs), n, emb.shape[-1])
-    hmask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for b, x in enumerate(seqs):
-        embeds[b, n - x.shape[0]:] = x
-        hmask[b, n - x.shape[0]:] = 1
+    embeds, hmask = splice_left_padded(ids, mask, emb, IMG, kept_feats, lengths)
     with torch.no_grad():
         ref = model(inputs_embeds=embeds.detach(), attention_mask=hmask).logits
     assert out.shape == ref.shape

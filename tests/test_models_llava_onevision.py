@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from model_refs import kept_indices, splice_left_padded
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -92,30 +93,8 @@ def hand_pruned(model, kw, kept):
         kw["pixel_values"], kw["image_sizes"], batch_num_images=kw["batch_num_images"])
         .pooler_output)
     emb = model.get_input_embeddings()(ids)
-    seqs, img = [], 0
-    for b in range(ids.shape[0]):
-        parts, t = [], 0
-        while t < ids.shape[1]:
-            if mask[b, t] == 0:
-                t += 1
-            elif ids[b, t] == IMG:
-                parts.append(feats[img][kept[img]])
-                t, img = t + feats[img].shape[0], img + 1
-            else:
-                parts.append(emb[b, t:t + 1])
-                t += 1
-        seqs.append(torch.cat(parts))
-    n = max(s.shape[0] for s in seqs)
-    embeds = torch.zeros(len(seqs), n, emb.shape[-1])
-    new_mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        embeds[b, n - s.shape[0]:] = s
-        new_mask[b, n - s.shape[0]:] = 1
-    return embeds, new_mask
-
-
-def kept_indices(model):
-    return [r.indices[0] for r, _ in tm.last_reductions(model)]
+    pieces = [f[k] for f, k in zip(feats, kept, strict=True)]
+    return splice_left_padded(ids, mask, emb, IMG, pieces, [f.shape[0] for f in feats])
 
 
 @pytest.mark.parametrize("method", ["random", "divprune", "fopru"])
