@@ -3,13 +3,15 @@
 
 References: the untouched model's own packed image features, gathered at the kept
 indices and spliced into the prompt by the test, run through the untouched LLM.
+The checks themselves are shared (tests/model_checks.py).
 """
 
 from __future__ import annotations
 
+import model_checks as checks
 import pytest
 import torch
-from model_refs import kept_indices, splice_left_padded
+from model_refs import splice_left_padded
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -22,7 +24,6 @@ import tokensieve.models as tm
 
 IMG = 60
 PINPOINTS = [[28, 56], [56, 28], [56, 56]]
-ATOL = 1e-5
 SIZES = [(30, 50), (40, 40), (50, 24)]  # (H, W) of three images
 
 
@@ -60,11 +61,16 @@ def pixels(size_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return pv, torch.tensor([SIZES[j] for j in size_ids])
 
 
-@pytest.fixture(scope="module")
-def lengths(model):
-    pv, sizes = pixels([0, 1, 2])
+def image_lengths(model, size_ids: list[int]) -> list[int]:
+    """How many packed tokens each image ``SIZES[j]`` gives."""
+    pv, sizes = pixels(size_ids)
     with torch.no_grad():
         return [f.shape[0] for f in model.model.get_image_features(pv, sizes).pooler_output]
+
+
+@pytest.fixture(scope="module")
+def lengths(model):
+    return image_lengths(model, [0, 1, 2])
 
 
 # rows: (text chunks, image ids between them)
@@ -72,23 +78,12 @@ SAMPLES = [([[1, 5, 6], [7, 8]], [0]), ([[1, 11], [12], [13, 14]], [1, 2]),
            ([[1, 15, 16, 17]], [])]
 
 
-def inputs(model, lengths, samples, side="left"):
-    rows, imgs = [], []
-    for chunks, ids_ in samples:
-        row: list[int] = []
-        for i, chunk in enumerate(chunks):
-            if i:
-                row += [IMG] * lengths[ids_[i - 1]]
-            row += chunk
-        rows.append(row)
-        imgs += ids_
-    t = max(map(len, rows))
-    ids = torch.zeros(len(rows), t, dtype=torch.long)
-    mask = torch.zeros(len(rows), t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(t - len(r), t) if side == "left" else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r)
-        mask[i, sl] = 1
+def inputs(model, samples: list[int], side: str = "left") -> dict:
+    imgs = [j for s in samples for j in SAMPLES[s][1]]
+    lens = dict(zip(imgs, image_lengths(model, imgs), strict=True)) if imgs else {}
+    rows = [checks.interleave(chunks, [[IMG] * lens[j] for j in ids_])
+            for chunks, ids_ in (SAMPLES[s] for s in samples)]
+    ids, mask = checks.pad_rows(rows, side)
     kw = dict(input_ids=ids, attention_mask=mask)
     if imgs:
         kw["pixel_values"], kw["image_sizes"] = pixels(imgs)
@@ -96,42 +91,34 @@ def inputs(model, lengths, samples, side="left"):
 
 
 @torch.no_grad()
-def hand_pruned(model, kw, kept):
+def hand_pruned(model, kw, kept) -> dict:
     ids, mask = kw["input_ids"], kw["attention_mask"]
     feats = list(model.model.get_image_features(kw["pixel_values"], kw["image_sizes"])
                  .pooler_output)
     emb = model.get_input_embeddings()(ids)
     pieces = [f[k] for f, k in zip(feats, kept, strict=True)]
-    return splice_left_padded(ids, mask, emb, IMG, pieces, [f.shape[0] for f in feats])
+    embeds, new_mask, _ = splice_left_padded(ids, mask, emb, IMG, pieces,
+                                             [f.shape[0] for f in feats])
+    return dict(inputs_embeds=embeds, attention_mask=new_mask)
+
+
+CASE = checks.Family(inputs=inputs, reference=hand_pruned)
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "random", "divprune", "vtc-cls"])
-def test_keep_all_equals_untouched(model, lengths, method):
-    kw = inputs(model, lengths, SAMPLES)
-    with torch.no_grad():
-        ref = model(**kw).logits
-        with tm.applied(model, method, 1.0):
-            out = model(**kw).logits
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+def test_keep_all_equals_untouched(model, method):
+    checks.keep_all_equals_untouched(CASE, model, method, 1.0)
 
 
 @pytest.mark.parametrize("method,keep", [("fastervlm", 0.25), ("divprune", 40), ("random", 0.5)])
 def test_pruned_equals_hand_pruned(model, lengths, method, keep):
-    kw = inputs(model, lengths, SAMPLES)
-    with tm.applied(model, method, keep), torch.no_grad():
-        out = model(**kw).logits
-        kept = kept_indices(model)
+    kept = checks.pruned_equals_hand_pruned(CASE, model, method, keep)
     expect = [keep if isinstance(keep, int) else round(keep * n) for n in lengths]
     assert [len(k) for k in kept] == expect
-    embeds, mask = hand_pruned(model, kw, kept)
-    with torch.no_grad():
-        ref = model(inputs_embeds=embeds, attention_mask=mask).logits
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=0)
 
 
 def test_fastervlm_keeps_every_newline_and_shares_the_budget(model, lengths):
-    kw = inputs(model, lengths, SAMPLES[:1])
+    kw = inputs(model, [0])
     with torch.no_grad():
         packed = model.model.get_image_features(kw["pixel_values"], kw["image_sizes"])
         packed = packed.pooler_output[0]
@@ -149,68 +136,46 @@ def test_fastervlm_keeps_every_newline_and_shares_the_budget(model, lengths):
 
 
 def test_vision_method_merges_before_the_projector(model, lengths):
-    kw = inputs(model, lengths, SAMPLES[:1])
+    kw = inputs(model, [0])
     with tm.applied(model, "visionzip", 30), torch.no_grad():
         out = model(**kw).logits
     assert out.shape[1] == kw["input_ids"].shape[1] - lengths[0] + 30
 
 
-def test_generate_matches_hand_pruned(model, lengths):
-    kw = inputs(model, lengths, SAMPLES)
-    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    with tm.applied(model, "fastervlm", 0.2), torch.no_grad():
-        out = model.generate(**kw, **gen)
-        kept = kept_indices(model)
-    ids = kw["input_ids"]
-    assert torch.equal(out[:, :ids.shape[1]], ids)
-    embeds, mask = hand_pruned(model, kw, kept)
-    with torch.no_grad():
-        ref = model.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
-    assert torch.equal(out[:, ids.shape[1]:], ref)
+def test_generate_matches_hand_pruned(model):
+    checks.generate_matches_hand_pruned(CASE, model, "fastervlm", 0.2)
 
 
-def test_remove_restores_exactly(model, lengths):
-    kw = inputs(model, lengths, SAMPLES)
-    keys = set(model.__dict__)
-    with torch.no_grad():
-        ref = model(**kw).logits
-        tm.apply(model, "fastervlm", 0.1)
-        assert model(**kw).logits.shape != ref.shape
-        tm.remove(model)
-        out = model(**kw).logits
-    assert torch.equal(out, ref) and set(model.__dict__) == keys
+def test_generate_keep_all_equals_untouched(model):
+    checks.generate_keep_all_equals_untouched(CASE, model, "fastervlm", 1.0)
+
+
+def test_remove_restores_exactly(model):
+    checks.remove_restores_exactly(CASE, model, "fastervlm", 0.1)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_batch_equals_single_samples(model, lengths, side):
-    kw = inputs(model, lengths, SAMPLES, side)
-    with tm.applied(model, "fastervlm", 0.3), torch.no_grad():
-        out = model(**kw).logits
-        for i, sample in enumerate(SAMPLES):
-            one = model(**inputs(model, lengths, [sample])).logits[0]
-            row = out[i, -one.shape[0]:] if side == "left" else out[i, :one.shape[0]]
-            torch.testing.assert_close(row, one, atol=1e-4, rtol=0)
+def test_batch_equals_single_samples(model, side):
+    checks.batch_equals_single_samples(CASE, model, "fastervlm", 0.3, side)
+
+
+def test_batch_generate_equals_single(model):
+    checks.batch_generate_equals_single(CASE, model, "fastervlm", 0.3)
 
 
 def test_errors(model, lengths):
-    kw = inputs(model, lengths, SAMPLES[:1])
-    with pytest.raises(ValueError, match="grid"), torch.no_grad():
-        with tm.applied(model, "uniform", 20):  # a packed set is no grid (259 tokens)
-            model(**inputs(model, lengths, SAMPLES[1:2]))
-    with pytest.raises(ValueError, match=rf"keep=1000.*{lengths[0]} visual"), torch.no_grad():
-        with tm.applied(model, "fastervlm", 1000):
-            model(**kw)
-    with pytest.raises(ValueError, match="image_sizes"), torch.no_grad():
-        with tm.applied(model, "fastervlm", 10):
-            model(**{k: v for k, v in kw.items() if k != "image_sizes"})
-    assert not tm.is_applied(model)
+    kw = inputs(model, [0])
+    checks.call_refused(model, inputs(model, [1]), "uniform", 20, "grid")  # packed: no grid
+    checks.call_refused(model, kw, "fastervlm", 1000, rf"keep=1000.*{lengths[0]} visual")
+    checks.call_refused(model, {k: v for k, v in kw.items() if k != "image_sizes"},
+                        "fastervlm", 10, "image_sizes")
 
 
 @pytest.mark.parametrize("method", ["hired", "globalcom2"])
 def test_partition_methods_select_on_whole_crops(model, lengths, method):
     """HiRED / GlobalCom2 see [overview | crops] with n tokens each; the kept tokens are
     packed by the model (stitched, unpadded) without newlines."""
-    kw = inputs(model, lengths, SAMPLES)
+    kw = inputs(model, [0, 1, 2])
     with tm.applied(model, method, 0.3), torch.no_grad():
         out = model(**kw).logits
         reds = [r for r, _ in tm.last_reductions(model)]
@@ -232,9 +197,9 @@ def test_partition_methods_select_on_whole_crops(model, lengths, method):
     assert all(len(f) <= r.indices.shape[1] for f, r in zip(kept_feats, reds, strict=True))
     ids, mask = kw["input_ids"], kw["attention_mask"]
     emb = model.get_input_embeddings()(ids)
-    embeds, hmask = splice_left_padded(ids, mask, emb, IMG, kept_feats, lengths)
+    embeds, hmask, _ = splice_left_padded(ids, mask, emb, IMG, kept_feats, lengths)
     with torch.no_grad():
         ref = model(inputs_embeds=embeds.detach(), attention_mask=hmask).logits
     assert out.shape == ref.shape
-    torch.testing.assert_close(out[hmask.bool()], ref[hmask.bool()], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[hmask.bool()], ref[hmask.bool()], atol=checks.ATOL, rtol=0)
 

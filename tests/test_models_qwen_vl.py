@@ -4,15 +4,17 @@ window attention in 2.5, images of different sizes).
 References are computed another way: the untouched model runs on a sequence the test
 prunes by hand (its own merged image features at the kept indices, the untouched
 ``get_rope_index`` positions of the kept columns), and attention received is recomputed
-from eager attention weights.
+from eager attention weights. The checks themselves are shared (tests/model_checks.py).
 """
 
 from __future__ import annotations
 
 import copy
 
+import model_checks as checks
 import pytest
 import torch
+from model_refs import kept_indices, splice_left_padded
 from transformers import (
     AttentionInterface,
     Qwen2_5_VLConfig,
@@ -25,7 +27,6 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import eager_attention_forwa
 import tokensieve.models as tm
 
 IMG, VID, VS, VE = 60, 61, 58, 59
-ATOL = 1e-5
 # HiPrune's official object layer (16 of Qwen2.5-VL's 32 blocks) does not exist in a tiny
 # tower: read block 0 and the feature block instead.
 LAYERS = {"hiprune": {"signal_layers": (0, "feature")}}
@@ -66,12 +67,7 @@ def n_tokens(grid) -> int:
 
 
 def prompt(texts: list[list[int]], grids: list[tuple[int, int, int]]) -> list[int]:
-    out: list[int] = []
-    for i, chunk in enumerate(texts):
-        if i:
-            out += [VS] + [IMG] * n_tokens(grids[i - 1]) + [VE]
-        out += chunk
-    return out
+    return checks.interleave(texts, [[VS] + [IMG] * n_tokens(g) + [VE] for g in grids])
 
 
 def pixels(grids) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -85,19 +81,8 @@ def pixels(grids) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return torch.cat(parts), torch.tensor(grids)
 
 
-def batch(rows: list[list[int]], side: str = "left"):
-    t = max(map(len, rows))
-    ids = torch.zeros(len(rows), t, dtype=torch.long)
-    mask = torch.zeros(len(rows), t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(t - len(r), t) if side == "left" else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r)
-        mask[i, sl] = 1
-    return ids, mask
-
-
-def inputs(rows, grids, side="left"):
-    ids, mask = batch(rows, side)
+def encode(rows, grids, side="left") -> dict:
+    ids, mask = checks.pad_rows(rows, side)
     pv, thw = pixels(grids)
     kw = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMG).int())
     if pv is not None:
@@ -109,88 +94,56 @@ ROW_GRIDS = [[GRIDS[0]], [GRIDS[1], GRIDS[2]], []]
 ROWS = [prompt([[1, 5, 6], [7, 8, 9]], ROW_GRIDS[0]),
         prompt([[1, 11], [12], [13, 14]], ROW_GRIDS[1]),
         [1, 15, 16, 17, 18, 19]]
-ALL_GRIDS = [g for gs in ROW_GRIDS for g in gs]
+
+
+def inputs(model, samples: list[int], side: str = "left") -> dict:
+    return encode([ROWS[s] for s in samples], [g for s in samples for g in ROW_GRIDS[s]], side)
 
 
 @torch.no_grad()
-def hand_pruned(model, kw, kept: list[torch.Tensor] | None):
-    """Untouched-model inputs for the hand-pruned batch: (embeds, mask, position_ids [3,B,T'])."""
+def hand_pruned(model, kw, kept: list[torch.Tensor]) -> dict:
+    """Untouched-model inputs for the hand-pruned batch, with the untouched M-RoPE positions
+    of the kept columns (position_ids [3, B, T'])."""
     ids, mask = kw["input_ids"], kw["attention_mask"]
     feats = list(model.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"])
                  .pooler_output)
     pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=kw["mm_token_type_ids"],
                                         image_grid_thw=kw["image_grid_thw"], attention_mask=mask)
     emb = model.get_input_embeddings()(ids)
-    rows, img = [], 0
-    for b in range(ids.shape[0]):
-        cols, vecs, t = [], [], 0
-        while t < ids.shape[1]:
-            if mask[b, t] == 0:
-                t += 1
-                continue
-            if ids[b, t] == IMG:
-                k = torch.arange(feats[img].shape[0]) if kept is None else kept[img]
-                cols += (t + k).tolist()
-                vecs.append(feats[img][k])
-                t += feats[img].shape[0]
-                img += 1
-            else:
-                cols.append(t)
-                vecs.append(emb[b, t:t + 1])
-                t += 1
-        rows.append((cols, torch.cat(vecs)))
-    n = max(len(c) for c, _ in rows)
-    embeds = torch.zeros(len(rows), n, emb.shape[-1])
-    new_mask = torch.zeros(len(rows), n, dtype=torch.long)
-    new_pos = torch.zeros(3, len(rows), n, dtype=torch.long)
-    for b, (cols, vec) in enumerate(rows):
-        embeds[b, n - len(cols):] = vec
-        new_mask[b, n - len(cols):] = 1
-        new_pos[:, b, n - len(cols):] = pos[:, b, cols]
-    return embeds, new_mask, new_pos
+    pieces = [f[k] for f, k in zip(feats, kept, strict=True)]
+    embeds, new_mask, source = splice_left_padded(ids, mask, emb, IMG, pieces,
+                                                  [f.shape[0] for f in feats], kept)
+    new_pos = torch.stack([pos[:, b, source[b]] for b in range(ids.shape[0])], 1) * new_mask
+    return dict(inputs_embeds=embeds, attention_mask=new_mask, position_ids=new_pos)
 
 
-def kept_indices(model):
-    return [r.indices[0] for r, _ in tm.last_reductions(model)]
+CASE = checks.Family(inputs=inputs, reference=hand_pruned, options=LAYERS)
 
 
 # (a) keep everything ------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["random", "divprune", "hiprune"])
 def test_keep_all_equals_untouched(model, method):
-    kw = inputs(ROWS, ALL_GRIDS)
-    with torch.no_grad():
-        ref = model(**kw).logits
-        with tm.applied(model, method, 1.0, **LAYERS.get(method, {})):
-            out = model(**kw).logits
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    checks.keep_all_equals_untouched(CASE, model, method, 1.0)
 
 
 # (b) pruning == untouched model on the hand-pruned sequence ----------------------------------
 @pytest.mark.parametrize("method,keep", [("divprune", 6), ("random", 0.5), ("hiprune", 5)])
 def test_pruned_equals_hand_pruned(model, method, keep):
-    kw = inputs(ROWS, ALL_GRIDS)
-    with tm.applied(model, method, keep, **LAYERS.get(method, {})), torch.no_grad():
-        out = model(**kw).logits
-        kept = kept_indices(model)
-    embeds, mask, pos = hand_pruned(model, kw, kept)
-    with torch.no_grad():
-        ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
-    assert out.shape == ref.shape
-    real = mask.bool()
-    torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=0)
+    checks.pruned_equals_hand_pruned(CASE, model, method, keep)
 
 
 def test_vision_features_follow_raster_order(model):
     """hiprune reduces the merger's pre-MLP features: its kept tokens must be the untouched
     merged tokens at the kept indices (checks the window-order undo of Qwen2.5-VL)."""
-    kw = inputs(ROWS[:1], ROW_GRIDS[0])
+    kw = inputs(model, [0])
     with tm.applied(model, "hiprune", 7, **LAYERS["hiprune"]), torch.no_grad():
         model(**kw)
         (r, grid), = tm.last_reductions(model)
         merged = model.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"])
         feats = model.model.visual.merger.mlp(r.tokens)[0]
     assert grid == (4, 6)
-    torch.testing.assert_close(feats, merged.pooler_output[0][r.indices[0]], atol=ATOL, rtol=0)
+    torch.testing.assert_close(feats, merged.pooler_output[0][r.indices[0]], atol=checks.ATOL,
+                               rtol=0)
 
 
 _CAPTURED: list[torch.Tensor] = []
@@ -207,7 +160,7 @@ def test_attn_received_equals_eager_attention(model):
     means of the signal block (summed over each 2x2 group)."""
     AttentionInterface.register("tokensieve_test_eager", _capturing_eager)
     grid = GRIDS[0]
-    kw = inputs(ROWS[:1], [grid])
+    kw = encode(ROWS[:1], [grid])
     eager = copy.deepcopy(model)
     eager.model.visual.config._attn_implementation = "tokensieve_test_eager"
     _CAPTURED.clear()
@@ -235,100 +188,47 @@ def test_attn_received_equals_eager_attention(model):
                                            patch_size=visual.patch_size)
         recv = recv.reshape(2, -1, 4)[:, torch.argsort(order)].reshape(2, -1)
     expect = recv.reshape(2, -1, 4).sum(-1)
-    seen = {}
-
-    def spy(tokens, k, signals, config, generator):
-        seen["attn"] = signals.attn_received
-        return original(tokens, k, signals, config, generator)
-
-    from tokensieve.core import registry
-
-    spec = registry.get_method("hiprune")
-    original = spec.fn
-    registry._REGISTRY["hiprune"] = spec.__class__(**{**spec.__dict__, "fn": spy})
-    try:
-        with tm.applied(model, "hiprune", 6, signal_layers=(0, "feature")), torch.no_grad():
-            model(**kw)
-    finally:
-        registry._REGISTRY["hiprune"] = spec
-    assert seen["attn"].shape == (1, 2, n_tokens(grid))
-    torch.testing.assert_close(seen["attn"][0].float(), expect.float(), atol=1e-5, rtol=1e-4)
+    seen = checks.signal_seen(model, kw, "hiprune", 6, "attn_received",
+                              signal_layers=(0, "feature"))
+    assert seen.shape == (1, 2, n_tokens(grid))
+    torch.testing.assert_close(seen[0].float(), expect.float(), atol=1e-5, rtol=1e-4)
 
 
 # (c) generate -------------------------------------------------------------------------------
 def test_generate_matches_hand_pruned(model):
-    kw = inputs(ROWS, ALL_GRIDS)
-    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    with tm.applied(model, "divprune", 5), torch.no_grad():
-        out = model.generate(**kw, **gen)
-        kept = kept_indices(model)
-    ids = kw["input_ids"]
-    assert torch.equal(out[:, :ids.shape[1]], ids)
-    embeds, mask, pos = hand_pruned(model, kw, kept)
-    with torch.no_grad():
-        ref = model.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **gen)
-    assert torch.equal(out[:, ids.shape[1]:], ref)
+    checks.generate_matches_hand_pruned(CASE, model, "divprune", 5)
 
 
 def test_generate_keep_all_equals_untouched(model):
-    kw = inputs(ROWS, ALL_GRIDS)
-    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    with torch.no_grad():
-        ref = model.generate(**kw, **gen)
-        with tm.applied(model, "divprune", 1.0):
-            out = model.generate(**kw, **gen)
-    assert torch.equal(out, ref)
+    checks.generate_keep_all_equals_untouched(CASE, model, "divprune", 1.0)
 
 
 # (d) remove ---------------------------------------------------------------------------------
 def test_remove_restores_exactly(model):
-    kw = inputs(ROWS, ALL_GRIDS)
-    keys = set(model.__dict__)
-    with torch.no_grad():
-        ref = model(**kw).logits
-        tm.apply(model, "divprune", 4)
-        assert model(**kw).logits.shape != ref.shape
-        tm.remove(model)
-        out = model(**kw).logits
-    assert torch.equal(out, ref)
-    assert set(model.__dict__) == keys
+    checks.remove_restores_exactly(CASE, model, "divprune", 4)
 
 
 # (e) padded batch == one by one ---------------------------------------------------------------
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_equals_single_samples(model, side):
-    kw = inputs(ROWS, ALL_GRIDS, side)
-    with tm.applied(model, "hiprune", 0.5, **LAYERS["hiprune"]), torch.no_grad():
-        out = model(**kw).logits
-        for i, (r, grids) in enumerate(zip(ROWS, ROW_GRIDS, strict=True)):
-            one = model(**inputs([r], grids)).logits[0]
-            row = out[i, -one.shape[0]:] if side == "left" else out[i, :one.shape[0]]
-            torch.testing.assert_close(row, one, atol=1e-4, rtol=0)
+    checks.batch_equals_single_samples(CASE, model, "hiprune", 0.5, side)
 
 
 def test_batch_generate_equals_single(model):
-    kw = inputs(ROWS, ALL_GRIDS)
-    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-    with tm.applied(model, "divprune", 0.25), torch.no_grad():
-        out = model.generate(**kw, **gen)
-        for i, (r, grids) in enumerate(zip(ROWS, ROW_GRIDS, strict=True)):
-            one = model.generate(**inputs([r], grids), **gen)
-            assert torch.equal(out[i, kw["input_ids"].shape[1]:], one[0, len(r):])
+    checks.batch_generate_equals_single(CASE, model, "divprune", 0.25)
 
 
 # (f) errors ---------------------------------------------------------------------------------
 def test_errors(model):
-    with pytest.raises(ValueError, match="cls_attn"):
-        tm.apply(model, "fastervlm", 8)
-    with pytest.raises(ValueError, match="partitions"):
-        tm.apply(model, "hired", 8)
-    with pytest.raises(ValueError, match="layer 16 is not an encoder layer"):
-        tm.apply(model, "hiprune", 8)  # official object layer 16 > the tiny tower's depth
+    checks.apply_refused(model, "fastervlm", 8, "cls_attn")
+    checks.apply_refused(model, "hired", 8, "partitions")
+    # official object layer 16 > the tiny tower's depth
+    checks.apply_refused(model, "hiprune", 8, "layer 16 is not an encoder layer")
     tm.apply(model, "divprune", 9)
-    try:
-        kw = inputs(ROWS[:1], ROW_GRIDS[0])
+    try:  # the model stays patched and usable after an error in a call
+        kw = inputs(model, [0])
         with torch.no_grad(), pytest.raises(ValueError, match=r"keep=9.*8 visual"):
-            model(**inputs(ROWS[1:2], ROW_GRIDS[1]))  # its 4x8 image has 8 tokens
+            model(**inputs(model, [1]))  # its 4x8 image has 8 tokens
         with torch.no_grad(), pytest.raises(ValueError, match="image_grid_thw"):
             model(**{k: v for k, v in kw.items() if k != "image_grid_thw"})
     finally:
@@ -338,26 +238,23 @@ def test_errors(model):
 def test_labels_and_second_turn(model):
     """Labels are cut with the sequence; a second turn re-sending the history (with its
     image) continues from the same M-RoPE positions as the hand-pruned reference."""
-    kw = inputs(ROWS[:1], ROW_GRIDS[0])
+    kw = inputs(model, [0])
     labels = kw["input_ids"].masked_fill(kw["input_ids"] == IMG, -100)
-    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    gen = checks.gen_kwargs(3)
     with tm.applied(model, "divprune", 7), torch.no_grad():
         loss = model(**kw, labels=labels).loss
         kept = kept_indices(model)
         first = model.generate(**kw, **gen)
         history = first[0].tolist() + [20, 21]
-        kw2 = inputs([history], ROW_GRIDS[0])
+        kw2 = encode([history], ROW_GRIDS[0])
         second = model.generate(**kw2, **gen)
         kept2 = kept_indices(model)
-    embeds, mask, pos = hand_pruned(model, kw, kept)
     text = [t for t in ROWS[0] if t != IMG]  # [1, 5, 6, VS, VE, 7, 8, 9]
     ref_labels = torch.tensor([text[:4] + [-100] * 7 + text[4:]])
     with torch.no_grad():
-        ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                    labels=ref_labels).loss
-    torch.testing.assert_close(loss, ref, atol=ATOL, rtol=0)
+        ref = model(**hand_pruned(model, kw, kept), labels=ref_labels).loss
+    torch.testing.assert_close(loss, ref, atol=checks.ATOL, rtol=0)
     assert second[0, :len(history)].tolist() == history
-    embeds, mask, pos = hand_pruned(model, kw2, kept2)
     with torch.no_grad():
-        ref2 = model.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **gen)
+        ref2 = model.generate(**hand_pruned(model, kw2, kept2), **gen)
     assert torch.equal(second[0, len(history):], ref2[0])
