@@ -11,6 +11,8 @@ import copy
 
 import pytest
 import torch
+from model_checks import interleave, pad_rows, signal_seen
+from model_refs import kept_indices
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -49,23 +51,7 @@ def model():
 
 def prompt(texts: list[list[int]], n_img: int = N) -> list[int]:
     """Text chunks separated by one image each: [t0, <img>*n, t1, <img>*n, ..., tk]."""
-    out: list[int] = []
-    for i, chunk in enumerate(texts):
-        if i:
-            out += [IMG] * n_img
-        out += chunk
-    return out
-
-
-def batch(rows: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    t = max(map(len, rows))
-    ids = torch.zeros(len(rows), t, dtype=torch.long)
-    mask = torch.zeros(len(rows), t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(t - len(r), t) if side == "left" else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r)
-        mask[i, sl] = 1
-    return ids, mask
+    return interleave(texts, [[IMG] * n_img] * (len(texts) - 1))
 
 
 def images(n: int, seed: int = 1) -> torch.Tensor:
@@ -104,10 +90,6 @@ def hand_pruned(model, rows: list[list[int]], pv: torch.Tensor, kept: list[torch
     return embeds, mask, id_rows
 
 
-def kept_indices(model) -> list[torch.Tensor]:
-    return [r.indices[0] for r, _ in tm.last_reductions(model)]
-
-
 ROWS = [prompt([[1, 5, 6], [7, 8, 9, 10]]),
         prompt([[1, 11], [12], [13, 14]]),     # two images
         [1, 15, 16, 17, 18]]                    # text only
@@ -116,7 +98,7 @@ ROWS = [prompt([[1, 5, 6], [7, 8, 9, 10]]),
 # (a) keep everything -----------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["fastervlm", "random", "uniform"])
 def test_keep_all_equals_untouched(model, method):
-    ids, mask = batch(ROWS[:2])
+    ids, mask = pad_rows(ROWS[:2])
     pv = images(3)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
@@ -129,7 +111,7 @@ def test_keep_all_equals_untouched(model, method):
 
 
 def test_keep_fraction_one_equals_untouched(model):
-    ids, mask = batch(ROWS[:1])
+    ids, mask = pad_rows(ROWS[:1])
     pv = images(1)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
@@ -141,7 +123,7 @@ def test_keep_fraction_one_equals_untouched(model):
 # signals: CLS attention from q/k equals eager attention ---------------------------------------
 def test_fastervlm_keeps_top_eager_cls_attention(model):
     pv = images(2)
-    ids, mask = batch(ROWS[:1] * 2)
+    ids, mask = pad_rows(ROWS[:1] * 2)
     eager = copy.deepcopy(model.model.vision_tower)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
@@ -160,7 +142,7 @@ def test_fastervlm_keeps_top_eager_cls_attention(model):
 @pytest.mark.parametrize("method,keep", [("fastervlm", 12), ("random", 20), ("uniform", 16)])
 def test_pruned_equals_hand_pruned(model, method, keep):
     rows = ROWS[:2]
-    ids, mask = batch(rows)
+    ids, mask = pad_rows(rows)
     pv = images(3)
     with tm.applied(model, method, keep), torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
@@ -176,7 +158,7 @@ def test_pruned_equals_hand_pruned(model, method, keep):
 
 def test_labels_follow_the_cut(model):
     rows = ROWS[:2]
-    ids, mask = batch(rows)
+    ids, mask = pad_rows(rows)
     labels = ids.masked_fill((ids == IMG) | (mask == 0), -100)
     pv = images(3)
     with tm.applied(model, "fastervlm", 10), torch.no_grad():
@@ -194,7 +176,7 @@ def test_labels_follow_the_cut(model):
 
 def test_visionzip_keeps_cls_and_merges_before_projector(model):
     rows = ROWS[:1]
-    ids, mask = batch(rows)
+    ids, mask = pad_rows(rows)
     pv = images(1)
     with tm.applied(model, "visionzip", 16), torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
@@ -218,7 +200,7 @@ def test_visionzip_keeps_cls_and_merges_before_projector(model):
 # (c) generate ------------------------------------------------------------------------------
 def test_generate_matches_hand_pruned(model):
     rows = ROWS
-    ids, mask = batch(rows)
+    ids, mask = pad_rows(rows)
     pv = images(3)
     with tm.applied(model, "fastervlm", 8), torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv,
@@ -233,7 +215,7 @@ def test_generate_matches_hand_pruned(model):
 
 
 def test_generate_with_dict_output_and_max_length(model):
-    ids, mask = batch(ROWS[:1])
+    ids, mask = pad_rows(ROWS[:1])
     pv = images(1)
     with tm.applied(model, "uniform", 9), torch.no_grad():
         a = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, do_sample=False,
@@ -246,7 +228,7 @@ def test_generate_with_dict_output_and_max_length(model):
 
 # (d) remove restores the untouched model exactly ---------------------------------------------
 def test_remove_restores_exactly(model):
-    ids, mask = batch(ROWS)
+    ids, mask = pad_rows(ROWS)
     pv = images(3)
     before = dict(model.__dict__)
     with torch.no_grad():
@@ -301,7 +283,7 @@ def _split_images(rows):
 def test_batch_equals_single_samples(model, side):
     rows = ROWS
     pv, per = _split_images(rows)
-    ids, mask = batch(rows, side)
+    ids, mask = pad_rows(rows, side)
     with tm.applied(model, "fastervlm", 6), torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
         plan_valid = out.new_ones(out.shape[:2], dtype=torch.bool)
@@ -316,7 +298,7 @@ def test_batch_equals_single_samples(model, side):
 def test_batch_generate_equals_single(model):
     rows = ROWS
     pv, per = _split_images(rows)
-    ids, mask = batch(rows)
+    ids, mask = pad_rows(rows)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with tm.applied(model, "fastervlm", 6), torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, **kw)
@@ -353,7 +335,7 @@ def test_text_only_call_runs_untouched(model):
 
 def test_inputs_embeds_with_pixel_values(model):
     rows = ROWS[:1]
-    ids, mask = batch(rows)
+    ids, mask = pad_rows(rows)
     pv = images(1)
     with tm.applied(model, "fastervlm", 10), torch.no_grad():
         a = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
@@ -366,7 +348,7 @@ def test_text_signal_for_cdpruner(model):
     if "cdpruner" not in ts.list_methods():
         pytest.skip("cdpruner not registered")
     rows = ROWS[:2]
-    ids, mask = batch(rows)
+    ids, mask = pad_rows(rows)
     pv = images(3)
     with tm.applied(model, "cdpruner", 10, relevance_norm="sample"), torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
@@ -433,29 +415,16 @@ def test_full_strategy_counts_cls_as_a_visual_token():
 def test_multi_layer_signals_equal_eager_attention(model):
     """vtc-cls reads CLS attention of every encoder layer by default ([B, L, N]);
     hiprune with signal_layers gets attention received of the listed layers."""
-    from tokensieve.core import registry
-
     pv = images(1)
-    ids, mask = batch(ROWS[:1])
+    ids, mask = pad_rows(ROWS[:1])
     eager = copy.deepcopy(model.model.vision_tower)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
         att = torch.stack(eager(pv, output_attentions=True).attentions, 1)  # [1, L, H, T, T]
-    seen = {}
-    for name, opts, key in [("vtc-cls", {}, "cls_attn"),
-                            ("hiprune", {"signal_layers": (0, "feature")}, "attn_received")]:
-        spec = registry.get_method(name)
-
-        def spy(tokens, k, signals, config, generator, spec=spec, key=key, name=name):
-            seen[name] = getattr(signals, key)
-            return spec.fn(tokens, k, signals, config, generator)
-
-        registry._REGISTRY[name] = spec.__class__(**{**spec.__dict__, "fn": spy})
-        try:
-            with tm.applied(model, name, 10, **opts), torch.no_grad():
-                model(input_ids=ids, attention_mask=mask, pixel_values=pv)
-        finally:
-            registry._REGISTRY[name] = spec
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv)
+    seen = {"vtc-cls": signal_seen(model, kw, "vtc-cls", 10, "cls_attn"),
+            "hiprune": signal_seen(model, kw, "hiprune", 10, "attn_received",
+                                   signal_layers=(0, "feature"))}
     expect_cls = att[:, :, :, 0, 1:].mean(2)  # every layer, head-mean CLS row
     torch.testing.assert_close(seen["vtc-cls"], expect_cls, atol=1e-6, rtol=1e-5)
     received = att.mean(dim=(2, 3))[..., 1:]  # head- and query-mean columns
@@ -466,7 +435,7 @@ def test_multi_layer_signals_equal_eager_attention(model):
 def test_base_model_class_and_state_record(model):
     """LlavaModel (no LM head) is patched the same way; the state records what runs."""
     base = model.model
-    ids, mask = batch(ROWS[:2])
+    ids, mask = pad_rows(ROWS[:2])
     pv = images(3)
     with torch.no_grad():
         ref = base(input_ids=ids, attention_mask=mask, pixel_values=pv).last_hidden_state
@@ -480,7 +449,7 @@ def test_base_model_class_and_state_record(model):
 
 def test_bfloat16_keep_all_is_exact_and_pruning_runs():
     m = tiny_llava().to(torch.bfloat16)
-    ids, mask = batch(ROWS)
+    ids, mask = pad_rows(ROWS)
     pv = images(3).to(torch.bfloat16)
     with torch.no_grad():
         ref = m(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
@@ -495,7 +464,7 @@ def test_bfloat16_keep_all_is_exact_and_pruning_runs():
 @pytest.mark.parametrize("kw", [dict(num_beams=2), dict(num_beams=2, num_return_sequences=2),
                                 dict(do_sample=True, num_return_sequences=2, top_k=5)])
 def test_generate_beams_and_sampling(model, kw):
-    ids, mask = batch(ROWS)
+    ids, mask = pad_rows(ROWS)
     pv = images(3)
     gen = dict(max_new_tokens=4, pad_token_id=0, **kw)
     with tm.applied(model, "fastervlm", 8), torch.no_grad():
@@ -513,7 +482,7 @@ def test_generate_beams_and_sampling(model, kw):
 
 def test_generate_without_no_grad_builds_no_graph():
     m = tiny_llava()
-    ids, mask = batch(ROWS[:1])
+    ids, mask = pad_rows(ROWS[:1])
     with tm.applied(m, "divprune", 8):
         out = m.generate(input_ids=ids, attention_mask=mask, pixel_values=images(1),
                          max_new_tokens=2, do_sample=False, pad_token_id=0)
