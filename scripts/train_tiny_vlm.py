@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Regenerate the embedded tiny LLaVA checkpoint (deterministic given --seed).
+r"""Regenerate the embedded tiny LLaVA checkpoint (deterministic given --seed).
 
-    python scripts/train_tiny_vlm.py                 # full run (2 CPU cores: about 50 min)
-    python scripts/train_tiny_vlm.py --out /tmp/ck --stage1-steps 20 --stage2-steps 20
+    python scripts/train_tiny_vlm.py                 # full run (2 CPU cores: about 60 min)
+    python scripts/train_tiny_vlm.py --out /tmp/ck --stage1-steps 20 --symbolic-steps 20 \
+        --align-steps 20 --finetune-steps 20
 
-Stage 1 trains the CLIP tower with dense supervision, stage 2 trains projector
-+ LM on cached tower features (see tokensieve.zoo.train). The checkpoint is
-saved in float16 with safetensors, next to a ``training_log.txt``.
+Stage 1 trains the CLIP tower with dense supervision while, in a second
+process, the LM learns the questions on symbolic visual tokens; then the
+projector is fitted to the tower features and projector + LM are fine-tuned
+(see tokensieve.zoo.train). The checkpoint is saved in float16 with
+safetensors, next to a ``training_log.txt``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ def main() -> None:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], int)
             ap.add_argument(flag, type=kind, default=getattr(defaults, f.name))
     ap.add_argument("--tower-file", default=None,
-                    help="stage-1 tower weights: loaded if present (skips stage 1), else saved")
+                    help="stage-1 result: loaded if present (skips stage 1), else saved there")
+    ap.add_argument("--symbolic-file", default=None,
+                    help="stage-2a result: loaded if present (skips it), else saved there")
     ap.add_argument("--val", type=int, default=700, help="val samples for the final check")
     args = ap.parse_args()
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -53,7 +58,8 @@ def main() -> None:
     log(f"config {json.dumps(dataclasses.asdict(cfg))} device={args.device} "
         f"threads={torch.get_num_threads()}")
     model, processor, times = train_tiny_vlm(cfg, log=log, device=args.device,
-                                             tower_file=args.tower_file)
+                                             tower_file=args.tower_file,
+                                             symbolic_file=args.symbolic_file)
     log(f"wall times (s): {json.dumps({k: round(v, 1) for k, v in times.items()})}")
     if args.val:
         acc = quick_eval(model, PromptCodec(processor.tokenizer), "val", args.val,

@@ -165,14 +165,16 @@ def test_training_paths_match_the_llava_forward() -> None:
         assert torch.allclose(logits[r, lens[r] - 1], ref, atol=1e-4)
 
 
-def test_retraining_smoke(tmp_path) -> None:
-    cfg = TrainConfig(stage1_steps=2, stage1_batch=4, stage2_images=8, stage2_steps=2,
-                      stage2_batch=4, questions_per_image=2, drop_prob=0.5, drop_min_keep=8,
-                      log_every=1)
+@pytest.mark.parametrize("parallel", [False, True])
+def test_retraining_smoke(tmp_path, parallel: bool) -> None:
+    cfg = TrainConfig(stage1_steps=2, stage1_batch=4, lm_images=8, lm_batch=4,
+                      questions_per_image=2, symbolic_steps=2, align_steps=2, finetune_steps=2,
+                      log_every=1, parallel=parallel)
     logs: list[str] = []
     model, proc, times = train_tiny_vlm(cfg, SMALL, log=logs.append)
-    assert any("stage1" in m for m in logs) and any("stage2" in m for m in logs)
-    assert times["total_s"] > 0
+    for stage in ("stage1 step", "symbolic step", "align step", "finetune step"):
+        assert any(m.startswith(stage) for m in logs), (stage, logs)
+    assert times["total_s"] > 0 and times["stage1_s"] > 0
     model.half().save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
     loaded, lproc = load_tiny_vlm(path=tmp_path)

@@ -1,7 +1,7 @@
-"""Two-stage training of the tiny LLaVA on generated scene QA.
+"""Training of the tiny LLaVA on generated scene QA (CPU-friendly, deterministic).
 
 End-to-end training of a ViT plus LM from scratch is far too slow on a CPU, so
-training is split in two stages:
+the work is split:
 
 Stage 1 (vision tower alone, dense supervision). The CLIP tower is truncated
 to the layers that feed the LM (the feature layer is ``-2``, i.e. the output of
@@ -16,93 +16,67 @@ encoder layer ``L-2``) and trained with
     real CLIP, where it drives methods such as FasterVLM or VisionZip).
 The last encoder layer is kept (LLaVA runs it) but never reaches the LM.
 
-Stage 2 (projector + LM). The tower is frozen; its feature-layer output is
-cached once per image; several questions per image are trained against one
-shared image prefix (the prefix's key/value cache is computed once and
-repeated for each question, which is exactly equivalent to separate causal
-passes, and several times cheaper). The projector's first layer is initialised
-with the features' per-channel standardisation folded in (the residual stream
-has a large shared offset). Besides the answer (and end-of-sequence) loss, a
-small next-word loss on the question text gives every question position a
-reason to look at the image, and an auxiliary attention loss (``attn_loss``)
-asks that, in every LM layer but the first, at least one head of the answer
-position ("ASSISTANT:") put its attention on the tokens of the objects the
-question is about (known from the generator). Without it, the LM sat at the
-answer prior for thousands of steps: one object's few tokens are diluted among
-576 under near-uniform initial attention. The weights of that one query row are
-recomputed from q and k captured by forward hooks; the model keeps SDPA.
-
-Augmentation choice (visual-token subsets). A pre-LLM token reducer hands the
-LM a subset of the 576 tokens in raster order with contiguous positions, so
-RoPE positions no longer say where a token was; only the CLIP position
-information carried in the features does. Stage 2 therefore mixes three kinds
-of batches: all 576 tokens (the primary target; the rest of the batches after
-the curriculum phase), object-preserving subsets (every token an object's box
-touches plus random background tokens, ``object_prob``), and random subsets
-(``drop_prob``). During the first ``curriculum`` fraction of stage 2 all
-batches are object-preserving with little background: with few tokens the LM
-finds objects much sooner, and these batches are several times cheaper. The
-object-preserving subsets use ground-truth boxes only at training time; they
-make the LM read position and content from the features instead of from
-sequence positions. Reported accuracy is always measured with all tokens
-first; reduced-token results are a benchmark, not a training target.
+Stage 2 (projector + LM, ``tokensieve.zoo.lm_training``): (a) the LM learns the
+questions on *symbolic* visual tokens, embeddings of the per-patch labels that
+stage 1 teaches the tower to produce; this needs no tower, so it runs alongside
+stage 1 (one CPU thread each); (b) with the tower frozen, its features of the
+stage-2 images are cached and the projector is fitted to reproduce the symbolic
+tokens; (c) projector and LM are fine-tuned on the real features.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from .build import PROMPT, TinyConfig, build_model, build_processor, pixel_values
-from .scenes import (
-    COLOR_NAMES,
-    DIGITS,
-    FAMILIES,
-    GRID,
-    MAX_OBJECTS,
-    PATCH,
-    PLURALS,
-    SHAPES,
-    Question,
-    Scene,
-    make_scene,
-    questions_for,
+from .build import TinyConfig, build_model, build_processor, pixel_values
+from .lm_training import (
+    LMPhase,
+    Log,
+    PromptCodec,
+    SymbolicTokens,
+    build_bank,
+    content_probe,
+    lm_answer_logits,
+    lr_at,
+    patch_labels,
+    train_lm,
 )
+from .scenes import COLOR_NAMES, DIGITS, GRID, MAX_OBJECTS, SHAPES, Scene, make_scene
 
-Log = Callable[[str], None]
 N_COUNT = MAX_OBJECTS + 1
-# stage-2 sampling weights of the harder question families (others: 1.0)
-FAMILY_WEIGHTS = {"count": 2.0, "relation": 1.5, "region": 1.25}
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of both stages (defaults: the shipped checkpoint)."""
+    """Hyper-parameters of all stages (defaults: the shipped checkpoint)."""
 
     seed: int = 0
-    stage1_steps: int = 500
+    stage1_steps: int = 1100
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
-    stage2_images: int = 4000
-    stage2_steps: int = 1600
-    stage2_batch: int = 16
+    lm_images: int = 4000
+    lm_batch: int = 16
     questions_per_image: int = 8
-    stage2_lr: float = 2e-3
-    object_prob: float = 0.5
-    drop_prob: float = 0.2
-    curriculum: float = 0.3
-    text_loss: float = 0.5
-    attn_loss: float = 0.5
-    drop_min_keep: int = 48
+    symbolic_steps: int = 1600
+    symbolic_lr: float = 2e-3
+    align_steps: int = 400
+    align_lr: float = 3e-3
+    finetune_steps: int = 800
+    finetune_lr: float = 1e-3
+    attn_loss: float = 1.0
+    probe_loss: float = 1.0
     bf16: bool = True
+    parallel: bool = True
     threads: int | None = None
     log_every: int = 50
 
@@ -250,104 +224,48 @@ def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu")
         if step % cfg.log_every == 0 or step == cfg.stage1_steps - 1:
             accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
             log(f"stage1 step {step} loss={loss.item():.4f} {accs} t={time.time() - t0:.0f}s")
+        if step and step % (cfg.log_every * 4) == 0:
+            log(f"stage1 val {json_dumps(vision_report(model, heads, device=device))}")
+            tower.train()
     tower.eval()
+    log(f"stage1 val {json_dumps(vision_report(model, heads, device=device))}")
     return heads
 
 
-@dataclass
-class QuestionBank:
-    """Per image: its questions grouped by family (token ids of suffix and answer)."""
+def json_dumps(d: dict) -> str:
+    """Compact JSON of a dict of floats (for logs)."""
+    import json
 
-    per_image: list[dict[str, list[tuple[list[int], int, tuple[int, ...]]]]]
-    object_masks: list[np.ndarray]  # per image [n_objects, 576] bool (box-touched patches)
-
-
-class PromptCodec:
-    """Splits the tokenized prompt into a constant prefix and a per-question suffix."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id
-        self.prefix = self.split("?")[0]
-        self._cache: dict[str, list[int]] = {}
-
-    def split(self, question: str) -> tuple[list[int], list[int]]:
-        """(ids before the image tokens, ids after them) for ``question``."""
-        ids = self.tokenizer(PROMPT.format(question=question)).input_ids
-        first = ids.index(self.image_id)
-        last = len(ids) - 1 - ids[::-1].index(self.image_id)
-        return ids[:first], ids[last + 1:]
-
-    def suffix(self, question: str) -> list[int]:
-        """Token ids after the image tokens (cached)."""
-        if question not in self._cache:
-            pre, post = self.split(question)
-            if pre != self.prefix:
-                raise ValueError(f"prompt prefix changed for {question!r}")
-            self._cache[question] = post
-        return self._cache[question]
-
-    def answer_id(self, answer: str) -> int:
-        """The single token id of ``answer``."""
-        ids = self.tokenizer(answer, add_special_tokens=False).input_ids
-        if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
-            raise ValueError(f"answer {answer!r} is not a single known token")
-        return ids[0]
+    return json.dumps({k: round(v, 4) for k, v in d.items()})
 
 
-def build_bank(scenes: list[Scene], codec: PromptCodec, seed: int) -> QuestionBank:
-    """All questions of every family for each scene, tokenized."""
-    per_image = []
-    for i, scene in enumerate(scenes):
-        rng = np.random.default_rng((seed, i, 11))
-        fams = {}
-        for fam in FAMILIES:
-            qs = questions_for(scene, fam, rng)
-            if qs:
-                fams[fam] = [(codec.suffix(q.question), codec.answer_id(q.answer),
-                              question_objects(scene, q)) for q in qs]
-        per_image.append(fams)
-    return QuestionBank(per_image, [box_masks(s) for s in scenes])
+@torch.no_grad()
+def vision_report(model, heads: VisionHeads, n: int = 128, device: str = "cpu") -> dict:
+    """Stage-1 head accuracy on validation scenes, on the patches where it matters.
 
-
-def box_masks(scene: Scene) -> np.ndarray:
-    """[n_objects, 576] bool: the patches each object's bounding box touches."""
-    out = np.zeros((len(scene.objects), GRID, GRID), bool)
-    for j, o in enumerate(scene.objects):
-        x0, y0, x1, y1 = o.box
-        out[j, y0 // PATCH:(y1 - 1) // PATCH + 1, x0 // PATCH:(x1 - 1) // PATCH + 1] = True
-    return out.reshape(len(scene.objects), -1)
-
-
-def question_objects(scene: Scene, q: Question) -> tuple[int, ...]:
-    """Indices (into ``scene.objects``) of the objects a question is about."""
-    w = q.question.split()
-    objs = scene.objects
-
-    def find(**attrs) -> tuple[int, ...]:
-        return tuple(j for j, o in enumerate(objs) if o.kind == "shape"
-                     and all(getattr(o, k) == v for k, v in attrs.items()))
-
-    if q.family == "existence":
-        return find(color=w[3], shape=w[4]) if q.answer == "yes" else ()
-    if q.family == "color":
-        return find(shape=w[-2])
-    if q.family == "shape":
-        return find(color=w[-3])
-    if q.family == "count":
-        if w[2] == "shapes":
-            return find()
-        if w[2] in COLOR_NAMES:
-            return find(color=w[2])
-        return tuple(j for j, o in enumerate(objs) if o.kind == "shape"
-                     and PLURALS[o.shape] == w[2])
-    if q.family == "relation":
-        return find(color=w[2], shape=w[3]) + find(color=w[-3], shape=w[-2])
-    if q.family == "region":
-        return find(color=w[3], shape=w[4])
-    return tuple(j for j, o in enumerate(objs) if o.kind == "sign")
+    Shape on patches of shapes, digit on patches of signs, colour on all
+    patches, centre recall, and the CLS heads' total count and sign digit.
+    """
+    scenes = [make_scene("val", 50_000 + i) for i in range(n)]
+    pix = pixel_values([s.image for s in scenes]).to(device)
+    t = scene_targets(scenes)
+    was = heads.training
+    heads.eval()
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        hidden = feature_layer(model, pix)
+    (p_col, p_shape, p_digit, p_center, _), (g_count, *_rest, g_digit) = heads(hidden.float())
+    heads.train(was)
+    on_shape, on_sign = t["shape"] > 0, t["digit"] > 0
+    centre = t["center"].bool()
+    return {
+        "color": (p_col.argmax(-1).cpu() == t["color"]).float().mean().item(),
+        "shape": (p_shape.argmax(-1).cpu() == t["shape"])[on_shape].float().mean().item(),
+        "digit": (p_digit.argmax(-1).cpu() == t["digit"])[on_sign].float().mean().item(),
+        "center_recall": (p_center.squeeze(-1).cpu() > 0)[centre].float().mean().item(),
+        "center_fp": (p_center.squeeze(-1).cpu() > 0)[~centre].float().mean().item(),
+        "cls_count": (g_count.argmax(-1).cpu() == t["count"]).float().mean().item(),
+        "cls_digit": (g_digit.argmax(-1).cpu() == t["sign"]).float().mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -363,102 +281,12 @@ def cache_features(model, scenes: list[Scene], batch: int = 64, device: str = "c
     return torch.cat(out)
 
 
-def _sample_questions(bank: QuestionBank, idx: list[int], k: int, rng: np.random.Generator):
-    rows = []
-    for i in idx:
-        fams = bank.per_image[i]
-        names = sorted(fams)
-        weights = np.array([FAMILY_WEIGHTS.get(f, 1.0) for f in names])
-        for _ in range(k):
-            fam = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-            qs = fams[fam]
-            if fam == "existence":  # balance yes / no
-                want = bool(rng.random() < 0.5)
-                qs = [q for q in qs if (q[1] == bank_yes_id(bank)) == want] or qs
-            suffix, ans, objs = qs[int(rng.integers(0, len(qs)))]
-            target = bank.object_masks[i][list(objs)].any(0) if objs else None
-            rows.append((suffix, ans, target))
-    return rows
-
-
-def bank_yes_id(bank: QuestionBank) -> int:
-    """Token id of "yes" (stored on the bank by ``train_language``)."""
-    return bank.yes_id  # type: ignore[attr-defined]
-
-
-def lm_answer_logits(model, codec: PromptCodec, image_embeds: torch.Tensor,
-                     suffixes: list[list[int]], repeat: int = 1) -> tuple[torch.Tensor, list]:
-    """Logits after each suffix for image-prefix embeddings shared by ``repeat`` questions.
-
-    ``image_embeds``: projected visual tokens [B, K, D]. Returns the logits
-    [B * repeat, S, V] of the right-padded suffixes and their lengths.
-    """
-    lm = model.model.language_model
-    embed = lm.get_input_embeddings()
-    b = image_embeds.shape[0]
-    dev = image_embeds.device
-    prefix_ids = torch.tensor(codec.prefix, device=dev)
-    prefix = torch.cat([embed(prefix_ids)[None].expand(b, -1, -1).to(image_embeds.dtype),
-                        image_embeds], dim=1)
-    out = lm(inputs_embeds=prefix, use_cache=True)
-    cache = out.past_key_values
-    if repeat > 1:
-        cache.batch_repeat_interleave(repeat)
-    lens = [len(s) for s in suffixes]
-    width = max(lens)
-    ids = torch.full((len(suffixes), width), codec.pad_id, dtype=torch.long)
-    for r, s in enumerate(suffixes):
-        ids[r, : len(s)] = torch.tensor(s)
-    ids = ids.to(dev)
-    plen = prefix.shape[1]
-    pos = (plen + torch.arange(width, device=dev))[None].expand(len(suffixes), -1)
-    out2 = lm(inputs_embeds=embed(ids), past_key_values=cache, position_ids=pos, use_cache=False)
-    return model.lm_head(out2.last_hidden_state), lens
-
-
-def object_masks(scenes: list[Scene]) -> np.ndarray:
-    """[N, 576] bool: patches touched by any object's bounding box (shapes and signs)."""
-    return np.stack([box_masks(s).any(0) for s in scenes])
-
-
-def _select_tokens(masks: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
-                   progress: float = 1.0):
-    """Kept visual-token indices [B, L] (raster order) for one batch, or None for all.
-
-    With probability ``object_prob`` every image keeps all tokens its objects
-    touch plus random background tokens, padded to a common length; with
-    probability ``drop_prob`` a random subset of at least ``drop_min_keep``.
-    Curriculum: during the first ``curriculum`` fraction of training
-    (``progress`` in [0, 1]) every batch is object-preserving with few
-    background tokens, so that the LM first learns to find objects among a
-    handful of tokens.
-    """
-    warm = cfg.curriculum > 0 and progress < cfg.curriculum
-    object_prob = 1.0 if warm else cfg.object_prob
-    max_extra = 16 if warm else 96
-    b, n = masks.shape
-    r = rng.random()
-    if r < object_prob:
-        length = min(n, int(masks.sum(1).max()) + int(rng.integers(0, max_extra + 1)))
-        rows = []
-        for m in masks:
-            obj, bg = np.flatnonzero(m), np.flatnonzero(~m)
-            extra = rng.choice(bg, length - len(obj), replace=False)
-            rows.append(np.sort(np.concatenate([obj, extra])))
-        return np.stack(rows)
-    if r < object_prob + cfg.drop_prob:
-        keep = int(rng.integers(cfg.drop_min_keep, n + 1))
-        return np.sort(np.stack([rng.choice(n, keep, replace=False) for _ in range(b)]), axis=1)
-    return None
-
-
 @torch.no_grad()
 def standardize_projector(model, feats: torch.Tensor) -> None:
     """Fold per-channel feature standardisation into the projector's first linear layer.
 
     The feature layer's residual stream carries a large shared offset (about
-    2.5x the token-to-token variation); a data-dependent init that removes it
-    lets the LM tell visual tokens apart from the first step.
+    2.5x the token-to-token variation); removing it conditions the fit.
     """
     x = feats.float().flatten(0, 1)
     mu, sigma = x.mean(0), x.std(0).clamp(min=1e-3)
@@ -467,202 +295,190 @@ def standardize_projector(model, feats: torch.Tensor) -> None:
     lin.bias.sub_(lin.weight @ mu)
 
 
-def _question_loss(logits: torch.Tensor, suffixes: list[list[int]], lens: list[int]):
-    """Mean next-token loss over the question words of each suffix (answer excluded)."""
-    width = logits.shape[1]
-    target = torch.full((len(suffixes), width), -100, dtype=torch.long)
-    for r, (sfx, n) in enumerate(zip(suffixes, lens, strict=True)):
-        target[r, : n - 2] = torch.tensor(sfx[1 : n - 1])  # up to "ASSISTANT:"
-    return F.cross_entropy(logits.flatten(0, 1), target.to(logits.device).flatten(),
-                           ignore_index=-100)
-
-
-def train_language(model, codec: PromptCodec, feats: torch.Tensor, bank: QuestionBank,
-                   cfg: TrainConfig, log: Log = print, device: str = "cpu",
-                   masks: np.ndarray | None = None) -> None:
-    """Stage 2: train projector + LM on cached features (tower frozen).
-
-    ``masks``: per-image object masks (see ``object_masks``) for the
-    object-preserving subsets; without them those batches use all tokens.
-    """
-    if masks is None:
-        masks = np.ones((feats.shape[0], feats.shape[1]), bool)
-    dev = torch.device(device)
-    torch.manual_seed(cfg.seed + 2)
-    rng = np.random.default_rng((cfg.seed, 22))
-    bank.yes_id = codec.answer_id("yes")  # type: ignore[attr-defined]
-    model.model.vision_tower.requires_grad_(False)
+def align_projector(model, symbolic: SymbolicTokens, feats: torch.Tensor, labels: torch.Tensor,
+                    cfg: TrainConfig, log: Log = print) -> None:
+    """Fit the projector so that projected tower features reproduce the symbolic tokens."""
+    proj = model.model.multi_modal_projector
+    dev = next(proj.parameters()).device
     standardize_projector(model, feats[:256])
-    params = (list(model.model.multi_modal_projector.parameters())
-              + list(model.model.language_model.parameters()) + list(model.lm_head.parameters()))
-    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.01)
-    model.model.multi_modal_projector.train()
-    model.model.language_model.train()
-    capture = AttentionCapture(model.model.language_model)
-    n = feats.shape[0]
-    order = rng.permutation(n)
-    pos = 0
+    rng = np.random.default_rng((cfg.seed, 33))
+    opt = torch.optim.AdamW(proj.parameters(), lr=cfg.align_lr, weight_decay=0.0)
+    index = torch.arange(feats.shape[1], device=dev)[None]
     t0 = time.time()
-    k = cfg.questions_per_image
-    for step in range(cfg.stage2_steps):
-        if pos + cfg.stage2_batch > n:
-            order, pos = rng.permutation(n), 0
-        idx = [int(i) for i in order[pos:pos + cfg.stage2_batch]]
-        pos += cfg.stage2_batch
-        x = feats[idx].to(dev).float()
-        sel = _select_tokens(masks[idx], cfg, rng, step / cfg.stage2_steps)
-        if sel is not None:
-            x = torch.gather(x, 1, torch.from_numpy(sel).to(dev)[..., None]
-                             .expand(-1, -1, x.shape[-1]))
-        rows = _sample_questions(bank, idx, k, rng)
-        suffixes = [s + [a] for s, a, _ in rows]
+    for step in range(cfg.align_steps):
+        idx = torch.from_numpy(rng.choice(feats.shape[0], cfg.lm_batch, replace=False))
+        with torch.no_grad():
+            target = symbolic(labels[idx].to(dev), index.expand(len(idx), -1)).float()
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.stage2_steps, cfg.stage2_lr)
-        with _autocast(cfg, dev), capture:
-            img = model.model.multi_modal_projector(x)
-            logits, lens = lm_answer_logits(model, codec, img, suffixes, repeat=k)
-        logits = logits.float()
-        r = torch.arange(len(rows), device=dev)
-        last = torch.tensor(lens, device=dev)
-        ans = torch.tensor([a for _, a, _ in rows], device=dev)
-        ans_logits = logits[r, last - 2]  # prediction made at "ASSISTANT:"
-        eos_logits = logits[r, last - 1]  # after the answer: end of sequence
-        loss = F.cross_entropy(ans_logits, ans) + 0.2 * F.cross_entropy(
-            eos_logits, torch.full_like(ans, codec.eos_id))
-        if cfg.text_loss > 0:  # next-word loss on the question text (dense grounding signal)
-            loss = loss + cfg.text_loss * _question_loss(logits, suffixes, lens)
-        if cfg.attn_loss > 0:
-            targets = _kept_targets([t for _, _, t in rows], sel, k, x.shape[1])
-            attn_loss = capture.loss(targets, lens, len(codec.prefix))
-            loss = loss + cfg.attn_loss * attn_loss
+            g["lr"] = lr_at(step, cfg.align_steps, cfg.align_lr)
+        pred = proj(feats[idx].to(dev).float())
+        loss = F.mse_loss(pred, target) / target.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % cfg.log_every == 0 or step == cfg.stage2_steps - 1:
-            acc = (ans_logits.argmax(-1) == ans).float().mean().item()
-            extra = f" attn={attn_loss.item():.3f}" if cfg.attn_loss > 0 else ""
-            log(f"stage2 step {step} loss={loss.item():.4f} acc={acc:.3f}{extra} "
-                f"t={time.time() - t0:.0f}s")
-    capture.remove()
-    model.eval()
+        if (step + 1) % (cfg.log_every * 2) == 0 or step == cfg.align_steps - 1:
+            log(f"align step {step + 1} relative mse={loss.item():.4f} t={time.time() - t0:.0f}s")
 
 
-def _kept_targets(targets: list, sel: np.ndarray | None, k: int, n_img: int):
-    """[B*K, n_img] bool targets restricted to the kept tokens (None rows: all False)."""
-    out = torch.zeros(len(targets), n_img, dtype=torch.bool)
-    for r, t in enumerate(targets):
-        if t is None:
-            continue
-        t = torch.from_numpy(t)
-        out[r] = t if sel is None else t[torch.from_numpy(sel[r // k])]
-    return out
+def _stage1_worker(cfg: TrainConfig, tiny: TinyConfig, device: str, out: str) -> None:
+    """Stage 1 in its own process (one thread), alongside the symbolic LM stage."""
+    torch.set_num_threads(1)
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        lines.append(msg)
+
+    model = build_model(tiny, build_processor().tokenizer, seed=cfg.seed).to(device)
+    t0 = time.time()
+    train_vision(model, cfg, log, device)
+    torch.save({"tower": model.model.vision_tower.state_dict(), "log": lines,
+                "seconds": time.time() - t0}, out)
 
 
-class AttentionCapture:
-    """Forward hooks on LM attention layers 1.. that keep post-RoPE queries and cached keys.
+def _train_tower(model, cfg: TrainConfig, tiny: TinyConfig, device: str, tower_file: str | None,
+                 log: Log):
+    """Stage 1, or its saved result: returns a handle to join (or None) and a loader."""
+    tower = model.model.vision_tower
+    if tower_file and os.path.exists(tower_file):
+        log(f"stage1 skipped: vision tower loaded from {tower_file}")
+        return None, lambda: torch.load(tower_file, map_location=device)
+    if not cfg.parallel:
+        t0 = time.time()
+        train_vision(model, cfg, log, device)
+        state = {"tower": tower.state_dict(), "log": [], "seconds": time.time() - t0}
+        if tower_file:
+            torch.save(state, tower_file)
+        return None, lambda: state
+    out = tower_file or os.path.join(tempfile.mkdtemp(prefix="tiny-vlm-"), "tower.pt")
+    proc = mp.get_context("spawn").Process(target=_stage1_worker,
+                                           args=(cfg, tiny, device, out))
+    proc.start()
+    log(f"stage1 started in process {proc.pid} (1 thread)")
 
-    Used for an auxiliary loss on the answer position's attention: at least one
-    head of each hooked layer should put its mass on the tokens of the objects
-    the question is about. The model keeps its SDPA attention; the weights of
-    the one query row are recomputed from q and k.
+    def join():
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"stage-1 process failed with exit code {proc.exitcode}")
+        return torch.load(out, map_location=device)
+
+    return proc, join
+
+
+def stage2_scenes(cfg: TrainConfig) -> list[Scene]:
+    """The stage-2 training scenes (disjoint from the stage-1 scenes)."""
+    offset = 10_000_000
+    return [make_scene("train", offset + i) for i in range(cfg.lm_images)]
+
+
+def _lm_kwargs(cfg: TrainConfig, log: Log) -> dict:
+    return dict(batch=cfg.lm_batch, questions_per_image=cfg.questions_per_image,
+                seed=cfg.seed, attn_weight=cfg.attn_loss, probe_weight=cfg.probe_loss,
+                bf16=cfg.bf16, log=log, log_every=cfg.log_every)
+
+
+def train_symbolic(model, codec: PromptCodec, bank, labels: torch.Tensor, cfg: TrainConfig,
+                   log: Log = print) -> dict:
+    """Stage 2a: the LM learns the questions on symbolic visual tokens (no tower needed).
+
+    Returns the state to carry on with: LM, LM head, symbolic embeddings, probe.
     """
+    lm = model.model.language_model
+    dev = next(lm.parameters()).device
+    dim = lm.config.hidden_size
+    symbolic = SymbolicTokens(dim).to(dev)
+    probe = content_probe(dim).to(dev)
 
-    def __init__(self, lm: nn.Module) -> None:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    def symbolic_tokens(idx: list[int], sel: torch.Tensor) -> torch.Tensor:
+        lab = torch.gather(labels[idx].to(sel.device), 1, sel[..., None].expand(-1, -1, 4))
+        return symbolic(lab, sel)
 
-        self._rope = apply_rotary_pos_emb
-        self.active = False
-        self.store: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-        self.handles = [layer.self_attn.register_forward_hook(self._hook, with_kwargs=True)
-                        for layer in list(lm.layers)[1:]]
-
-    def remove(self) -> None:
-        """Detach the hooks."""
-        for h in self.handles:
-            h.remove()
-
-    def __enter__(self):
-        self.active, self.store = True, []
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.active = False
-
-    def _hook(self, module, args, kwargs, output) -> None:
-        cache = kwargs.get("past_key_values")
-        h = kwargs["hidden_states"]
-        if not self.active or cache is None or h.shape[1] == 0:
-            return
-        keys = cache.layers[module.layer_idx].keys
-        if keys.shape[2] == h.shape[1]:  # the prefix pass: nothing to supervise
-            return
-        b, s, _ = h.shape
-        q = module.q_proj(h).view(b, s, -1, module.head_dim).transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]
-        q, _ = self._rope(q, q, cos, sin)
-        self.store.append((q, keys, module.scaling))
-
-    def loss(self, targets: torch.Tensor, lens: list[int], n_text: int) -> torch.Tensor:
-        """Mean over hooked layers and rows with a target of -log(best head's target mass)."""
-        rows = targets.any(-1).nonzero().flatten()
-        if len(rows) == 0 or not self.store:
-            return torch.zeros(())
-        qpos = torch.tensor(lens)[rows] - 2  # the "ASSISTANT:" position
-        n_img = targets.shape[1]
-        total = torch.zeros(())
-        for q, keys, scaling in self.store:
-            plen = keys.shape[2] - q.shape[2]
-            qr = q[rows, :, qpos].float()  # [R, H, d]
-            scores = torch.einsum("rhd,rhkd->rhk", qr, keys[rows].float()) * scaling
-            limit = plen + qpos
-            visible = torch.arange(keys.shape[2])[None] <= limit[:, None]
-            attn = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
-            img = attn[..., n_text:n_text + n_img]
-            mass = (img * targets[rows, None].to(img.dtype)).sum(-1)  # [R, H]
-            total = total - torch.log(mass.max(-1).values + 1e-4).mean()
-        return total / len(self.store)
+    t0 = time.time()
+    train_lm(model, codec, bank, LMPhase(
+        "symbolic", cfg.symbolic_steps, cfg.symbolic_lr, symbolic_tokens,
+        list(symbolic.parameters()) + list(lm.parameters()) + list(model.lm_head.parameters()),
+        full_prob=lambda p: 0.25 * min(1.0, 1.5 * p),
+        max_extra=lambda p: int(8 + 200 * min(1.0, 2 * p))), probe, **_lm_kwargs(cfg, log))
+    return {"lm": lm.state_dict(), "lm_head": model.lm_head.state_dict(),
+            "symbolic": symbolic.state_dict(), "probe": probe.state_dict(),
+            "seconds": time.time() - t0}
 
 
 def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = print,
-                   device: str = "cpu", tower_file: str | None = None):
-    """Run both stages; returns (model in float32, processor, wall-time dict).
+                   device: str = "cpu", tower_file: str | None = None,
+                   symbolic_file: str | None = None):
+    """Train the tiny LLaVA; returns (model in float32, processor, wall-time dict).
 
-    ``tower_file``: if it exists, stage 1 is skipped and the vision tower is
-    loaded from it (a previous run with the same config wrote it); otherwise
-    the stage-1 tower is saved there. Useful to redo stage 2 alone.
+    Stage 1 (vision tower) and stage 2a (LM on symbolic tokens) are independent:
+    with ``cfg.parallel`` they run at the same time, one CPU thread each. Then
+    tower features of the stage-2 images are cached, the projector is fitted
+    to the symbolic tokens (2b) and projector + LM are fine-tuned on real
+    features (2c). ``tower_file`` / ``symbolic_file``: if the file exists,
+    stage 1 / stage 2a is skipped and its result loaded from it; otherwise the
+    result is saved there (to redo later stages alone).
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or torch.get_num_threads()
     tiny = tiny or TinyConfig()
     processor = build_processor()
     tokenizer = processor.tokenizer
     model = build_model(tiny, tokenizer, seed=cfg.seed).to(device)
     times: dict[str, float] = {}
     t0 = time.time()
-    tower = model.model.vision_tower
-    if tower_file and os.path.exists(tower_file):
-        tower.load_state_dict(torch.load(tower_file, map_location=device))
-        tower.eval()
-        log(f"stage1 skipped: vision tower loaded from {tower_file}")
-    else:
-        train_vision(model, cfg, log, device)
-        if tower_file:
-            torch.save(tower.state_dict(), tower_file)
-    times["stage1_s"] = time.time() - t0
-    t1 = time.time()
-    offset = 10_000_000  # stage-2 images are disjoint from stage-1 images
-    scenes = [make_scene("train", offset + i) for i in range(cfg.stage2_images)]
-    feats = cache_features(model, scenes, device=device, bf16=cfg.bf16)
+    proc, tower_result = _train_tower(model, cfg, tiny, device, tower_file, log)
+    torch.set_num_threads(1 if proc is not None else threads)
+
+    scenes = stage2_scenes(cfg)
     codec = PromptCodec(tokenizer)
     bank = build_bank(scenes, codec, cfg.seed)
-    masks = object_masks(scenes)
-    del scenes
-    times["cache_s"] = time.time() - t1
-    log(f"cached {tuple(feats.shape)} features in {times['cache_s']:.0f}s")
+    labels = patch_labels(scenes)
+    t1 = time.time()
+    if symbolic_file and os.path.exists(symbolic_file):
+        sym_state = torch.load(symbolic_file, map_location=device)
+        log(f"symbolic stage skipped: loaded from {symbolic_file}")
+    else:
+        sym_state = train_symbolic(model, codec, bank, labels, cfg, log)
+        if symbolic_file:
+            torch.save(sym_state, symbolic_file)
+    model.model.language_model.load_state_dict(sym_state["lm"])
+    model.lm_head.load_state_dict(sym_state["lm_head"])
+    dim = model.model.language_model.config.hidden_size
+    symbolic = SymbolicTokens(dim).to(device)
+    symbolic.load_state_dict(sym_state["symbolic"])
+    probe = content_probe(dim).to(device)
+    probe.load_state_dict(sym_state["probe"])
+    times["symbolic_s"] = sym_state.get("seconds", time.time() - t1)
+
+    state = tower_result()
+    model.model.vision_tower.load_state_dict(state["tower"])
+    for line in state.get("log", []):
+        log(line)
+    times["stage1_s"] = state.get("seconds", 0.0)
+    times["stage1_and_symbolic_wall_s"] = time.time() - t0
+    torch.set_num_threads(threads)
+    model.model.vision_tower.requires_grad_(False).eval()
+
     t2 = time.time()
-    train_language(model, codec, feats, bank, cfg, log, device, masks)
-    times["stage2_s"] = time.time() - t2
+    feats = cache_features(model, scenes, device=device, bf16=cfg.bf16)
+    del scenes
+    times["cache_s"] = time.time() - t2
+    log(f"cached {tuple(feats.shape)} features in {times['cache_s']:.0f}s")
+    t3 = time.time()
+    symbolic.requires_grad_(False)
+    align_projector(model, symbolic, feats, labels, cfg, log)
+    times["align_s"] = time.time() - t3
+    proj = model.model.multi_modal_projector
+
+    def real_tokens(idx: list[int], sel: torch.Tensor) -> torch.Tensor:
+        x = feats[idx].to(sel.device)
+        return proj(torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1])).float())
+
+    t4 = time.time()
+    train_lm(model, codec, bank, LMPhase(
+        "finetune", cfg.finetune_steps, cfg.finetune_lr, real_tokens,
+        list(proj.parameters()) + list(model.model.language_model.parameters())
+        + list(model.lm_head.parameters()),
+        full_prob=lambda p: 0.5, max_extra=lambda p: 200), probe, **_lm_kwargs(cfg, log))
+    times["finetune_s"] = time.time() - t4
     times["total_s"] = time.time() - t0
     return model.float().eval(), processor, times
 
