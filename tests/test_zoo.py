@@ -169,10 +169,10 @@ def test_training_paths_match_the_llava_forward() -> None:
 def test_retraining_smoke(tmp_path, parallel: bool) -> None:
     cfg = TrainConfig(stage1_steps=2, stage1_batch=4, lm_images=8, lm_batch=4,
                       questions_per_image=2, symbolic_steps=2, align_steps=2, finetune_steps=2,
-                      log_every=1, parallel=parallel)
+                      refine_steps=2, log_every=1, parallel=parallel)
     logs: list[str] = []
     model, proc, times = train_tiny_vlm(cfg, SMALL, log=logs.append)
-    for stage in ("stage1 step", "symbolic step", "align step", "finetune step"):
+    for stage in ("stage1 step", "symbolic step", "refine step", "align step", "finetune step"):
         assert any(m.startswith(stage) for m in logs), (stage, logs)
     assert times["total_s"] > 0 and times["stage1_s"] > 0
     model.half().save_pretrained(tmp_path)

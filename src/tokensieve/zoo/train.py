@@ -64,6 +64,9 @@ class TrainConfig:
     stage1_steps: int = 1100
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
+    refine_steps: int = 500
+    refine_lr: float = 1e-3
+    refine_detail_weight: float = 3.0
     lm_images: int = 4000
     lm_batch: int = 16
     questions_per_image: int = 8
@@ -129,15 +132,19 @@ _ROWCOL = torch.stack(torch.meshgrid(torch.arange(GRID), torch.arange(GRID), ind
                       dim=-1).reshape(-1, 2).float() / (GRID - 1)
 
 
-def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Tensor]):
-    """Sum of the dense and global stage-1 losses (and patch-colour accuracy)."""
+def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Tensor],
+                detail_weight: float = 1.0):
+    """Sum of the dense and global stage-1 losses (and patch-colour accuracy).
+
+    ``detail_weight`` scales the per-patch shape and digit terms.
+    """
     (p_col, p_shape, p_digit, p_center, p_pos), (g_count, g_col, g_shape, g_pairs, g_digit) = (
         heads(hidden)
     )
     ce = F.cross_entropy
     loss = ce(p_col.flatten(0, 1), t["color"].flatten())
-    loss = loss + ce(p_shape.flatten(0, 1), t["shape"].flatten())
-    loss = loss + ce(p_digit.flatten(0, 1), t["digit"].flatten())
+    loss = loss + detail_weight * ce(p_shape.flatten(0, 1), t["shape"].flatten())
+    loss = loss + detail_weight * ce(p_digit.flatten(0, 1), t["digit"].flatten())
     loss = loss + F.binary_cross_entropy_with_logits(
         p_center.squeeze(-1), t["center"], pos_weight=torch.tensor(20.0))
     loss = loss + 4.0 * F.mse_loss(p_pos, _ROWCOL.expand_as(p_pos))
@@ -194,41 +201,51 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
 
-def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu") -> VisionHeads:
-    """Stage 1: train the (truncated) vision tower with dense supervision."""
+def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu",
+                 heads: VisionHeads | None = None, refine: bool = False) -> VisionHeads:
+    """Stage 1: train the (truncated) vision tower with dense supervision.
+
+    ``refine``: the second pass (``cfg.refine_steps`` on other scenes, per-patch
+    shape and digit losses weighted ``cfg.refine_detail_weight``), continuing
+    from ``heads``: shapes and digits need to be read from each token, and
+    are the slowest to learn.
+    """
     dev = torch.device(device)
-    torch.manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.seed + (3 if refine else 1))
     tower = model.model.vision_tower
-    heads = VisionHeads(tower.config.hidden_size).to(dev)
+    heads = heads or VisionHeads(tower.config.hidden_size).to(dev)
+    steps, lr = (cfg.refine_steps, cfg.refine_lr) if refine else (cfg.stage1_steps, cfg.stage1_lr)
+    weight, first_scene = (cfg.refine_detail_weight, 5_000_000) if refine else (1.0, 0)
+    name = "refine" if refine else "stage1"
     # the unused last layer and post-layernorm get no gradient: train only used params
     with TruncatedTower(model):
         used = {id(p) for p in tower.parameters()}
     params = [p for p in tower.parameters() if id(p) in used] + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     tower.train()
     t0 = time.time()
-    for step in range(cfg.stage1_steps):
-        first = step * cfg.stage1_batch
+    for step in range(steps):
+        first = first_scene + step * cfg.stage1_batch
         scenes = [make_scene("train", first + i) for i in range(cfg.stage1_batch)]
         pix = pixel_values([s.image for s in scenes]).to(dev)
         targets = {k: v.to(dev) for k, v in scene_targets(scenes).items()}
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.stage1_steps, cfg.stage1_lr)
+            g["lr"] = _lr(step, steps, lr)
         with _autocast(cfg, dev):
             hidden = feature_layer(model, pix)
-        loss, acc = stage1_loss(heads, hidden.float(), targets)
+        loss, acc = stage1_loss(heads, hidden.float(), targets, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % cfg.log_every == 0 or step == cfg.stage1_steps - 1:
+        if step % cfg.log_every == 0 or step == steps - 1:
             accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
-            log(f"stage1 step {step} loss={loss.item():.4f} {accs} t={time.time() - t0:.0f}s")
+            log(f"{name} step {step} loss={loss.item():.4f} {accs} t={time.time() - t0:.0f}s")
         if step and step % (cfg.log_every * 4) == 0:
-            log(f"stage1 val {json_dumps(vision_report(model, heads, device=device))}")
+            log(f"{name} val {json_dumps(vision_report(model, heads, device=device))}")
             tower.train()
     tower.eval()
-    log(f"stage1 val {json_dumps(vision_report(model, heads, device=device))}")
+    log(f"{name} val {json_dumps(vision_report(model, heads, device=device))}")
     return heads
 
 
@@ -331,9 +348,9 @@ def _stage1_worker(cfg: TrainConfig, tiny: TinyConfig, device: str, out: str) ->
 
     model = build_model(tiny, build_processor().tokenizer, seed=cfg.seed).to(device)
     t0 = time.time()
-    train_vision(model, cfg, log, device)
-    torch.save({"tower": model.model.vision_tower.state_dict(), "log": lines,
-                "seconds": time.time() - t0}, out)
+    heads = train_vision(model, cfg, log, device)
+    torch.save({"tower": model.model.vision_tower.state_dict(), "heads": heads.state_dict(),
+                "log": lines, "seconds": time.time() - t0}, out)
 
 
 def _train_tower(model, cfg: TrainConfig, tiny: TinyConfig, device: str, tower_file: str | None,
@@ -345,8 +362,9 @@ def _train_tower(model, cfg: TrainConfig, tiny: TinyConfig, device: str, tower_f
         return None, lambda: torch.load(tower_file, map_location=device)
     if not cfg.parallel:
         t0 = time.time()
-        train_vision(model, cfg, log, device)
-        state = {"tower": tower.state_dict(), "log": [], "seconds": time.time() - t0}
+        heads = train_vision(model, cfg, log, device)
+        state = {"tower": tower.state_dict(), "heads": heads.state_dict(), "log": [],
+                 "seconds": time.time() - t0}
         if tower_file:
             torch.save(state, tower_file)
         return None, lambda: state
@@ -435,6 +453,8 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
     if symbolic_file and os.path.exists(symbolic_file):
         sym_state = torch.load(symbolic_file, map_location=device)
         log(f"symbolic stage skipped: loaded from {symbolic_file}")
+        for line in sym_state.get("log", []):
+            log(line)
     else:
         sym_state = train_symbolic(model, codec, bank, labels, cfg, log)
         if symbolic_file:
@@ -455,6 +475,11 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
     times["stage1_s"] = state.get("seconds", 0.0)
     times["stage1_and_symbolic_wall_s"] = time.time() - t0
     torch.set_num_threads(threads)
+    t5 = time.time()
+    heads = VisionHeads(model.model.vision_tower.config.hidden_size).to(device)
+    heads.load_state_dict(state["heads"])
+    train_vision(model, cfg, log, device, heads=heads, refine=True)
+    times["refine_s"] = time.time() - t5
     model.model.vision_tower.requires_grad_(False).eval()
 
     t2 = time.time()
