@@ -60,7 +60,7 @@ from .scenes import (
 
 Log = Callable[[str], None]
 # sampling weights of the harder question families (others: 1.0)
-FAMILY_WEIGHTS = {"count": 2.0, "relation": 1.5, "region": 1.25}
+FAMILY_WEIGHTS = {"count": 2.0, "relation": 2.0, "region": 1.25}
 # question content: family, first colour, first shape, second colour, second shape (0 = none)
 CONTENT_SIZES = (len(FAMILIES), len(COLOR_NAMES) + 1, len(SHAPES) + 1,
                  len(COLOR_NAMES) + 1, len(SHAPES) + 1)
@@ -248,20 +248,27 @@ class SymbolicTokens(nn.Module):
     """Visual tokens made from ground-truth patch labels and grid position.
 
     The sum of one learned embedding per label (the labels stage 1 teaches the
-    vision tower to produce) and per grid row and column. Trains the LM before
-    the tower exists; the projector is then fitted to reproduce these tokens.
+    vision tower to produce), per grid row and column, and a linear code of the
+    (row, column) coordinates: with coordinates linear in the token, "left of"
+    and "above" become a difference of two retrieved values, which the LM
+    learns far sooner than from position lookup tables alone (the tower's
+    features carry them linearly too: stage 1 regresses them). Trains the LM
+    before the tower exists; the projector is then fitted to reproduce these
+    tokens.
     """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.tables = nn.ModuleList(nn.Embedding(n, dim) for n in
                                     (len(COLOR_NAMES) + 2, len(SHAPES) + 1, 11, 2, GRID, GRID))
+        self.coords = nn.Linear(2, dim, bias=False)
 
     def forward(self, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``labels`` [B, L, 4] of the patches at raster ``index`` [B, L] -> [B, L, dim]."""
-        parts = [labels[..., 0], labels[..., 1], labels[..., 2], labels[..., 3],
-                 index // GRID, index % GRID]
-        return sum(t(p) for t, p in zip(self.tables, parts, strict=True))
+        row, col = index // GRID, index % GRID
+        parts = [labels[..., 0], labels[..., 1], labels[..., 2], labels[..., 3], row, col]
+        coords = torch.stack([row, col], -1).to(self.coords.weight.dtype) / (GRID - 1) - 0.5
+        return sum(t(p) for t, p in zip(self.tables, parts, strict=True)) + self.coords(coords)
 
 
 def select_tokens(masks: np.ndarray, rng: np.random.Generator, full_prob: float,
