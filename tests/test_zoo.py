@@ -205,14 +205,19 @@ def _shipped_accuracy() -> tuple[tuple[str, float], ...]:
 
 
 @needs_checkpoint
-def test_shipped_checkpoint_loads_offline_and_beats_chance() -> None:
+def test_shipped_checkpoint_loads_offline_and_answers() -> None:
     acc = dict(_shipped_accuracy())
-    assert acc["overall"] >= 0.30, acc  # the answer prior alone scores about 0.3
+    # measured 88.5 % on this slice (89.0 % on the 2,000-sample split); the answer prior
+    # alone scores about 30 %: a regression of the checkpoint or of the LLaVA path fails here
+    assert acc["overall"] >= 0.85, acc
+    for family in ("existence", "relation", "region", "glyph"):
+        assert acc[family] >= 0.85, (family, acc)
 
 
 @needs_checkpoint
-@pytest.mark.xfail(reason="the shipped checkpoint is below the 90% target: stage 2 was trained "
-                          "for too few steps on CPU (see checkpoints/tiny-llava/training_log.txt)",
+@pytest.mark.xfail(reason="the shipped checkpoint scores 88.5 % on this slice (count 62 %, "
+                          "shape 79 %): the vision tower's per-patch shape features are "
+                          "under-trained (see checkpoints/tiny-llava/training_log.txt)",
                    strict=False)
 def test_shipped_checkpoint_meets_target() -> None:
     acc = dict(_shipped_accuracy())

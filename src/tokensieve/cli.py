@@ -63,7 +63,7 @@ def bench_command(
     keep: Annotated[list[str] | None, typer.Option(
         help="budgets in visual tokens, comma-separated (default: 192,128,64 of 576, "
              "scaled to the model)")] = None,
-    limit: Annotated[int, typer.Option(help="test samples")] = 70,
+    limit: Annotated[int, typer.Option(help="test samples")] = 280,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("bench-results"),
@@ -76,7 +76,7 @@ def bench_command(
 ) -> None:
     """Accuracy, FLOPs, latency and memory of methods x budgets; JSON, CSV and a Pareto plot.
 
-    With no arguments: the embedded tiny VLM, 70 scene-QA test samples, 6 methods (random,
+    With no arguments: the embedded tiny VLM, 280 scene-QA test samples, 6 methods (random,
     pool, fastervlm, visionzip, divprune, cdpruner) at 192/128/64 of 576 tokens, sized to
     finish within about 5 minutes on 2 CPU cores.
     """

@@ -52,7 +52,7 @@ DEFAULT_METHODS = ("random", "pool", "fastervlm", "visionzip", "divprune", "cdpr
                    "uniform", "vtc-cls", "mmtok", "hiprune", "dart", "fastv")
 #: Default methods at most (keeps ``tokensieve bench`` within about 5 minutes on 2 CPU cores).
 DEFAULT_MAX_METHODS = 6
-DEFAULT_LIMIT = 70
+DEFAULT_LIMIT = 280  # 40 per question family; about 2.5 min on 2 idle CPU cores
 FULL = "full"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
