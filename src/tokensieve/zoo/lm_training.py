@@ -35,6 +35,7 @@ those symbolic tokens, then projector and LM are fine-tuned on real features.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,13 +142,6 @@ def box_masks(scene: Scene) -> np.ndarray:
     return out.reshape(len(scene.objects), -1)
 
 
-def center_index(box: tuple[int, int, int, int]) -> int:
-    """Raster index of the patch holding a box's centre (as the generator labels it)."""
-    x0, y0, x1, y1 = box
-    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
-    return min(int(cy) // PATCH, GRID - 1) * GRID + min(int(cx) // PATCH, GRID - 1)
-
-
 def question_objects(scene: Scene, q: Question) -> tuple[int, ...]:
     """Indices (into ``scene.objects``) of the objects a question is about."""
     w = q.question.split()
@@ -187,7 +181,7 @@ def attention_target(scene: Scene, q: Question, objects: tuple[int, ...],
     target = np.zeros((2, 1 + NUM_PATCHES), bool)
     if q.family == "count":
         for j in objects:
-            target[0, 1 + center_index(scene.objects[j].box)] = True
+            target[0, 1 + scene.objects[j].center_patch] = True
         target[0, 0] = True
     elif q.family == "relation" and len(objects) == 2:
         target[0, 1:], target[1, 1:] = boxes[objects[0]], boxes[objects[1]]
@@ -410,7 +404,7 @@ def lr_at(step: int, total: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1.0, frac))))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 def train_lm(model, codec: PromptCodec, bank: QuestionBank, phase: LMPhase, probe: nn.Module,

@@ -81,6 +81,12 @@ class SceneObject:
         x0, y0, x1, y1 = self.box
         return (x0 + x1) / 2.0, (y0 + y1) / 2.0
 
+    @property
+    def center_patch(self) -> int:
+        """Raster index of the patch holding the centre of the bounding box."""
+        cx, cy = self.center
+        return min(int(cy) // PATCH, GRID - 1) * GRID + min(int(cx) // PATCH, GRID - 1)
+
 
 @dataclass
 class Scene:
@@ -275,8 +281,7 @@ def make_scene(split: str, index: int, attempt: int = 0) -> Scene:
             patch_color[take] = COLOR_NAMES.index(obj.color) + 1
             patch_shape[take] = SHAPES.index(obj.shape) + 1
             patch_digit[take] = 0
-            cx, cy = obj.center
-            patch_center[min(int(cy) // PATCH, GRID - 1), min(int(cx) // PATCH, GRID - 1)] = 1
+            patch_center.flat[obj.center_patch] = 1
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.2, 0.6))))
     arr = np.asarray(img, np.float32) + rng.normal(0.0, 5.0, size=(IMAGE_SIZE, IMAGE_SIZE, 3))

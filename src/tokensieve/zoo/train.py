@@ -26,7 +26,6 @@ tokens; (c) projector and LM are fine-tuned on the real features.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -189,14 +188,6 @@ def feature_layer(model, pixels: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def _lr(step: int, total: int, peak: float) -> float:
-    warmup = max(1, min(100, total // 10))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
 def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
@@ -230,7 +221,7 @@ def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu",
         pix = pixel_values([s.image for s in scenes]).to(dev)
         targets = {k: v.to(dev) for k, v in scene_targets(scenes).items()}
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr)
+            g["lr"] = lr_at(step, steps, lr)
         with _autocast(cfg, dev):
             hidden = feature_layer(model, pix)
         loss, acc = stage1_loss(heads, hidden.float(), targets, weight)
