@@ -19,9 +19,10 @@ The last encoder layer is kept (LLaVA runs it) but never reaches the LM.
 Stage 2 (projector + LM, ``tokensieve.zoo.lm_training``): (a) the LM learns the
 questions on *symbolic* visual tokens, embeddings of the per-patch labels that
 stage 1 teaches the tower to produce; this needs no tower, so it runs alongside
-stage 1 (one CPU thread each); (b) with the tower frozen, its features of the
-stage-2 images are cached and the projector is fitted to reproduce the symbolic
-tokens; (c) projector and LM are fine-tuned on the real features.
+stage 1 (one CPU thread each; stage 1 takes all cores once (a) is done); (b) with
+the tower frozen, its features of the stage-2 images are cached and the
+projector is fitted to reproduce the symbolic tokens; (c) projector and LM are
+fine-tuned on the real features.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,17 +65,17 @@ class TrainConfig:
     stage1_steps: int = 1100
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
-    refine_steps: int = 500
+    refine_steps: int = 800
     refine_lr: float = 1e-3
-    refine_detail_weight: float = 3.0
-    lm_images: int = 4000
+    refine_object_weight: float = 1.0
+    lm_images: int = 8000
     lm_batch: int = 16
     questions_per_image: int = 8
     symbolic_steps: int = 1600
     symbolic_lr: float = 2e-3
     align_steps: int = 400
     align_lr: float = 3e-3
-    finetune_steps: int = 800
+    finetune_steps: int = 1400
     finetune_lr: float = 1e-3
     attn_loss: float = 1.0
     probe_loss: float = 1.0
@@ -132,18 +134,29 @@ _ROWCOL = torch.stack(torch.meshgrid(torch.arange(GRID), torch.arange(GRID), ind
 
 
 def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Tensor],
-                detail_weight: float = 1.0):
+                object_weight: float = 0.0):
     """Sum of the dense and global stage-1 losses (and patch-colour accuracy).
 
-    ``detail_weight`` scales the per-patch shape and digit terms.
+    The per-patch shape and digit losses are averaged over all patches, most of
+    them background, which dilutes them: the shape of an object is learnt
+    slowly that way. ``object_weight`` > 0 averages them over the patches of
+    shapes (of signs, for the digit) instead, with that weight: measured from
+    the same tower, 200 such steps took per-patch shape accuracy from 67 % to
+    74 % and the digit from 85 % to 100 %.
     """
     (p_col, p_shape, p_digit, p_center, p_pos), (g_count, g_col, g_shape, g_pairs, g_digit) = (
         heads(hidden)
     )
     ce = F.cross_entropy
     loss = ce(p_col.flatten(0, 1), t["color"].flatten())
-    loss = loss + detail_weight * ce(p_shape.flatten(0, 1), t["shape"].flatten())
-    loss = loss + detail_weight * ce(p_digit.flatten(0, 1), t["digit"].flatten())
+    if object_weight > 0:
+        on_shape, on_sign = t["shape"] > 0, t["digit"] > 0
+        loss = loss + object_weight * ce(p_shape[on_shape], t["shape"][on_shape])
+        if on_sign.any():
+            loss = loss + object_weight * ce(p_digit[on_sign], t["digit"][on_sign])
+    else:
+        loss = loss + ce(p_shape.flatten(0, 1), t["shape"].flatten())
+        loss = loss + ce(p_digit.flatten(0, 1), t["digit"].flatten())
     loss = loss + F.binary_cross_entropy_with_logits(
         p_center.squeeze(-1), t["center"], pos_weight=torch.tensor(20.0))
     loss = loss + 4.0 * F.mse_loss(p_pos, _ROWCOL.expand_as(p_pos))
@@ -193,20 +206,22 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu",
-                 heads: VisionHeads | None = None, refine: bool = False) -> VisionHeads:
+                 heads: VisionHeads | None = None, refine: bool = False,
+                 before_step: Callable[[int], None] | None = None) -> VisionHeads:
     """Stage 1: train the (truncated) vision tower with dense supervision.
 
     ``refine``: the second pass (``cfg.refine_steps`` on other scenes, per-patch
-    shape and digit losses weighted ``cfg.refine_detail_weight``), continuing
-    from ``heads``: shapes and digits need to be read from each token, and
-    are the slowest to learn.
+    shape and digit losses averaged over object patches and weighted
+    ``cfg.refine_object_weight``), continuing from ``heads``: shapes and digits
+    need to be read from each token, and are the slowest to learn.
+    ``before_step(step)`` is called before each step.
     """
     dev = torch.device(device)
     torch.manual_seed(cfg.seed + (3 if refine else 1))
     tower = model.model.vision_tower
     heads = heads or VisionHeads(tower.config.hidden_size).to(dev)
     steps, lr = (cfg.refine_steps, cfg.refine_lr) if refine else (cfg.stage1_steps, cfg.stage1_lr)
-    weight, first_scene = (cfg.refine_detail_weight, 5_000_000) if refine else (1.0, 0)
+    weight, first_scene = (cfg.refine_object_weight, 5_000_000) if refine else (0.0, 0)
     name = "refine" if refine else "stage1"
     # the unused last layer and post-layernorm get no gradient: train only used params
     with TruncatedTower(model):
@@ -216,6 +231,8 @@ def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu",
     tower.train()
     t0 = time.time()
     for step in range(steps):
+        if before_step is not None:
+            before_step(step)
         first = first_scene + step * cfg.stage1_batch
         scenes = [make_scene("train", first + i) for i in range(cfg.stage1_batch)]
         pix = pixel_values([s.image for s in scenes]).to(dev)
@@ -328,8 +345,13 @@ def align_projector(model, symbolic: SymbolicTokens, feats: torch.Tensor, labels
             log(f"align step {step + 1} relative mse={loss.item():.4f} t={time.time() - t0:.0f}s")
 
 
-def _stage1_worker(cfg: TrainConfig, tiny: TinyConfig, device: str, out: str) -> None:
-    """Stage 1 in its own process (one thread), alongside the symbolic LM stage."""
+def _stage1_worker(cfg: TrainConfig, tiny: TinyConfig, device: str, out: str,
+                   threads: int, parent_done) -> None:
+    """Stage 1 in its own process, alongside the symbolic LM stage.
+
+    It runs on one thread while the parent trains, then on ``threads`` once the
+    parent sets ``parent_done`` (the symbolic stage is the shorter one).
+    """
     torch.set_num_threads(1)
     lines: list[str] = []
 
@@ -337,16 +359,26 @@ def _stage1_worker(cfg: TrainConfig, tiny: TinyConfig, device: str, out: str) ->
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
         lines.append(msg)
 
+    def take_free_cores(step: int) -> None:
+        if parent_done.is_set() and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            log(f"stage1 step {step}: parent done, now {threads} threads")
+
     model = build_model(tiny, build_processor().tokenizer, seed=cfg.seed).to(device)
     t0 = time.time()
-    heads = train_vision(model, cfg, log, device)
+    heads = train_vision(model, cfg, log, device, before_step=take_free_cores)
     torch.save({"tower": model.model.vision_tower.state_dict(), "heads": heads.state_dict(),
                 "log": lines, "seconds": time.time() - t0}, out)
 
 
 def _train_tower(model, cfg: TrainConfig, tiny: TinyConfig, device: str, tower_file: str | None,
-                 log: Log):
-    """Stage 1, or its saved result: returns a handle to join (or None) and a loader."""
+                 log: Log, threads: int):
+    """Stage 1, or its saved result.
+
+    Returns a function to call once the parent is done with its own stage: it
+    hands the free cores to stage 1 (when that runs in parallel), waits for it
+    and returns its result. ``None`` first item: stage 1 does not run alongside.
+    """
     tower = model.model.vision_tower
     if tower_file and os.path.exists(tower_file):
         log(f"stage1 skipped: vision tower loaded from {tower_file}")
@@ -360,12 +392,15 @@ def _train_tower(model, cfg: TrainConfig, tiny: TinyConfig, device: str, tower_f
             torch.save(state, tower_file)
         return None, lambda: state
     out = tower_file or os.path.join(tempfile.mkdtemp(prefix="tiny-vlm-"), "tower.pt")
-    proc = mp.get_context("spawn").Process(target=_stage1_worker,
-                                           args=(cfg, tiny, device, out))
+    ctx = mp.get_context("spawn")
+    parent_done = ctx.Event()
+    proc = ctx.Process(target=_stage1_worker,
+                       args=(cfg, tiny, device, out, threads, parent_done))
     proc.start()
     log(f"stage1 started in process {proc.pid} (1 thread)")
 
     def join():
+        parent_done.set()
         proc.join()
         if proc.exitcode != 0:
             raise RuntimeError(f"stage-1 process failed with exit code {proc.exitcode}")
@@ -419,7 +454,8 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
     """Train the tiny LLaVA; returns (model in float32, processor, wall-time dict).
 
     Stage 1 (vision tower) and stage 2a (LM on symbolic tokens) are independent:
-    with ``cfg.parallel`` they run at the same time, one CPU thread each. Then
+    with ``cfg.parallel`` they run at the same time, one CPU thread each, and
+    stage 1 takes all threads once stage 2a is done. Then
     tower features of the stage-2 images are cached, the projector is fitted
     to the symbolic tokens (2b) and projector + LM are fine-tuned on real
     features (2c). ``tower_file`` / ``symbolic_file``: if the file exists,
@@ -433,7 +469,7 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
     model = build_model(tiny, tokenizer, seed=cfg.seed).to(device)
     times: dict[str, float] = {}
     t0 = time.time()
-    proc, tower_result = _train_tower(model, cfg, tiny, device, tower_file, log)
+    proc, tower_result = _train_tower(model, cfg, tiny, device, tower_file, log, threads)
     torch.set_num_threads(1 if proc is not None else threads)
 
     scenes = stage2_scenes(cfg)
