@@ -32,8 +32,11 @@ from tokensieve.zoo.scenes import (
 from tokensieve.zoo.train import (
     PromptCodec,
     TrainConfig,
+    VisionHeads,
     feature_layer,
     lm_answer_logits,
+    scene_targets,
+    stage1_loss,
     train_tiny_vlm,
 )
 
@@ -163,6 +166,29 @@ def test_training_paths_match_the_llava_forward() -> None:
                    images=[samples[0].image], return_tensors="pt")
         ref = model(**enc).logits[0, -1]
         assert torch.allclose(logits[r, lens[r] - 1], ref, atol=1e-4)
+
+
+def test_object_weighted_stage1_loss_reads_only_object_patches() -> None:
+    """With ``object_weight`` the shape/digit terms ignore background patches' logits."""
+    heads = VisionHeads(16)
+    t = scene_targets([make_scene("train", i) for i in range(2)])
+    patch = [torch.randn(2, NUM_PATCHES, n) for n in heads.patch_sizes]
+    glob = [torch.randn(2, n) for n in heads.global_sizes]
+
+    def loss_with(shape_logits: torch.Tensor, object_weight: float) -> float:
+        fake = lambda hidden: ([patch[0], shape_logits, *patch[2:]], glob)  # noqa: E731
+        return stage1_loss(fake, torch.zeros(1), t, object_weight)[0].item()
+
+    background = torch.nonzero(t["shape"] == 0)[0]
+    obj = torch.nonzero(t["shape"] > 0)[0]
+    moved_bg, moved_obj = patch[1].clone(), patch[1].clone()
+    moved_bg[background[0], background[1]] += 5.0 * torch.arange(patch[1].shape[-1])
+    moved_obj[obj[0], obj[1]] += 5.0 * torch.arange(patch[1].shape[-1])
+    base = loss_with(patch[1], 1.0)
+    assert loss_with(moved_bg, 1.0) == pytest.approx(base, abs=1e-6)
+    assert loss_with(moved_obj, 1.0) != pytest.approx(base, abs=1e-3)
+    # the default (all-patch mean) does read background patches
+    assert loss_with(moved_bg, 0.0) != pytest.approx(loss_with(patch[1], 0.0), abs=1e-3)
 
 
 @pytest.mark.parametrize("parallel", [False, True])
