@@ -245,3 +245,32 @@ def test_shipped_checkpoint_meets_target() -> None:
     # the bar for the shipped checkpoint on the first 200 test samples
     acc = dict(_shipped_accuracy())
     assert acc["overall"] >= 0.90, acc
+
+
+def _count_attention_loss(split: list[float], sink_weight: float) -> torch.Tensor:
+    """The attention loss of one answer row whose single head attends sink / v0 / v1 as
+    ``split`` (the rest of the keys get 1e-6); the target set is the sink and v0, v1."""
+    from tokensieve.zoo.lm_training import AttentionCapture
+
+    lm = torch.nn.Module()
+    lm.layers = torch.nn.ModuleList()  # no hooks: the store is filled by hand below
+    capture = AttentionCapture(lm)
+    # keys: [sink, text, v0, v1, v2, v3, answer]; logits log(a) give softmax = a
+    attn = torch.tensor([split[0], 1e-6, split[1], split[2], 1e-6, 1e-6, 1e-6])
+    keys = attn.log().view(1, 1, 7, 1)
+    q = torch.ones(1, 1, 1, 1)
+    capture.store = [(q, keys, 1.0)]
+    targets = torch.tensor([[[True, True, True, False, False]]])
+    return capture.loss(targets, torch.tensor([0]), n_text=2, count_sink_weight=sink_weight)
+
+
+def test_count_split_loss_is_lowest_at_the_sink_share_that_encodes_the_count() -> None:
+    grid = [(a, b, 1.0 - a - b) for a in np.arange(0.05, 0.95, 0.05)
+            for b in np.arange(0.05, 0.95, 0.05) if 1.0 - a - b > 0.01]
+    losses = [_count_attention_loss(list(s), 3.0).item() for s in grid]
+    best = grid[int(np.argmin(losses))]
+    # c = 3 and n = 2 objects: sink 3/5, each object 1/5
+    assert best[0] == pytest.approx(0.6, abs=0.026) and best[1] == pytest.approx(0.2, abs=0.026)
+    # without the split term only the mass on the set counts: every split scores the same
+    plain = [_count_attention_loss(list(s), 0.0).item() for s in grid[::7]]
+    assert max(plain) - min(plain) < 1e-3

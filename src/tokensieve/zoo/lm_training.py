@@ -359,12 +359,17 @@ class AttentionCapture:
         q, _ = self._rope(q, q, cos, sin)
         self.store.append((q, keys, module.scaling))
 
-    def loss(self, targets: torch.Tensor, answer_pos: torch.Tensor, n_text: int) -> torch.Tensor:
+    def loss(self, targets: torch.Tensor, answer_pos: torch.Tensor, n_text: int,
+             count_sink_weight: float = 0.0) -> torch.Tensor:
         """Mean over hooked layers and target sets of -log(best head's mass on the set).
 
         ``targets`` [R, S, 1 + K] bool: S target sets over the sink (the first
         prompt token) and the K kept visual tokens (empty sets are skipped);
         ``answer_pos`` [R]: suffix index of the answer row.
+        ``count_sink_weight`` c > 0: on count sets (the sink and n objects) that
+        head's attention within the set must also split as c : 1 : ... : 1, so
+        its sink share c / (n + c) says n (the mass term alone lets a head put
+        everything on the objects, which carries no count).
         """
         valid = targets.any(-1)  # [R, S]
         if not self.store or not valid.any():
@@ -381,7 +386,16 @@ class AttentionCapture:
             mask[..., 0] = targets[..., 0].to(attn.dtype)
             mask[..., n_text:n_text + targets.shape[-1] - 1] = targets[..., 1:].to(attn.dtype)
             mass = torch.einsum("rhk,rsk->rsh", attn, mask)  # [R, S, H]
-            total = total - torch.log(mass.max(-1).values[valid] + 1e-4).mean()
+            best_mass, best = mass.max(-1)
+            total = total - torch.log(best_mass[valid] + 1e-4).mean()
+            counting = targets[..., 0] & targets[..., 1:].any(-1)  # [R, S]
+            if count_sink_weight > 0 and counting.any():
+                r, t = counting.nonzero(as_tuple=True)
+                share = attn[r, best[r, t]] / (best_mass[r, t, None] + 1e-6)  # [C, keys]
+                w = mask[r, t].clone()
+                w[:, 0] *= count_sink_weight
+                w = w / w.sum(-1, keepdim=True)
+                total = total - (w * torch.log(share + 1e-6)).sum(-1).mean()
         return total / len(self.store)
 
 
@@ -409,8 +423,8 @@ def lr_at(step: int, total: int, peak: float) -> float:
 
 def train_lm(model, codec: PromptCodec, bank: QuestionBank, phase: LMPhase, probe: nn.Module,
              *, batch: int, questions_per_image: int, seed: int, attn_weight: float = 1.0,
-             probe_weight: float = 1.0, bf16: bool = True, log: Log = print,
-             log_every: int = 100) -> None:
+             probe_weight: float = 1.0, count_sink_weight: float = 0.0, bf16: bool = True,
+             log: Log = print, log_every: int = 100) -> None:
     """Train ``phase.params`` on the bank's questions (answer + EOS + auxiliary losses)."""
     lm = model.model.language_model
     dev = next(lm.parameters()).device
@@ -456,7 +470,7 @@ def train_lm(model, codec: PromptCodec, bank: QuestionBank, phase: LMPhase, prob
                                 for i, q in zip(np.repeat(idx, k), rows, strict=True)])
             kept = torch.gather(full[..., 1:], 2, keep[:, None].expand(-1, 2, -1))
             targets = torch.cat([full[..., :1], kept], -1)
-            attn_loss = capture.loss(targets, apos.cpu(), len(codec.prefix))
+            attn_loss = capture.loss(targets, apos.cpu(), len(codec.prefix), count_sink_weight)
             loss = loss + probe_weight * probe_loss + attn_weight * attn_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -80,6 +80,7 @@ class TrainConfig:
     finetune_lr: float = 1e-3
     attn_loss: float = 1.0
     probe_loss: float = 1.0
+    count_sink_weight: float = 0.0
     bf16: bool = True
     parallel: bool = True
     threads: int | None = None
@@ -422,6 +423,7 @@ def stage2_scenes(cfg: TrainConfig) -> list[Scene]:
 def _lm_kwargs(cfg: TrainConfig, log: Log) -> dict:
     return dict(batch=cfg.lm_batch, questions_per_image=cfg.questions_per_image,
                 seed=cfg.seed, attn_weight=cfg.attn_loss, probe_weight=cfg.probe_loss,
+                count_sink_weight=cfg.count_sink_weight,
                 bf16=cfg.bf16, log=log, log_every=cfg.log_every)
 
 
