@@ -15,8 +15,10 @@ the hops directly, and take it to 85 % in the same 700 steps:
   the question is about (hop 2). For count questions the targets are the
   objects' centre patches plus the first prompt token, which serves as an
   attention sink: a head that splits its mass between n centres and the sink
-  carries n, while one with all mass on the centres would not. Questions with
-  no object to look at (absent pairs, zero counts) target the sink alone.
+  carries n, while one with all mass on the centres would not. The mass term
+  alone does not ask for that split (``count_sink_weight`` does; off in the
+  shipped recipe, see ``AttentionCapture.loss``). Questions with no object to
+  look at (absent pairs, zero counts) target the sink alone.
 
 Visual-token subsets. A pre-LLM reducer hands the LM a subset of the 576
 tokens in raster order with contiguous positions, so RoPE positions stop
