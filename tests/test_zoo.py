@@ -271,6 +271,10 @@ def test_count_split_loss_is_lowest_at_the_sink_share_that_encodes_the_count() -
     best = grid[int(np.argmin(losses))]
     # c = 3 and n = 2 objects: sink 3/5, each object 1/5
     assert best[0] == pytest.approx(0.6, abs=0.026) and best[1] == pytest.approx(0.2, abs=0.026)
+    # the split term is a KL divergence: zero at the target split, mass term aside
+    target = [0.6, 0.2, 0.2]
+    gap = _count_attention_loss(target, 3.0) - _count_attention_loss(target, 0.0)
+    assert abs(gap.item()) < 1e-4
     # without the split term only the mass on the set counts: every split scores the same
     plain = [_count_attention_loss(list(s), 0.0).item() for s in grid[::7]]
     assert max(plain) - min(plain) < 1e-3

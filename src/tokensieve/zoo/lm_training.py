@@ -397,7 +397,9 @@ class AttentionCapture:
                 w = mask[r, t].clone()
                 w[:, 0] *= count_sink_weight
                 w = w / w.sum(-1, keepdim=True)
-                total = total - (w * torch.log(share + 1e-6)).sum(-1).mean()
+                # KL(w || share): zero at the target split, so the logged loss reads as a gap
+                kl = (w * (torch.log(w.clamp(min=1e-12)) - torch.log(share + 1e-6))).sum(-1)
+                total = total + kl.mean()
         return total / len(self.store)
 
 
