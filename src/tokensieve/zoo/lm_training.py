@@ -368,8 +368,9 @@ class AttentionCapture:
         ``targets`` [R, S, 1 + K] bool: S target sets over the sink (the first
         prompt token) and the K kept visual tokens (empty sets are skipped);
         ``answer_pos`` [R]: suffix index of the answer row.
-        ``count_sink_weight`` c > 0: on count sets (the sink and n objects) that
-        head's attention within the set must also split as c : 1 : ... : 1, so
+        ``count_sink_weight`` c > 0: on count sets (the sink and n objects) the
+        last layer's best head must also split its attention within the set as
+        c : 1 : ... : 1, so
         its sink share c / (n + c) says n (the mass term alone lets a head put
         everything on the objects, which carries no count).
         """
@@ -378,7 +379,7 @@ class AttentionCapture:
             return torch.zeros(())
         total = torch.zeros(())
         rows = torch.arange(len(targets))
-        for q, keys, scaling in self.store:
+        for layer, (q, keys, scaling) in enumerate(self.store):
             plen = keys.shape[2] - q.shape[2]
             qr = q[rows, :, answer_pos].float()  # [R, H, d]
             scores = torch.einsum("rhd,rhkd->rhk", qr, keys.float()) * scaling
@@ -391,7 +392,9 @@ class AttentionCapture:
             best_mass, best = mass.max(-1)
             total = total - torch.log(best_mass[valid] + 1e-4).mean()
             counting = targets[..., 0] & targets[..., 1:].any(-1)  # [R, S]
-            if count_sink_weight > 0 and counting.any():
+            # the split only in the last layer: asked of every layer, it took the heads
+            # that relation questions need (measured: relation stuck at chance)
+            if count_sink_weight > 0 and layer == len(self.store) - 1 and counting.any():
                 r, t = counting.nonzero(as_tuple=True)
                 share = attn[r, best[r, t]] / (best_mass[r, t, None] + 1e-6)  # [C, keys]
                 w = mask[r, t].clone()
