@@ -370,9 +370,8 @@ class AttentionCapture:
         ``answer_pos`` [R]: suffix index of the answer row.
         ``count_sink_weight`` c > 0: on count sets (the sink and n objects) the
         last layer's best head must also split its attention within the set as
-        c : 1 : ... : 1, so
-        its sink share c / (n + c) says n (the mass term alone lets a head put
-        everything on the objects, which carries no count).
+        c : 1 : ... : 1, so its sink share c / (n + c) says n (the mass term
+        alone lets a head put everything on the objects, which carries no count).
         """
         valid = targets.any(-1)  # [R, S]
         if not self.store or not valid.any():
