@@ -391,8 +391,9 @@ class AttentionCapture:
             best_mass, best = mass.max(-1)
             total = total - torch.log(best_mass[valid] + 1e-4).mean()
             counting = targets[..., 0] & targets[..., 1:].any(-1)  # [R, S]
-            # the split only in the last layer: asked of every layer, it took the heads
-            # that relation questions need (measured: relation stuck at chance)
+            # the split only in the last layer. Experimental: in every layer or in the
+            # last only, it lifted symbolic-stage count accuracy but kept relation
+            # questions at chance, so the shipped recipe leaves it off
             if count_sink_weight > 0 and layer == len(self.store) - 1 and counting.any():
                 r, t = counting.nonzero(as_tuple=True)
                 share = attn[r, best[r, t]] / (best_mass[r, t, None] + 1e-6)  # [C, keys]
