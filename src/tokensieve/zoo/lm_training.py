@@ -378,31 +378,33 @@ class AttentionCapture:
             return torch.zeros(())
         total = torch.zeros(())
         rows = torch.arange(len(targets))
+        # every hooked layer sees the same keys: one mask over them serves all layers
+        n_keys = self.store[0][1].shape[2]
+        mask = torch.zeros(*targets.shape[:2], n_keys)
+        mask[..., 0] = targets[..., 0].float()
+        mask[..., n_text:n_text + targets.shape[-1] - 1] = targets[..., 1:].float()
+        # count sets (the sink and n objects), split c : 1 : ... : 1 (see above)
+        r, t = (targets[..., 0] & targets[..., 1:].any(-1)).nonzero(as_tuple=True)
+        split = mask[r, t].clone()
+        split[:, 0] *= count_sink_weight
+        split = split / split.sum(-1, keepdim=True).clamp(min=1e-12)
         for layer, (q, keys, scaling) in enumerate(self.store):
             plen = keys.shape[2] - q.shape[2]
             qr = q[rows, :, answer_pos].float()  # [R, H, d]
             scores = torch.einsum("rhd,rhkd->rhk", qr, keys.float()) * scaling
             visible = torch.arange(keys.shape[2])[None] <= (plen + answer_pos)[:, None]
             attn = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
-            mask = torch.zeros(*targets.shape[:2], attn.shape[-1], dtype=attn.dtype)
-            mask[..., 0] = targets[..., 0].to(attn.dtype)
-            mask[..., n_text:n_text + targets.shape[-1] - 1] = targets[..., 1:].to(attn.dtype)
             mass = torch.einsum("rhk,rsk->rsh", attn, mask)  # [R, S, H]
             best_mass, best = mass.max(-1)
             total = total - torch.log(best_mass[valid] + 1e-4).mean()
-            counting = targets[..., 0] & targets[..., 1:].any(-1)  # [R, S]
             # the split only in the last layer. Experimental: in every layer or in the
             # last only, it lifted symbolic-stage count accuracy but kept relation
             # questions at chance, so the shipped recipe leaves it off
-            if count_sink_weight > 0 and layer == len(self.store) - 1 and counting.any():
-                r, t = counting.nonzero(as_tuple=True)
+            if count_sink_weight > 0 and layer == len(self.store) - 1 and len(r):
                 share = attn[r, best[r, t]] / (best_mass[r, t, None] + 1e-6)  # [C, keys]
-                w = mask[r, t].clone()
-                w[:, 0] *= count_sink_weight
-                w = w / w.sum(-1, keepdim=True)
-                # KL(w || share): zero at the target split, so the logged loss reads as a gap
-                kl = (w * (torch.log(w.clamp(min=1e-12)) - torch.log(share + 1e-6))).sum(-1)
-                total = total + kl.mean()
+                # KL(split || share): zero at the target split, so the logged loss reads as a gap
+                kl = (split * (torch.log(split.clamp(min=1e-12)) - torch.log(share + 1e-6)))
+                total = total + kl.sum(-1).mean()
         return total / len(self.store)
 
 
