@@ -191,6 +191,37 @@ def test_object_weighted_stage1_loss_reads_only_object_patches() -> None:
     assert loss_with(moved_bg, 0.0) != pytest.approx(loss_with(patch[1], 0.0), abs=1e-3)
 
 
+def test_centre_choice_term_is_the_per_box_cross_entropy() -> None:
+    """The choice term equals a per-shape softmax over its box patches, computed by hand."""
+    scenes = [make_scene("train", i) for i in range(3)]
+    heads = VisionHeads(16)
+    t = scene_targets(scenes)
+    patch = [torch.randn(3, NUM_PATCHES, n) for n in heads.patch_sizes]
+    glob = [torch.randn(3, n) for n in heads.global_sizes]
+    fake = lambda hidden: (patch, glob)  # noqa: E731
+    gap = (stage1_loss(fake, torch.zeros(1), t, choice_weight=2.0)[0]
+           - stage1_loss(fake, torch.zeros(1), t)[0]).item()
+    centre_logits = patch[3].squeeze(-1)
+    terms = []
+    for i, scene in enumerate(scenes):
+        for o in scene.shapes:
+            x0, y0, x1, y1 = o.box
+            box = [r * 24 + c for r in range(y0 // 8, (y1 - 1) // 8 + 1)
+                   for c in range(x0 // 8, (x1 - 1) // 8 + 1)]
+            logits = centre_logits[i, box]
+            terms.append(-torch.log_softmax(logits, 0)[box.index(o.center_patch)].item())
+    assert gap == pytest.approx(2.0 * np.mean(terms), rel=1e-4)
+    # a centre logit far above the rest of its box drives the term to zero
+    peaked = patch[3].clone().fill_(0.0)
+    for i, scene in enumerate(scenes):
+        for o in scene.shapes:
+            peaked[i, o.center_patch] = 50.0
+    patch[3] = peaked
+    gap = (stage1_loss(fake, torch.zeros(1), t, choice_weight=2.0)[0]
+           - stage1_loss(fake, torch.zeros(1), t)[0]).item()
+    assert abs(gap) < 1e-4
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_retraining_smoke(tmp_path, parallel: bool) -> None:
     cfg = TrainConfig(stage1_steps=2, stage1_batch=4, lm_images=8, lm_batch=4,
