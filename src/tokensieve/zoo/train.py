@@ -70,10 +70,10 @@ class TrainConfig:
     refine_steps: int = 800
     refine_lr: float = 1e-3
     refine_object_weight: float = 1.0
-    lm_images: int = 16000
+    lm_images: int = 8000
     lm_batch: int = 16
     questions_per_image: int = 8
-    symbolic_steps: int = 2200
+    symbolic_steps: int = 1600
     symbolic_lr: float = 2e-3
     align_steps: int = 400
     align_lr: float = 3e-3
@@ -155,10 +155,12 @@ def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Ten
     shapes (of signs, for the digit) instead, with that weight: measured from
     the same tower, 200 such steps took per-patch shape accuracy from 67 % to
     74 % and the digit from 85 % to 100 %.
-    ``choice_weight``:
-    weight of a cross-entropy over each shape's box patches, softmax of the
-    centre logits, whose target is the centre patch: counting needs exactly one
-    marker per shape, which the per-patch centre term alone does not ask for.
+    ``choice_weight``: weight of a cross-entropy over each shape's box
+    patches (softmax of their centre logits; target: the centre patch).
+    Counting needs exactly one marker per shape, which the per-patch centre
+    term does not ask for: the stage-1 tower put its highest centre logit of a
+    box on the centre patch for 63 % of shapes (1-patch shapes: all; 5x5
+    patches: 5 %); 200 refine steps with this term took that to 65 %.
     """
     (p_col, p_shape, p_digit, p_center, p_pos), (g_count, g_col, g_shape, g_pairs, g_digit) = (
         heads(hidden)
