@@ -18,6 +18,7 @@ from tokensieve.zoo import (
     scene_qa,
 )
 from tokensieve.zoo.build import TinyConfig, build_model, build_processor, pixel_values
+from tokensieve.zoo.lm_training import build_bank
 from tokensieve.zoo.scenes import (
     COLORS,
     DIGITS,
@@ -191,6 +192,17 @@ def test_object_weighted_stage1_loss_reads_only_object_patches() -> None:
     assert loss_with(moved_bg, 0.0) != pytest.approx(loss_with(patch[1], 0.0), abs=1e-3)
 
 
+def test_question_bank_head_keeps_the_first_images() -> None:
+    codec = PromptCodec(build_processor().tokenizer)
+    scenes = [make_scene("train", i) for i in range(5)]
+    bank = build_bank(scenes, codec, seed=0)
+    head = bank.head(3)
+    assert head.per_image == bank.per_image[:3] and len(head.targets) == 3
+    assert (head.object_masks == bank.object_masks[:3]).all() and head.yes_id == bank.yes_id
+    # the first images' questions do not depend on how many images the bank holds
+    assert build_bank(scenes[:3], codec, seed=0).per_image == head.per_image
+
+
 def test_centre_choice_term_is_the_per_box_cross_entropy() -> None:
     """The choice term equals a per-shape softmax over its box patches, computed by hand."""
     scenes = [make_scene("train", i) for i in range(3)]
@@ -224,14 +236,15 @@ def test_centre_choice_term_is_the_per_box_cross_entropy() -> None:
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_retraining_smoke(tmp_path, parallel: bool) -> None:
-    cfg = TrainConfig(stage1_steps=2, stage1_batch=4, lm_images=8, lm_batch=4,
-                      questions_per_image=2, symbolic_steps=2, align_steps=2, finetune_steps=2,
-                      refine_steps=2, log_every=1, parallel=parallel)
+    cfg = TrainConfig(stage1_steps=2, stage1_batch=4, lm_images=8, finetune_images=12,
+                      lm_batch=4, questions_per_image=2, symbolic_steps=2, align_steps=2,
+                      finetune_steps=2, refine_steps=2, log_every=1, parallel=parallel)
     logs: list[str] = []
     model, proc, times = train_tiny_vlm(cfg, SMALL, log=logs.append)
     for stage in ("stage1 step", "symbolic step", "refine step", "align step", "finetune step"):
         assert any(m.startswith(stage) for m in logs), (stage, logs)
     assert times["total_s"] > 0 and times["stage1_s"] > 0
+    assert any(m.startswith("cached (12, 576,") for m in logs)  # the fine-tune's images
     model.half().save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
     loaded, lproc = load_tiny_vlm(path=tmp_path)

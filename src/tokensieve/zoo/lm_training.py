@@ -91,6 +91,11 @@ class QuestionBank:
     object_masks: np.ndarray  # [N, 576] bool: patches any object's box touches
     yes_id: int
 
+    def head(self, n: int) -> QuestionBank:
+        """The bank of the first ``n`` images."""
+        return QuestionBank(self.per_image[:n], self.targets[:n], self.object_masks[:n],
+                            self.yes_id)
+
 
 class PromptCodec:
     """Splits the tokenized prompt into a constant prefix and a per-question suffix."""

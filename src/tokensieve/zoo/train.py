@@ -70,7 +70,8 @@ class TrainConfig:
     refine_steps: int = 800
     refine_lr: float = 1e-3
     refine_object_weight: float = 1.0
-    lm_images: int = 8000
+    lm_images: int = 8000  # images of the symbolic stage (2a): the first of the stage-2 scenes
+    finetune_images: int = 8000  # images of the fine-tune (2c)
     lm_batch: int = 16
     questions_per_image: int = 8
     symbolic_steps: int = 1600
@@ -446,7 +447,8 @@ def _train_tower(model, cfg: TrainConfig, tiny: TinyConfig, device: str, tower_f
 def stage2_scenes(cfg: TrainConfig) -> list[Scene]:
     """The stage-2 training scenes (disjoint from the stage-1 scenes)."""
     offset = 10_000_000
-    return [make_scene("train", offset + i) for i in range(cfg.lm_images)]
+    return [make_scene("train", offset + i)
+            for i in range(max(cfg.lm_images, cfg.finetune_images))]
 
 
 def _lm_kwargs(cfg: TrainConfig, log: Log) -> dict:
@@ -518,7 +520,8 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
         for line in sym_state.get("log", []):
             log(line)
     else:
-        sym_state = train_symbolic(model, codec, bank, labels, cfg, log)
+        sym_state = train_symbolic(model, codec, bank.head(cfg.lm_images),
+                                   labels[:cfg.lm_images], cfg, log)
         if symbolic_file:
             torch.save(sym_state, symbolic_file)
     model.model.language_model.load_state_dict(sym_state["lm"])
@@ -545,13 +548,14 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
     model.model.vision_tower.requires_grad_(False).eval()
 
     t2 = time.time()
-    feats = cache_features(model, scenes, device=device, bf16=cfg.bf16)
+    n_fine = cfg.finetune_images
+    feats = cache_features(model, scenes[:n_fine], device=device, bf16=cfg.bf16)
     del scenes
     times["cache_s"] = time.time() - t2
     log(f"cached {tuple(feats.shape)} features in {times['cache_s']:.0f}s")
     t3 = time.time()
     symbolic.requires_grad_(False)
-    align_projector(model, symbolic, feats, labels, cfg, log)
+    align_projector(model, symbolic, feats, labels[:n_fine], cfg, log)
     times["align_s"] = time.time() - t3
     proj = model.model.multi_modal_projector
 
@@ -560,7 +564,7 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
         return proj(torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1])).float())
 
     t4 = time.time()
-    train_lm(model, codec, bank, LMPhase(
+    train_lm(model, codec, bank.head(n_fine), LMPhase(
         "finetune", cfg.finetune_steps, cfg.finetune_lr, real_tokens,
         list(proj.parameters()) + list(model.model.language_model.parameters())
         + list(model.lm_head.parameters()),
