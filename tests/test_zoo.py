@@ -18,7 +18,7 @@ from tokensieve.zoo import (
     scene_qa,
 )
 from tokensieve.zoo.build import TinyConfig, build_model, build_processor, pixel_values
-from tokensieve.zoo.lm_training import build_bank
+from tokensieve.zoo.lm_training import build_bank, sample_questions
 from tokensieve.zoo.scenes import (
     COLORS,
     DIGITS,
@@ -26,6 +26,7 @@ from tokensieve.zoo.scenes import (
     GLYPH_SIZE,
     NUM_PATCHES,
     PLURALS,
+    TOTAL_COUNT_SHARE,
     _font,
     make_scene,
     sample_at,
@@ -201,6 +202,17 @@ def test_question_bank_head_keeps_the_first_images() -> None:
     assert (head.object_masks == bank.object_masks[:3]).all() and head.yes_id == bank.yes_id
     # the first images' questions do not depend on how many images the bank holds
     assert build_bank(scenes[:3], codec, seed=0).per_image == head.per_image
+
+
+def test_training_asks_the_total_count_as_often_as_the_benchmark() -> None:
+    codec = PromptCodec(build_processor().tokenizer)
+    bank = build_bank([make_scene("train", i) for i in range(20)], codec, seed=0)
+    rows = sample_questions(bank, list(range(20)), 300, np.random.default_rng(0))
+    total = codec.suffix("how many shapes are there ?")
+    counts = [q.suffix == total for q in rows if q.family == "count"]
+    # pick_question (the benchmark): 0.4 + 0.6 / 11 (11 count questions per scene)
+    expected = TOTAL_COUNT_SHARE + (1 - TOTAL_COUNT_SHARE) / 11
+    assert np.mean(counts) == pytest.approx(expected, abs=4 * np.sqrt(0.25 / len(counts)))
 
 
 def test_centre_choice_term_is_the_per_box_cross_entropy() -> None:

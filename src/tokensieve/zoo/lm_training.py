@@ -56,6 +56,7 @@ from .scenes import (
     PATCH,
     PLURALS,
     SHAPES,
+    TOTAL_COUNT_SHARE,
     Question,
     Scene,
     questions_for,
@@ -222,7 +223,14 @@ def build_bank(scenes: list[Scene], codec: PromptCodec, seed: int) -> QuestionBa
 
 def sample_questions(bank: QuestionBank, idx: list[int], k: int,
                      rng: np.random.Generator) -> list[BankQuestion]:
-    """``k`` questions per image: families weighted, existence balanced yes/no."""
+    """``k`` questions per image: families weighted, existence balanced yes/no.
+
+    Count questions are drawn as the benchmark draws them (``pick_question``):
+    the total count with probability ``TOTAL_COUNT_SHARE``, else uniformly.
+    Uniform draws alone would ask the total, the hardest count, once in 11
+    count questions (the others are per colour and per shape, mostly 0-2)
+    while the test split asks it in about 45 % of them.
+    """
     rows = []
     for i in idx:
         fams = bank.per_image[i]
@@ -234,6 +242,8 @@ def sample_questions(bank: QuestionBank, idx: list[int], k: int,
             if fam == "existence":
                 want = bool(rng.random() < 0.5)
                 qs = [q for q in qs if (q.answer == bank.yes_id) == want] or qs
+            if fam == "count" and rng.random() < TOTAL_COUNT_SHARE:
+                qs = qs[:1]  # questions_for puts the total count first
             rows.append(qs[int(rng.integers(0, len(qs)))])
     return rows
 

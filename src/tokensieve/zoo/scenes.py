@@ -63,6 +63,7 @@ GLYPH_SIZE = 16
 SIGN_PROBABILITY = 0.7
 REL_MARGIN = 12  # min centre separation (px) for left/right, above/below questions
 REGION_MARGIN = 8  # min distance (px) of a centre from the image midlines
+TOTAL_COUNT_SHARE = 0.4  # count questions asking the total count outright (see pick_question)
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,8 @@ def _region(obj: SceneObject) -> str | None:
 def questions_for(scene: Scene, family: str, rng: np.random.Generator) -> list[Question]:
     """All questions of ``family`` that are well defined for ``scene``.
 
-    ``rng`` is only used by the existence family, to pick absent pairs.
+    ``rng`` is only used by the existence family, to pick absent pairs. The
+    first count question is the total count.
     """
     shapes = scene.shapes
     out: list[Question] = []
@@ -365,7 +367,8 @@ def questions_for(scene: Scene, family: str, rng: np.random.Generator) -> list[Q
 def pick_question(scene: Scene, family: str, rng: np.random.Generator) -> Question | None:
     """One random question of ``family`` for ``scene`` (None if none is defined).
 
-    Count questions are drawn half of the time as the total count; existence
+    Count questions are the total count with probability ``TOTAL_COUNT_SHARE``
+    (uniform over all count questions, the total among them, otherwise); existence
     questions are balanced between yes and no.
     """
     qs = questions_for(scene, family, rng)
@@ -374,7 +377,7 @@ def pick_question(scene: Scene, family: str, rng: np.random.Generator) -> Questi
     if family == "existence":
         want = "yes" if rng.random() < 0.5 else "no"
         qs = [q for q in qs if q.answer == want] or qs
-    if family == "count" and rng.random() < 0.4:
+    if family == "count" and rng.random() < TOTAL_COUNT_SHARE:
         return qs[0]
     return qs[int(rng.integers(0, len(qs)))]
 
