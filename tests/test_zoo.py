@@ -213,6 +213,9 @@ def test_training_asks_the_total_count_as_often_as_the_benchmark() -> None:
     # pick_question (the benchmark): 0.4 + 0.6 / 11 (11 count questions per scene)
     expected = TOTAL_COUNT_SHARE + (1 - TOTAL_COUNT_SHARE) / 11
     assert np.mean(counts) == pytest.approx(expected, abs=4 * np.sqrt(0.25 / len(counts)))
+    rows = sample_questions(bank, list(range(20)), 300, np.random.default_rng(0), 0.0)
+    uniform = [q.suffix == total for q in rows if q.family == "count"]
+    assert np.mean(uniform) == pytest.approx(1 / 11, abs=4 * np.sqrt(0.1 / len(uniform)))
 
 
 def test_centre_choice_term_is_the_per_box_cross_entropy() -> None:

@@ -221,15 +221,16 @@ def build_bank(scenes: list[Scene], codec: PromptCodec, seed: int) -> QuestionBa
     return QuestionBank(per_image, targets, np.stack(masks), codec.answer_id("yes"))
 
 
-def sample_questions(bank: QuestionBank, idx: list[int], k: int,
-                     rng: np.random.Generator) -> list[BankQuestion]:
+def sample_questions(bank: QuestionBank, idx: list[int], k: int, rng: np.random.Generator,
+                     total_count_share: float = TOTAL_COUNT_SHARE) -> list[BankQuestion]:
     """``k`` questions per image: families weighted, existence balanced yes/no.
 
-    Count questions are drawn as the benchmark draws them (``pick_question``):
-    the total count with probability ``TOTAL_COUNT_SHARE``, else uniformly.
-    Uniform draws alone would ask the total, the hardest count, once in 11
-    count questions (the others are per colour and per shape, mostly 0-2)
-    while the test split asks it in about 45 % of them.
+    Count questions are the total count with probability ``total_count_share``,
+    else uniform over all count questions; the default draws them as the
+    benchmark does (``pick_question``). Uniform draws alone (share 0) ask the
+    total, the hardest count, once in 11 count questions (the others are per
+    colour and per shape, mostly 0-2), while the test split asks it in about
+    half of them.
     """
     rows = []
     for i in idx:
@@ -242,7 +243,7 @@ def sample_questions(bank: QuestionBank, idx: list[int], k: int,
             if fam == "existence":
                 want = bool(rng.random() < 0.5)
                 qs = [q for q in qs if (q.answer == bank.yes_id) == want] or qs
-            if fam == "count" and rng.random() < TOTAL_COUNT_SHARE:
+            if fam == "count" and total_count_share > 0 and rng.random() < total_count_share:
                 qs = qs[:1]  # questions_for puts the total count first
             rows.append(qs[int(rng.integers(0, len(qs)))])
     return rows
@@ -434,6 +435,7 @@ class LMPhase:
     params: list[nn.Parameter]
     full_prob: Callable[[float], float]  # progress in [0, 1] -> P(all 576 tokens)
     max_extra: Callable[[float], int]  # progress -> max background patches in a subset
+    total_count_share: float = TOTAL_COUNT_SHARE  # see sample_questions
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
@@ -472,7 +474,7 @@ def train_lm(model, codec: PromptCodec, bank: QuestionBank, phase: LMPhase, prob
             sel = torch.from_numpy(select_tokens(bank.object_masks[idx], rng,
                                                  phase.full_prob(progress),
                                                  phase.max_extra(progress))).to(dev)
-            rows = sample_questions(bank, idx, k, rng)
+            rows = sample_questions(bank, idx, k, rng, phase.total_count_share)
             suffixes = [list(q.suffix) + [q.answer] for q in rows]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, phase.steps, phase.lr)
