@@ -150,6 +150,16 @@ _ROWCOL = torch.stack(torch.meshgrid(torch.arange(GRID), torch.arange(GRID), ind
                       dim=-1).reshape(-1, 2).float() / (GRID - 1)
 
 
+def centre_logits_by_box(centre_logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[S, 576] centre logits [N, 576] of each of the S shapes of a batch, -inf outside its box.
+
+    Row order: the shapes with ``t["centre"] >= 0``, whose targets are ``t["centre"][has]``.
+    """
+    per_box = centre_logits[:, None].expand(-1, t["boxes"].shape[1], -1)
+    per_box = per_box.masked_fill(~t["boxes"].to(per_box.device), float("-inf"))
+    return per_box[t["centre"] >= 0]
+
+
 def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Tensor],
                 object_weight: float = 0.0, choice_weight: float = 0.0):
     """Sum of the dense and global stage-1 losses (and patch-colour accuracy).
@@ -185,9 +195,8 @@ def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Ten
     loss = loss + 4.0 * F.mse_loss(p_pos, _ROWCOL.expand_as(p_pos))
     has = t["centre"] >= 0
     if choice_weight > 0 and has.any():
-        in_box = p_center.squeeze(-1)[:, None].expand(-1, t["boxes"].shape[1], -1)
-        in_box = in_box.masked_fill(~t["boxes"], float("-inf"))
-        loss = loss + choice_weight * ce(in_box[has], t["centre"][has])
+        loss = loss + choice_weight * ce(centre_logits_by_box(p_center.squeeze(-1), t),
+                                         t["centre"][has])
     loss = loss + ce(g_count, t["count"])
     loss = loss + ce(g_col.reshape(-1, N_COUNT), t["per_color"].flatten())
     loss = loss + ce(g_shape.reshape(-1, N_COUNT), t["per_shape"].flatten())
@@ -316,17 +325,14 @@ def vision_report(model, heads: VisionHeads, n: int = 128, device: str = "cpu") 
     heads.train(was)
     on_shape, on_sign = t["shape"] > 0, t["digit"] > 0
     centre = t["center"].bool()
-    logit = p_center.squeeze(-1).cpu()
-    in_box = [int(np.flatnonzero(box)[logit[i, box].argmax()] == o.center_patch)
-              for i, s in enumerate(scenes)
-              for o, box in zip(s.objects, box_masks(s), strict=True) if o.kind == "shape"]
+    in_box = centre_logits_by_box(p_center.squeeze(-1).cpu(), t).argmax(-1)
     return {
         "color": (p_col.argmax(-1).cpu() == t["color"]).float().mean().item(),
         "shape": (p_shape.argmax(-1).cpu() == t["shape"])[on_shape].float().mean().item(),
         "digit": (p_digit.argmax(-1).cpu() == t["digit"])[on_sign].float().mean().item(),
         "center_recall": (p_center.squeeze(-1).cpu() > 0)[centre].float().mean().item(),
         "center_fp": (p_center.squeeze(-1).cpu() > 0)[~centre].float().mean().item(),
-        "center_in_box": float(np.mean(in_box)),
+        "center_in_box": (in_box == t["centre"][t["centre"] >= 0]).float().mean().item(),
         "cls_count": (g_count.argmax(-1).cpu() == t["count"]).float().mean().item(),
         "cls_digit": (g_digit.argmax(-1).cpu() == t["sign"]).float().mean().item(),
     }
