@@ -218,45 +218,66 @@ def test_training_asks_the_total_count_as_often_as_the_benchmark() -> None:
     assert np.mean(uniform) == pytest.approx(1 / 11, abs=4 * np.sqrt(0.1 / len(uniform)))
 
 
-def test_centre_choice_term_is_the_per_box_cross_entropy() -> None:
-    """The choice term equals a per-shape softmax over its box patches, computed by hand."""
+def test_marker_choice_terms_are_the_per_box_cross_entropy() -> None:
+    """The choice terms equal a per-shape softmax over its box patches, computed by hand,
+    for both markers: the centre patch and the first patch (``Scene.patch_first``)."""
     scenes = [make_scene("train", i) for i in range(3)]
     heads = VisionHeads(16)
     t = scene_targets(scenes)
     patch = [torch.randn(3, NUM_PATCHES, n) for n in heads.patch_sizes]
     glob = [torch.randn(3, n) for n in heads.global_sizes]
     fake = lambda hidden: (patch, glob)  # noqa: E731
-    gap = (stage1_loss(fake, torch.zeros(1), t, choice_weight=2.0)[0]
-           - stage1_loss(fake, torch.zeros(1), t)[0]).item()
-    centre_logits = patch[3].squeeze(-1)
-    terms = []
-    for i, scene in enumerate(scenes):
+    markers = {3: lambda scene, o: o.center_patch, 5: lambda scene, o: scene.first_patch(o)}
+
+    def choice_gap() -> float:
+        return (stage1_loss(fake, torch.zeros(1), t, choice_weight=2.0)[0]
+                - stage1_loss(fake, torch.zeros(1), t)[0]).item()
+
+    expected = 0.0
+    for head, marker in markers.items():
+        terms = []
+        for i, scene in enumerate(scenes):
+            for o in scene.shapes:
+                x0, y0, x1, y1 = o.box
+                box = [r * 24 + c for r in range(y0 // 8, (y1 - 1) // 8 + 1)
+                       for c in range(x0 // 8, (x1 - 1) // 8 + 1)]
+                logits = patch[head][i, box, 0]
+                terms.append(-torch.log_softmax(logits, 0)[box.index(marker(scene, o))].item())
+        expected += 2.0 * np.mean(terms)
+    assert choice_gap() == pytest.approx(expected, rel=1e-4)
+    # a marker logit far above the rest of its box drives its term to zero
+    for head, marker in markers.items():
+        peaked = patch[head].clone().fill_(0.0)
+        for i, scene in enumerate(scenes):
+            for o in scene.shapes:
+                peaked[i, marker(scene, o)] = 50.0
+        patch[head] = peaked
+    assert abs(choice_gap()) < 1e-4
+
+
+def test_first_patch_is_the_first_labelled_patch_of_each_shape() -> None:
+    for i in range(30):
+        scene = make_scene("train", i)
+        assert scene.patch_first.sum() == len(scene.shapes)
         for o in scene.shapes:
+            first = scene.first_patch(o)
             x0, y0, x1, y1 = o.box
-            box = [r * 24 + c for r in range(y0 // 8, (y1 - 1) // 8 + 1)
-                   for c in range(x0 // 8, (x1 - 1) // 8 + 1)]
-            logits = centre_logits[i, box]
-            terms.append(-torch.log_softmax(logits, 0)[box.index(o.center_patch)].item())
-    assert gap == pytest.approx(2.0 * np.mean(terms), rel=1e-4)
-    # a centre logit far above the rest of its box drives the term to zero
-    peaked = patch[3].clone().fill_(0.0)
-    for i, scene in enumerate(scenes):
-        for o in scene.shapes:
-            peaked[i, o.center_patch] = 50.0
-    patch[3] = peaked
-    gap = (stage1_loss(fake, torch.zeros(1), t, choice_weight=2.0)[0]
-           - stage1_loss(fake, torch.zeros(1), t)[0]).item()
-    assert abs(gap) < 1e-4
+            mine = [r * 24 + c for r in range(y0 // 8, (y1 - 1) // 8 + 1)
+                    for c in range(x0 // 8, (x1 - 1) // 8 + 1)
+                    if scene.patch_shape[r, c] > 0]
+            assert first == (min(mine) if mine else o.center_patch)
 
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_retraining_smoke(tmp_path, parallel: bool) -> None:
     cfg = TrainConfig(stage1_steps=2, stage1_batch=4, lm_images=8, finetune_images=12,
-                      lm_batch=4, questions_per_image=2, symbolic_steps=2, align_steps=2,
-                      finetune_steps=2, refine_steps=2, log_every=1, parallel=parallel)
+                      lm_batch=4, questions_per_image=2, symbolic_steps=2,
+                      symbolic_count_steps=2, align_steps=2, finetune_steps=2, refine_steps=2,
+                      log_every=1, parallel=parallel)
     logs: list[str] = []
     model, proc, times = train_tiny_vlm(cfg, SMALL, log=logs.append)
-    for stage in ("stage1 step", "symbolic step", "refine step", "align step", "finetune step"):
+    for stage in ("stage1 step", "symbolic step", "symbolic-count step", "refine step",
+                  "align step", "finetune step"):
         assert any(m.startswith(stage) for m in logs), (stage, logs)
     assert times["total_s"] > 0 and times["stage1_s"] > 0
     assert any(m.startswith("cached (12, 576,") for m in logs)  # the fine-tune's images

@@ -13,9 +13,9 @@ the hops directly, and take it to 85 % in the same 700 steps:
 * an *attention* loss: in every LM layer after the first, at least one head
   of the answer position must put its attention on the tokens of the objects
   the question is about (hop 2). For count questions the targets are the
-  objects' centre patches plus the first prompt token, which serves as an
-  attention sink: a head that splits its mass between n centres and the sink
-  carries n, while one with all mass on the centres would not. The mass term
+  objects' marker patches (``Scene.patch_first``) plus the first prompt token,
+  which serves as an attention sink: a head that splits its mass between n
+  markers and the sink carries n, while one with all mass on the markers would not. The mass term
   alone does not ask for that split (``count_sink_weight`` does; off in the
   shipped recipe, see ``AttentionCapture.loss``). Questions with no object to
   look at (absent pairs, zero counts) target the sink alone.
@@ -189,7 +189,7 @@ def attention_target(scene: Scene, q: Question, objects: tuple[int, ...],
     target = np.zeros((2, 1 + NUM_PATCHES), bool)
     if q.family == "count":
         for j in objects:
-            target[0, 1 + scene.objects[j].center_patch] = True
+            target[0, 1 + scene.first_patch(scene.objects[j])] = True
         target[0, 0] = True
     elif q.family == "relation" and len(objects) == 2:
         target[0, 1:], target[1, 1:] = boxes[objects[0]], boxes[objects[1]]
@@ -250,10 +250,10 @@ def sample_questions(bank: QuestionBank, idx: list[int], k: int, rng: np.random.
 
 
 def patch_labels(scenes: list[Scene]) -> torch.Tensor:
-    """[N, 576, 4] int64 per-patch labels: colour, shape, digit, centre (see Scene)."""
+    """[N, 576, 5] int64 per-patch labels: colour, shape, digit, centre, first (see Scene)."""
     return torch.from_numpy(np.stack([
         np.stack([s.patch_color.ravel(), s.patch_shape.ravel(), s.patch_digit.ravel(),
-                  s.patch_center.ravel()], -1) for s in scenes]))
+                  s.patch_center.ravel(), s.patch_first.ravel()], -1) for s in scenes]))
 
 
 class SymbolicTokens(nn.Module):
@@ -272,13 +272,14 @@ class SymbolicTokens(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.tables = nn.ModuleList(nn.Embedding(n, dim) for n in
-                                    (len(COLOR_NAMES) + 2, len(SHAPES) + 1, 11, 2, GRID, GRID))
+                                    (len(COLOR_NAMES) + 2, len(SHAPES) + 1, 11, 2, 2, GRID,
+                                     GRID))
         self.coords = nn.Linear(2, dim, bias=False)
 
     def forward(self, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``labels`` [B, L, 4] of the patches at raster ``index`` [B, L] -> [B, L, dim]."""
+        """``labels`` [B, L, 5] of the patches at raster ``index`` [B, L] -> [B, L, dim]."""
         row, col = index // GRID, index % GRID
-        parts = [labels[..., 0], labels[..., 1], labels[..., 2], labels[..., 3], row, col]
+        parts = [*labels.unbind(-1), row, col]
         coords = torch.stack([row, col], -1).to(self.coords.weight.dtype) / (GRID - 1) - 0.5
         return sum(t(p) for t, p in zip(self.tables, parts, strict=True)) + self.coords(coords)
 

@@ -89,6 +89,12 @@ class SceneObject:
         return min(int(cy) // PATCH, GRID - 1) * GRID + min(int(cx) // PATCH, GRID - 1)
 
 
+def box_patches(box: tuple[int, int, int, int]) -> tuple[slice, slice]:
+    """(row, column) slices of the patch grid that a pixel box touches."""
+    x0, y0, x1, y1 = box
+    return slice(y0 // PATCH, (y1 - 1) // PATCH + 1), slice(x0 // PATCH, (x1 - 1) // PATCH + 1)
+
+
 @dataclass
 class Scene:
     """A rendered scene: the image, its objects and dense per-patch labels."""
@@ -99,6 +105,9 @@ class Scene:
     patch_shape: np.ndarray  # [24, 24] 0 = none, 1..4 shape
     patch_digit: np.ndarray  # [24, 24] 0 = none, 1..10 digit + 1
     patch_center: np.ndarray  # [24, 24] 1 where a shape's centre lies
+    # [24, 24] 1 on each shape's first labelled patch in raster order: its counting marker,
+    # which a patch can tell from its neighbours alone (a large shape's centre it cannot)
+    patch_first: np.ndarray
     seed: tuple[int, ...] = field(default=())
 
     @property
@@ -111,6 +120,13 @@ class Scene:
         """The digit sign, if the scene has one."""
         signs = [o for o in self.objects if o.kind == "sign"]
         return signs[0] if signs else None
+
+    def first_patch(self, obj: SceneObject) -> int:
+        """Raster index of the patch of ``obj``'s box marked in ``patch_first``."""
+        rows, cols = box_patches(obj.box)
+        first = np.zeros((GRID, GRID), bool)
+        first[rows, cols] = self.patch_first[rows, cols] > 0
+        return int(np.flatnonzero(first)[0])
 
 
 @dataclass(frozen=True)
@@ -220,6 +236,19 @@ def _place(rng: np.random.Generator, size: int, boxes: list) -> tuple[int, int, 
     return None
 
 
+def _first_labelled(obj: SceneObject, patch_color: np.ndarray, patch_shape: np.ndarray) -> int:
+    """The first patch (raster order) of ``obj``'s box labelled with it; its centre if none is.
+
+    Boxes never share a patch (grid-aligned, apart), so the labels in the box are ``obj``'s.
+    """
+    mine = np.zeros((GRID, GRID), bool)
+    rows, cols = box_patches(obj.box)
+    mine[rows, cols] = ((patch_color[rows, cols] == COLOR_NAMES.index(obj.color) + 1)
+                        & (patch_shape[rows, cols] == SHAPES.index(obj.shape) + 1))
+    hits = np.flatnonzero(mine)
+    return int(hits[0]) if len(hits) else obj.center_patch
+
+
 def make_scene(split: str, index: int, attempt: int = 0) -> Scene:
     """Render scene ``index`` of ``split`` (deterministic in its arguments)."""
     if split not in SPLIT_SEEDS:
@@ -283,11 +312,16 @@ def make_scene(split: str, index: int, attempt: int = 0) -> Scene:
             patch_shape[take] = SHAPES.index(obj.shape) + 1
             patch_digit[take] = 0
             patch_center.flat[obj.center_patch] = 1
+    patch_first = np.zeros((GRID, GRID), np.int64)
+    for obj in objects:
+        if obj.kind == "shape":
+            patch_first.flat[_first_labelled(obj, patch_color, patch_shape)] = 1
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.2, 0.6))))
     arr = np.asarray(img, np.float32) + rng.normal(0.0, 5.0, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    return Scene(img, objects, patch_color, patch_shape, patch_digit, patch_center, seed)
+    return Scene(img, objects, patch_color, patch_shape, patch_digit, patch_center, patch_first,
+                 seed)
 
 
 def _name(obj: SceneObject) -> str:
