@@ -161,13 +161,13 @@ _ROWCOL = torch.stack(torch.meshgrid(torch.arange(GRID), torch.arange(GRID), ind
                       dim=-1).reshape(-1, 2).float() / (GRID - 1)
 
 
-def centre_logits_by_box(centre_logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+def marker_logits_by_box(marker_logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """[S, 576] marker logits [N, 576] of each of the S shapes of a batch, -inf outside its box.
 
     Row order: the shapes with ``t["centre"] >= 0``, whose targets are
     ``t["centre"][has]`` (centre marker) or ``t["first_index"][has]`` (first patch).
     """
-    per_box = centre_logits[:, None].expand(-1, t["boxes"].shape[1], -1)
+    per_box = marker_logits[:, None].expand(-1, t["boxes"].shape[1], -1)
     per_box = per_box.masked_fill(~t["boxes"].to(per_box.device), float("-inf"))
     return per_box[t["centre"] >= 0]
 
@@ -214,7 +214,7 @@ def stage1_loss(heads: VisionHeads, hidden: torch.Tensor, t: dict[str, torch.Ten
         loss = loss + F.binary_cross_entropy_with_logits(
             logits.squeeze(-1), t[dense], pos_weight=torch.tensor(20.0))
         if choice_weight > 0 and has.any():
-            loss = loss + choice_weight * ce(centre_logits_by_box(logits.squeeze(-1), t),
+            loss = loss + choice_weight * ce(marker_logits_by_box(logits.squeeze(-1), t),
                                              t[index][has])
     loss = loss + ce(g_count, t["count"])
     loss = loss + ce(g_col.reshape(-1, N_COUNT), t["per_color"].flatten())
@@ -345,8 +345,8 @@ def vision_report(model, heads: VisionHeads, n: int = 128, device: str = "cpu") 
     heads.train(was)
     on_shape, on_sign = t["shape"] > 0, t["digit"] > 0
     centre, first = t["center"].bool(), t["first"].bool()
-    in_box = centre_logits_by_box(p_center.squeeze(-1).cpu(), t).argmax(-1)
-    first_in_box = centre_logits_by_box(p_first.squeeze(-1).cpu(), t).argmax(-1)
+    in_box = marker_logits_by_box(p_center.squeeze(-1).cpu(), t).argmax(-1)
+    first_in_box = marker_logits_by_box(p_first.squeeze(-1).cpu(), t).argmax(-1)
     has = t["centre"] >= 0
     return {
         "color": (p_col.argmax(-1).cpu() == t["color"]).float().mean().item(),
