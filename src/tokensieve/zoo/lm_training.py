@@ -15,8 +15,8 @@ the hops directly, and take it to 85 % in the same 700 steps:
   the question is about (hop 2). For count questions the targets are the
   objects' marker patches (``Scene.patch_first``) plus the first prompt token,
   which serves as an attention sink: a head that splits its mass between n
-  markers and the sink carries n, while one with all mass on the markers would not. The mass term
-  alone does not ask for that split (``count_sink_weight`` does; off in the
+  markers and the sink carries n, while one with all mass on the markers would
+  not. The mass term alone does not ask for that split (``count_sink_weight`` does; off in the
   shipped recipe, see ``AttentionCapture.loss``). Questions with no object to
   look at (absent pairs, zero counts) target the sink alone.
 
@@ -53,12 +53,12 @@ from .scenes import (
     FAMILIES,
     GRID,
     NUM_PATCHES,
-    PATCH,
     PLURALS,
     SHAPES,
     TOTAL_COUNT_SHARE,
     Question,
     Scene,
+    box_patches,
     questions_for,
 )
 
@@ -145,8 +145,7 @@ def box_masks(scene: Scene) -> np.ndarray:
     """[n_objects, 576] bool: the patches each object's bounding box touches."""
     out = np.zeros((len(scene.objects), GRID, GRID), bool)
     for j, o in enumerate(scene.objects):
-        x0, y0, x1, y1 = o.box
-        out[j, y0 // PATCH:(y1 - 1) // PATCH + 1, x0 // PATCH:(x1 - 1) // PATCH + 1] = True
+        out[j][box_patches(o.box)] = True
     return out.reshape(len(scene.objects), -1)
 
 
