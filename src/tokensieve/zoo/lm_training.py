@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .build import PROMPT
+from .parallel import SOLO, Team
 from .scenes import (
     COLOR_NAMES,
     FAMILIES,
@@ -450,8 +451,12 @@ def lr_at(step: int, total: int, peak: float) -> float:
 def train_lm(model, codec: PromptCodec, bank: QuestionBank, phase: LMPhase, probe: nn.Module,
              *, batch: int, questions_per_image: int, seed: int, attn_weight: float = 1.0,
              probe_weight: float = 1.0, count_sink_weight: float = 0.0, bf16: bool = True,
-             log: Log = print, log_every: int = 100) -> None:
-    """Train ``phase.params`` on the bank's questions (answer + EOS + auxiliary losses)."""
+             log: Log = print, log_every: int = 100, team: Team = SOLO) -> None:
+    """Train ``phase.params`` on the bank's questions (answer + EOS + auxiliary losses).
+
+    ``team``: every member draws the same global batch (same generators) and
+    trains on its part of the images; the leader logs the accuracy of its part.
+    """
     lm = model.model.language_model
     dev = next(lm.parameters()).device
     rng = np.random.default_rng((seed, 22, len(phase.name)))
@@ -463,6 +468,7 @@ def train_lm(model, codec: PromptCodec, bank: QuestionBank, phase: LMPhase, prob
     n, k = len(bank.per_image), questions_per_image
     order, pos = rng.permutation(n), 0
     hits: dict[str, list[bool]] = {}
+    part = team.part(batch)
     t0 = time.time()
     try:
         for step in range(phase.steps):
@@ -475,6 +481,8 @@ def train_lm(model, codec: PromptCodec, bank: QuestionBank, phase: LMPhase, prob
                                                  phase.full_prob(progress),
                                                  phase.max_extra(progress))).to(dev)
             rows = sample_questions(bank, idx, k, rng, phase.total_count_share)
+            # this member's images and their questions (k per image, image-major)
+            idx, sel, rows = idx[part], sel[part], rows[part.start * k:part.stop * k]
             suffixes = [list(q.suffix) + [q.answer] for q in rows]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, phase.steps, phase.lr)
@@ -500,11 +508,12 @@ def train_lm(model, codec: PromptCodec, bank: QuestionBank, phase: LMPhase, prob
             loss = loss + probe_weight * probe_loss + attn_weight * attn_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            team.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             for q, ok in zip(rows, (ans_logits.argmax(-1) == ans).tolist(), strict=True):
                 hits.setdefault(q.family, []).append(ok)
-            if (step + 1) % log_every == 0 or step == phase.steps - 1:
+            if team.leader and ((step + 1) % log_every == 0 or step == phase.steps - 1):
                 accs = " ".join(f"{f[:5]}={np.mean(h):.2f}" for f, h in sorted(hits.items()))
                 total = np.mean([x for h in hits.values() for x in h])
                 log(f"{phase.name} step {step + 1} loss={loss.item():.3f} "

@@ -21,11 +21,12 @@ The last encoder layer is kept (LLaVA runs it) but never reaches the LM.
 Stage 2 (projector + LM, ``tokensieve.zoo.lm_training``): (a) the LM learns the
 questions on *symbolic* visual tokens, embeddings of the per-patch labels that
 stage 1 teaches the tower to produce, then (a') the total count there, which the
-first pass answers poorly; this needs no tower, so it runs alongside stage 1 (one
-CPU thread each; stage 1 takes all cores once (a') is done); (b) with
-the tower frozen, its features of the stage-2 images are cached and the
-projector is fitted to reproduce the symbolic tokens; (c) projector and LM are
-fine-tuned on the real features.
+first pass answers poorly; this needs no tower, so it runs alongside stage 1 (in
+two processes, half the threads each); then the tower is refined (a second stage-1
+pass); (b) with the tower frozen, its features of the stage-2 images are cached
+and the projector is fitted to reproduce the symbolic tokens; (c) projector and LM
+are fine-tuned on the real features. On CPU, refine, (b) and (c) run data-parallel
+over two processes (``tokensieve.zoo.parallel``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +56,7 @@ from .lm_training import (
     patch_labels,
     train_lm,
 )
+from .parallel import SOLO, Team, join_team, leave_team
 from .scenes import COLOR_NAMES, DIGITS, GRID, MAX_OBJECTS, SHAPES, Scene, make_scene
 
 N_COUNT = MAX_OBJECTS + 1
@@ -66,11 +67,11 @@ class TrainConfig:
     """Hyper-parameters of all stages (defaults: the shipped checkpoint)."""
 
     seed: int = 0
-    stage1_steps: int = 1100
+    stage1_steps: int = 1000
     stage1_batch: int = 32
     stage1_lr: float = 1.5e-3
     stage1_object_weight: float = 1.0
-    refine_steps: int = 800
+    refine_steps: int = 900
     refine_lr: float = 1e-3
     refine_object_weight: float = 1.0
     lm_images: int = 8000  # images of the symbolic stage (2a): the first of the stage-2 scenes
@@ -90,14 +91,15 @@ class TrainConfig:
     symbolic_count_lr: float = 1e-3
     align_steps: int = 400
     align_lr: float = 3e-3
-    finetune_steps: int = 1700
+    finetune_steps: int = 2000
     finetune_lr: float = 1e-3
     centre_choice_loss: float = 1.0
     attn_loss: float = 1.0
     probe_loss: float = 1.0
     count_sink_weight: float = 0.0
     bf16: bool = True
-    parallel: bool = True
+    parallel: bool = True  # stage 1 beside stage 2a, in two processes
+    team_size: int = 2  # data-parallel processes after stage 1 (CPU; see zoo.parallel)
     threads: int | None = None
     log_every: int = 50
 
@@ -264,7 +266,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu",
                  heads: VisionHeads | None = None, refine: bool = False,
-                 before_step: Callable[[int], None] | None = None) -> VisionHeads:
+                 team: Team = SOLO) -> VisionHeads:
     """Stage 1: train the (truncated) vision tower with dense supervision.
 
     Per-patch shape and digit losses are averaged over object patches
@@ -273,7 +275,8 @@ def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu",
     ``refine``: the second pass (``cfg.refine_steps`` on other scenes, weight
     ``cfg.refine_object_weight``), continuing from ``heads``: shapes and digits
     need to be read from each token, and are the slowest to learn.
-    ``before_step(step)`` is called before each step.
+    ``team``: each member draws and trains on its part of every batch (see
+    ``tokensieve.zoo.parallel``); the leader logs.
     """
     dev = torch.device(device)
     torch.manual_seed(cfg.seed + (3 if refine else 1))
@@ -289,12 +292,13 @@ def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu",
     params = [p for p in tower.parameters() if id(p) in used] + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     tower.train()
+    part = team.part(cfg.stage1_batch)
+    log = log if team.leader else _silent
     t0 = time.time()
     for step in range(steps):
-        if before_step is not None:
-            before_step(step)
         first = first_scene + step * cfg.stage1_batch
-        scenes = [make_scene("train", first + i) for i in range(cfg.stage1_batch)]
+        scenes = [make_scene("train", first + i)
+                  for i in range(cfg.stage1_batch)[part]]
         pix = pixel_values([s.image for s in scenes]).to(dev)
         targets = {k: v.to(dev) for k, v in scene_targets(scenes).items()}
         for g in opt.param_groups:
@@ -305,17 +309,23 @@ def train_vision(model, cfg: TrainConfig, log: Log = print, device: str = "cpu",
                                 cfg.centre_choice_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        team.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % cfg.log_every == 0 or step == steps - 1:
             accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
             log(f"{name} step {step} loss={loss.item():.4f} {accs} t={time.time() - t0:.0f}s")
-        if step and step % (cfg.log_every * 4) == 0:
+        if step and step % (cfg.log_every * 4) == 0 and team.leader:
             log(f"{name} val {json_dumps(vision_report(model, heads, device=device))}")
             tower.train()
     tower.eval()
-    log(f"{name} val {json_dumps(vision_report(model, heads, device=device))}")
+    if team.leader:
+        log(f"{name} val {json_dumps(vision_report(model, heads, device=device))}")
     return heads
+
+
+def _silent(msg: str) -> None:
+    """The log of team members other than the leader."""
 
 
 def json_dumps(d: dict) -> str:
@@ -392,7 +402,7 @@ def standardize_projector(model, feats: torch.Tensor) -> None:
 
 
 def align_projector(model, symbolic: SymbolicTokens, feats: torch.Tensor, labels: torch.Tensor,
-                    cfg: TrainConfig, log: Log = print) -> None:
+                    cfg: TrainConfig, log: Log = print, team: Team = SOLO) -> None:
     """Fit the projector so that projected tower features reproduce the symbolic tokens."""
     proj = model.model.multi_modal_projector
     dev = next(proj.parameters()).device
@@ -403,6 +413,7 @@ def align_projector(model, symbolic: SymbolicTokens, feats: torch.Tensor, labels
     t0 = time.time()
     for step in range(cfg.align_steps):
         idx = torch.from_numpy(rng.choice(feats.shape[0], cfg.lm_batch, replace=False))
+        idx = idx[team.part(cfg.lm_batch)]
         with torch.no_grad():
             target = symbolic(labels[idx].to(dev), index.expand(len(idx), -1)).float()
         for g in opt.param_groups:
@@ -411,33 +422,31 @@ def align_projector(model, symbolic: SymbolicTokens, feats: torch.Tensor, labels
         loss = F.mse_loss(pred, target) / target.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        team.average_gradients(proj.parameters())
         opt.step()
-        if (step + 1) % (cfg.log_every * 2) == 0 or step == cfg.align_steps - 1:
+        if team.leader and ((step + 1) % (cfg.log_every * 2) == 0
+                            or step == cfg.align_steps - 1):
             log(f"align step {step + 1} relative mse={loss.item():.4f} t={time.time() - t0:.0f}s")
 
 
 def _stage1_worker(cfg: TrainConfig, tiny: TinyConfig, device: str, out: str,
-                   threads: int, parent_done) -> None:
-    """Stage 1 in its own process, alongside the symbolic LM stage.
+                   threads: int) -> None:
+    """Stage 1 in its own process, alongside the symbolic LM stage, on ``threads`` threads.
 
-    It runs on one thread while the parent trains, then on ``threads`` once the
-    parent sets ``parent_done`` (the symbolic stage is the shorter one).
+    The thread count is fixed for the whole stage: results depend on it, so
+    handing stage 1 the parent's cores when the parent is done (as an earlier
+    recipe did) made retraining depend on timing.
     """
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     lines: list[str] = []
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
         lines.append(msg)
 
-    def take_free_cores(step: int) -> None:
-        if parent_done.is_set() and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-            log(f"stage1 step {step}: parent done, now {threads} threads")
-
     model = build_model(tiny, build_processor().tokenizer, seed=cfg.seed).to(device)
     t0 = time.time()
-    heads = train_vision(model, cfg, log, device, before_step=take_free_cores)
+    heads = train_vision(model, cfg, log, device)
     torch.save({"tower": model.model.vision_tower.state_dict(), "heads": heads.state_dict(),
                 "log": lines, "seconds": time.time() - t0}, out)
 
@@ -446,14 +455,13 @@ def _train_tower(model, cfg: TrainConfig, tiny: TinyConfig, device: str, tower_f
                  log: Log, threads: int):
     """Stage 1, or its saved result.
 
-    Returns a function to call once the parent is done with its own stage: it
-    hands the free cores to stage 1 (when that runs in parallel), waits for it
-    and returns its result. ``None`` first item: stage 1 does not run alongside.
+    Returns a function that waits for stage 1 (when it runs alongside, in its
+    own process on ``threads`` threads) and returns its result.
     """
     tower = model.model.vision_tower
     if tower_file and os.path.exists(tower_file):
         log(f"stage1 skipped: vision tower loaded from {tower_file}")
-        return None, lambda: torch.load(tower_file, map_location=device)
+        return lambda: torch.load(tower_file, map_location=device)
     if not cfg.parallel:
         t0 = time.time()
         heads = train_vision(model, cfg, log, device)
@@ -461,23 +469,20 @@ def _train_tower(model, cfg: TrainConfig, tiny: TinyConfig, device: str, tower_f
                  "seconds": time.time() - t0}
         if tower_file:
             torch.save(state, tower_file)
-        return None, lambda: state
+        return lambda: state
     out = tower_file or os.path.join(tempfile.mkdtemp(prefix="tiny-vlm-"), "tower.pt")
-    ctx = mp.get_context("spawn")
-    parent_done = ctx.Event()
-    proc = ctx.Process(target=_stage1_worker,
-                       args=(cfg, tiny, device, out, threads, parent_done))
+    proc = mp.get_context("spawn").Process(target=_stage1_worker,
+                                           args=(cfg, tiny, device, out, threads))
     proc.start()
-    log(f"stage1 started in process {proc.pid} (1 thread)")
+    log(f"stage1 started in process {proc.pid} ({threads} thread(s))")
 
     def join():
-        parent_done.set()
         proc.join()
         if proc.exitcode != 0:
             raise RuntimeError(f"stage-1 process failed with exit code {proc.exitcode}")
         return torch.load(out, map_location=device)
 
-    return proc, join
+    return join
 
 
 def stage2_scenes(cfg: TrainConfig) -> list[Scene]:
@@ -544,26 +549,33 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
     """Train the tiny LLaVA; returns (model in float32, processor, wall-time dict).
 
     Stage 1 (vision tower) and stage 2a (LM on symbolic tokens) are independent:
-    with ``cfg.parallel`` they run at the same time, one CPU thread each, and
-    stage 1 takes all threads once stage 2a is done. Then
-    tower features of the stage-2 images are cached, the projector is fitted
-    to the symbolic tokens (2b) and projector + LM are fine-tuned on real
-    features (2c). ``tower_file`` / ``symbolic_file``: if the file exists,
-    stage 1 / stage 2a is skipped and its result loaded from it; otherwise the
-    result is saved there (to redo later stages alone).
+    with ``cfg.parallel`` they run at the same time in two processes, half the
+    threads each. Then, on CPU as a team of ``cfg.team_size`` processes (see
+    ``tokensieve.zoo.parallel``), the tower is refined, its features of the
+    stage-2 images are cached, the projector is fitted to the symbolic tokens
+    (2b) and projector + LM are fine-tuned on real features (2c).
+    ``tower_file`` / ``symbolic_file``: if the file exists, stage 1 / stage 2a
+    is skipped and its result loaded from it; otherwise the result is saved
+    there (to redo later stages alone).
     """
     threads = cfg.threads or torch.get_num_threads()
+    world = cfg.team_size if torch.device(device).type == "cpu" else 1
+    for name in ("stage1_batch", "lm_batch"):
+        if world < 1 or getattr(cfg, name) % world:
+            raise ValueError(f"{name}={getattr(cfg, name)} must split evenly over "
+                             f"team_size={world} processes")
     tiny = tiny or TinyConfig()
     processor = build_processor()
-    tokenizer = processor.tokenizer
-    model = build_model(tiny, tokenizer, seed=cfg.seed).to(device)
+    model = build_model(tiny, processor.tokenizer, seed=cfg.seed).to(device)
     times: dict[str, float] = {}
     t0 = time.time()
-    proc, tower_result = _train_tower(model, cfg, tiny, device, tower_file, log, threads)
-    torch.set_num_threads(1 if proc is not None else threads)
+    alongside = cfg.parallel and not (tower_file and os.path.exists(tower_file))
+    stage1_threads = max(1, threads // 2)
+    tower_result = _train_tower(model, cfg, tiny, device, tower_file, log, stage1_threads)
+    torch.set_num_threads(max(1, threads - stage1_threads) if alongside else threads)
 
     scenes = stage2_scenes(cfg)
-    codec = PromptCodec(tokenizer)
+    codec = PromptCodec(processor.tokenizer)
     bank = build_bank(scenes, codec, cfg.seed)
     labels = patch_labels(scenes)
     t1 = time.time()
@@ -577,54 +589,116 @@ def train_tiny_vlm(cfg: TrainConfig, tiny: TinyConfig | None = None, log: Log = 
                                    labels[:cfg.lm_images], cfg, log)
         if symbolic_file:
             torch.save(sym_state, symbolic_file)
+    times["symbolic_s"] = sym_state.get("seconds", time.time() - t1)
+    state = tower_result()
+    for line in state.get("log", []):
+        log(line)
+    times["stage1_s"] = state.get("seconds", 0.0)
+    times["stage1_and_symbolic_wall_s"] = time.time() - t0
+
+    n_fine = cfg.finetune_images
+    bank, labels = bank.head(n_fine), labels[:n_fine]
+    member_threads = max(1, threads // world)
+    torch.set_num_threads(member_threads)
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="tiny-vlm-team-"), "rendezvous")
+    ctx = mp.get_context("spawn")
+    members = []
+    for rank in range(1, world):
+        start, stop = Team(rank, world).bounds(n_fine)
+        members.append(ctx.Process(target=_team_member, args=(
+            rank, world, rendezvous, cfg, tiny, device, member_threads, state, sym_state,
+            scenes[start:stop], bank, labels)))
+        members[-1].start()
+    if members:
+        log(f"refine and fine-tune: {world} processes, {member_threads} thread(s) each")
+    team = join_team(0, world, rendezvous)
+    try:
+        parts = _load_stage_results(model, state, sym_state, device)
+        start, stop = team.bounds(n_fine)
+        times.update(_refine_and_finetune(team, model, parts, codec, scenes[start:stop], bank,
+                                          labels, cfg, log, device))
+    except BaseException:
+        for m in members:
+            m.terminate()
+        raise
+    finally:
+        leave_team(team)
+        torch.set_num_threads(threads)
+    for m in members:
+        m.join()
+        if m.exitcode != 0:
+            raise RuntimeError(f"team process failed with exit code {m.exitcode}")
+    times["total_s"] = time.time() - t0
+    return model.float().eval(), processor, times
+
+
+def _load_stage_results(model, tower_state: dict, sym_state: dict, device: str):
+    """Load stage 1 and 2a into ``model``; returns their (heads, symbolic tokens, probe)."""
+    model.model.vision_tower.load_state_dict(tower_state["tower"])
     model.model.language_model.load_state_dict(sym_state["lm"])
     model.lm_head.load_state_dict(sym_state["lm_head"])
+    heads = VisionHeads(model.model.vision_tower.config.hidden_size).to(device)
+    heads.load_state_dict(tower_state["heads"])
     dim = model.model.language_model.config.hidden_size
     symbolic = SymbolicTokens(dim).to(device)
     symbolic.load_state_dict(sym_state["symbolic"])
     probe = content_probe(dim).to(device)
     probe.load_state_dict(sym_state["probe"])
-    times["symbolic_s"] = sym_state.get("seconds", time.time() - t1)
+    return heads, symbolic, probe
 
-    state = tower_result()
-    model.model.vision_tower.load_state_dict(state["tower"])
-    for line in state.get("log", []):
-        log(line)
-    times["stage1_s"] = state.get("seconds", 0.0)
-    times["stage1_and_symbolic_wall_s"] = time.time() - t0
+
+def _team_member(rank: int, world: int, rendezvous: str, cfg: TrainConfig, tiny: TinyConfig,
+                 device: str, threads: int, tower_state: dict, sym_state: dict,
+                 scenes: list[Scene], bank, labels: torch.Tensor) -> None:
+    """A team process other than the leader: the same stages on its part of every batch."""
     torch.set_num_threads(threads)
-    t5 = time.time()
-    heads = VisionHeads(model.model.vision_tower.config.hidden_size).to(device)
-    heads.load_state_dict(state["heads"])
-    train_vision(model, cfg, log, device, heads=heads, refine=True)
-    times["refine_s"] = time.time() - t5
+    processor = build_processor()
+    model = build_model(tiny, processor.tokenizer, seed=cfg.seed).to(device)
+    parts = _load_stage_results(model, tower_state, sym_state, device)
+    team = join_team(rank, world, rendezvous)
+    try:
+        _refine_and_finetune(team, model, parts, PromptCodec(processor.tokenizer), scenes,
+                             bank, labels, cfg, _silent, device)
+    finally:
+        leave_team(team)
+
+
+def _refine_and_finetune(team: Team, model, parts, codec: PromptCodec, scenes: list[Scene],
+                         bank, labels: torch.Tensor, cfg: TrainConfig, log: Log,
+                         device: str) -> dict[str, float]:
+    """Refine the tower, cache features (``scenes``: this member's part), align, fine-tune."""
+    heads, symbolic, probe = parts
+    log = log if team.leader else _silent
+    times = {}
+    t = time.time()
+    train_vision(model, cfg, log, device, heads=heads, refine=True, team=team)
+    times["refine_s"] = time.time() - t
     model.model.vision_tower.requires_grad_(False).eval()
 
-    t2 = time.time()
-    n_fine = cfg.finetune_images
-    feats = cache_features(model, scenes[:n_fine], device=device, bf16=cfg.bf16)
-    del scenes
-    times["cache_s"] = time.time() - t2
+    t = time.time()
+    feats = team.gather_rows(cache_features(model, scenes, device=device, bf16=cfg.bf16),
+                             len(labels))
+    times["cache_s"] = time.time() - t
     log(f"cached {tuple(feats.shape)} features in {times['cache_s']:.0f}s")
-    t3 = time.time()
+    t = time.time()
     symbolic.requires_grad_(False)
-    align_projector(model, symbolic, feats, labels[:n_fine], cfg, log)
-    times["align_s"] = time.time() - t3
+    align_projector(model, symbolic, feats, labels, cfg, log, team)
+    times["align_s"] = time.time() - t
     proj = model.model.multi_modal_projector
 
     def real_tokens(idx: list[int], sel: torch.Tensor) -> torch.Tensor:
         x = feats[idx].to(sel.device)
         return proj(torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1])).float())
 
-    t4 = time.time()
-    train_lm(model, codec, bank.head(n_fine), LMPhase(
+    t = time.time()
+    train_lm(model, codec, bank, LMPhase(
         "finetune", cfg.finetune_steps, cfg.finetune_lr, real_tokens,
         list(proj.parameters()) + list(model.model.language_model.parameters())
         + list(model.lm_head.parameters()),
-        full_prob=lambda p: 0.5, max_extra=lambda p: 200), probe, **_lm_kwargs(cfg, log))
-    times["finetune_s"] = time.time() - t4
-    times["total_s"] = time.time() - t0
-    return model.float().eval(), processor, times
+        full_prob=lambda p: 0.5, max_extra=lambda p: 200), probe, **_lm_kwargs(cfg, log),
+        team=team)
+    times["finetune_s"] = time.time() - t
+    return times
 
 
 @torch.no_grad()
