@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Regenerate the embedded tiny LLaVA checkpoint (deterministic given --seed).
 
-    python scripts/train_tiny_vlm.py                 # full run (2 CPU cores: about 80 min)
+    python scripts/train_tiny_vlm.py                 # full run (2 CPU cores: about 85 min)
     python scripts/train_tiny_vlm.py --out /tmp/ck --stage1-steps 20 --symbolic-steps 20 \
         --align-steps 20 --finetune-steps 20
 

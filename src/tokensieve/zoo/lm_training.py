@@ -16,8 +16,9 @@ the hops directly, and take it to 85 % in the same 700 steps:
   objects' marker patches (``Scene.patch_first``) plus the first prompt token,
   which serves as an attention sink: a head that splits its mass between n
   markers and the sink carries n, while one with all mass on the markers would
-  not. The mass term alone does not ask for that split (``count_sink_weight`` does; off in the
-  shipped recipe, see ``AttentionCapture.loss``). Questions with no object to
+  not. The mass term alone does not ask for that split (``count_sink_weight`` does: off in the
+  symbolic stages, on in the fine-tune, see ``AttentionCapture.loss`` and
+  ``TrainConfig``). Questions with no object to
   look at (absent pairs, zero counts) target the sink alone.
 
 Visual-token subsets. A pre-LLM reducer hands the LM a subset of the 576
@@ -414,9 +415,9 @@ class AttentionCapture:
             mass = torch.einsum("rhk,rsk->rsh", attn, mask)  # [R, S, H]
             best_mass, best = mass.max(-1)
             total = total - torch.log(best_mass[valid] + 1e-4).mean()
-            # the split only in the last layer. Experimental: in every layer or in the
-            # last only, it lifted symbolic-stage count accuracy but kept relation
-            # questions at chance, so the shipped recipe leaves it off
+            # the split only in the last layer. In the symbolic stage (every layer or the
+            # last only) it lifted count accuracy but kept relation questions at chance;
+            # the shipped recipe asks for it in the fine-tune only, once relations are learnt
             if count_sink_weight > 0 and layer == len(self.store) - 1 and len(r):
                 share = attn[r, best[r, t]] / (best_mass[r, t, None] + 1e-6)  # [C, keys]
                 # KL(split || share): zero at the target split, so the logged loss reads as a gap
