@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from zoo_configs import SMALL
 
 from tokensieve.zoo import (
     accuracy_by_family,
@@ -17,7 +18,7 @@ from tokensieve.zoo import (
     load_tiny_vlm,
     scene_qa,
 )
-from tokensieve.zoo.build import TinyConfig, build_model, build_processor, pixel_values
+from tokensieve.zoo.build import build_model, build_processor, pixel_values
 from tokensieve.zoo.lm_training import build_bank, sample_questions
 from tokensieve.zoo.scenes import (
     COLORS,
@@ -41,9 +42,6 @@ from tokensieve.zoo.train import (
     stage1_loss,
     train_tiny_vlm,
 )
-
-SMALL = TinyConfig(vision_hidden=32, vision_layers=3, vision_heads=2, vision_mlp=64,
-                   text_hidden=32, text_layers=2, text_heads=2, text_mlp=64)
 
 
 def test_generator_is_deterministic() -> None:

@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from zoo_configs import SMALL
 
-from tokensieve.zoo.build import TinyConfig, build_model, build_processor
+from tokensieve.zoo.build import build_model, build_processor
 from tokensieve.zoo.lm_training import (
     LMPhase,
     PromptCodec,
@@ -22,9 +23,6 @@ from tokensieve.zoo.lm_training import (
 from tokensieve.zoo.parallel import Team, join_team, leave_team
 from tokensieve.zoo.scenes import make_scene
 from tokensieve.zoo.train import TrainConfig, train_tiny_vlm
-
-SMALL = TinyConfig(vision_hidden=32, vision_layers=3, vision_heads=2, vision_mlp=64,
-                   text_hidden=32, text_layers=2, text_heads=2, text_mlp=64)
 
 
 def test_parts_cover_the_batch_in_order() -> None:
