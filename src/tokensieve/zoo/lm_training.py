@@ -512,9 +512,11 @@ def train_lm(model, codec: PromptCodec, bank: QuestionBank, phase: LMPhase, prob
             team.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            if not team.leader:
+                continue
             for q, ok in zip(rows, (ans_logits.argmax(-1) == ans).tolist(), strict=True):
                 hits.setdefault(q.family, []).append(ok)
-            if team.leader and ((step + 1) % log_every == 0 or step == phase.steps - 1):
+            if (step + 1) % log_every == 0 or step == phase.steps - 1:
                 accs = " ".join(f"{f[:5]}={np.mean(h):.2f}" for f, h in sorted(hits.items()))
                 total = np.mean([x for h in hits.values() for x in h])
                 log(f"{phase.name} step {step + 1} loss={loss.item():.3f} "

@@ -1,9 +1,9 @@
 """Data parallelism over CPU processes for the tiny-VLM training recipe.
 
-The tiny tower and LM scale poorly across threads of one process: measured on
-2 cores, a tower step on a batch of 32 took 1.39 s with 2 threads and 1.0 s as
-two 1-thread processes on 16 samples each; an LM step on 16 images of 576
-tokens, 1.03 s against 0.73 s. So the stages after stage 1 run as a team of
+The tiny tower and LM scale poorly across threads of one process. Measured on
+2 cores in one run each: a refine step (batch 32) took 1.33 s as two 1-thread
+processes of 16 against about 1.5 s as one 2-thread process; an LM step on 16
+images of 576 tokens, 0.73 s against 1.03 s. So the stages after stage 1 run as a team of
 processes (``torch.distributed`` with gloo): every member draws the same global
 batch from the same seeded generators, computes the loss on its own part and
 the gradients are averaged before the (identical) optimiser steps. The result
@@ -79,18 +79,6 @@ class Team:
             start, stop = Team(rank, self.world).bounds(n)
             rows.append(piece[:stop - start].to(part.dtype))
         return torch.cat(rows)
-
-    def broadcast_(self, params: Iterable[torch.Tensor]) -> None:
-        """Copy the leader's values of ``params`` to every member (in place)."""
-        if self.world == 1:
-            return
-        for p in params:
-            dist.broadcast(p.data, src=0)
-
-    def barrier(self) -> None:
-        """Wait for every member."""
-        if self.world > 1:
-            dist.barrier()
 
 
 SOLO = Team()
