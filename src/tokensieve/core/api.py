@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tokensieve.core.budget import resolve_keep
+from tokensieve.core.options import check_seed
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import get_method
 from tokensieve.core.signals import SIGNAL_NAMES, build_signals, check_tokens
@@ -21,7 +22,10 @@ class ReduceConfig:
     method: str
     keep: int | float
     options: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "keep": self.keep, "options": dict(self.options),
@@ -50,7 +54,8 @@ def reduce(
         tokens: ``[B, N, D]`` floating-point tokens.
         method: a name from ``list_methods()``.
         keep: an int count in ``[1, N]`` or a float fraction in ``(0, 1]``.
-        seed: seeds the methods that draw random numbers (``None``: torch's global RNG).
+        seed: an int seeding the methods that draw random numbers (``None``: torch's
+            global RNG); anything else (a bool, a float, a string) raises ``ValueError``.
         **kwargs: signals by their fixed names (``cls_attn``, ``attn_received``, ``keys``,
             ``values``, ``text``, ``text_mask``, ``grid``, ``partitions``) and the
             method's options (see ``describe(method).defaults()``).
@@ -61,15 +66,16 @@ def reduce(
         without autograd: gather from ``.indices`` yourself to keep gradients.
     """
     spec = get_method(method)
+    seed = check_seed(seed)
     tokens = check_tokens(tokens)
     k = resolve_keep(keep, tokens.shape[1])
     raw_signals, options = split_kwargs(kwargs)
     config = spec.make_config(options)
     signals = build_signals(tokens, raw_signals)
-    for name in spec.signals:
+    for name in spec.required_signals(config):
         signals.require(name, spec.name)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=tokens.device)
-        generator.manual_seed(int(seed))
+        generator.manual_seed(seed)
     return spec.fn(tokens, k, signals, config, generator)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from tokensieve.core.options import validate_options
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.signals import SIGNAL_NAMES, Signals
 
@@ -34,8 +35,9 @@ class MethodSpec:
             encoder, or inside the LLM. Every registered method here reduces a token set.
         kind: "subset" (keeps tokens unchanged), "merge" (only merged tokens) or
             "subset+merge".
-        signals: signals the method cannot run without.
-        optional_signals: signals it uses when given.
+        signals: signals the method cannot run with its default options without.
+        optional_signals: every other signal it reads when given (or needs under some
+            non-default option). Together the two list every signal the method reads.
         config: a dataclass of the method's options and their official defaults.
         features: which features the official method reads: "vision" (encoder layer
             output, before the projector) or "projected" (the LLM's visual tokens).
@@ -53,6 +55,12 @@ class MethodSpec:
     features: Literal["vision", "projected"] = "projected"
     cls_token: bool = False
 
+    def required_signals(self, config: Any) -> tuple[str, ...]:
+        """The signals the method needs with ``config``: ``config.required_signals()`` when
+        the config class defines it (options that switch signals), else ``signals``."""
+        needs = getattr(config, "required_signals", None)
+        return tuple(needs()) if callable(needs) else self.signals
+
     def defaults(self) -> dict[str, Any]:
         """The method's options and their defaults."""
         if not dataclasses.is_dataclass(self.config):
@@ -60,7 +68,11 @@ class MethodSpec:
         return dataclasses.asdict(self.config())
 
     def make_config(self, options: dict[str, Any]) -> Any:
-        """Build the method's config from keyword options, rejecting unknown names."""
+        """Build the method's config from keyword options.
+
+        Unknown names, and values of the wrong type or out of range (see
+        :func:`tokensieve.core.options.validate_options`), raise ``ValueError``.
+        """
         if not dataclasses.is_dataclass(self.config):
             if options:
                 raise ValueError(f"method {self.name!r} takes no options, got {sorted(options)}")
@@ -72,7 +84,7 @@ class MethodSpec:
                 f"method {self.name!r} got unknown option(s) {unknown}; its options are "
                 f"{sorted(names) or 'none'} and the signals are {list(SIGNAL_NAMES)}"
             )
-        return self.config(**options)
+        return self.config(**validate_options(self.name, self.config, options))
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -95,6 +107,13 @@ def register(
     for s in (*signals, *optional_signals):
         if s not in SIGNAL_NAMES:
             raise ValueError(f"method {name!r}: unknown signal {s!r}; known: {SIGNAL_NAMES}")
+
+    needs = getattr(config, "required_signals", None)
+    if dataclasses.is_dataclass(config) and callable(needs):
+        default_needs = tuple(config().required_signals())
+        if set(default_needs) != set(signals):
+            raise ValueError(f"method {name!r}: signals={signals} but its default options "
+                             f"need {default_needs}")
 
     def wrap(fn: MethodFn) -> MethodFn:
         key = name.lower()

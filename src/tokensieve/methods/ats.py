@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from tokensieve.core.ops import gather_tokens
+from tokensieve.core.options import PositiveCount
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
@@ -55,7 +56,7 @@ class ATSConfig:
 
     has_cls: bool = False
     use_values: bool = True
-    min_tokens: int = 8
+    min_tokens: PositiveCount = 8
 
     def __post_init__(self) -> None:
         check_flag(self.has_cls, "has_cls", "ats")
@@ -63,6 +64,10 @@ class ATSConfig:
         if (isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int)
                 or self.min_tokens < 1):
             raise ValueError(f"ats: min_tokens={self.min_tokens!r}: expected an int >= 1")
+
+    def required_signals(self) -> tuple[str, ...]:
+        """``cls_attn``, and ``values`` unless ``use_values=False``."""
+        return ("cls_attn", "values") if self.use_values else ("cls_attn",)
 
 
 def ats_significance(cls_attn: Tensor, values: Tensor | None) -> Tensor:
@@ -171,7 +176,8 @@ def ats_select(tokens: Tensor, k: int, cls_attn: Tensor, values: Tensor | None, 
     "ats",
     paper="Adaptive Token Sampling For Efficient Vision Transformers (ATS, Fayyaz et al., "
           "ECCV 2022)",
-    stage="encoder", kind="subset", signals=("cls_attn",), optional_signals=("values",),
+    stage="encoder", kind="subset", signals=("cls_attn", "values"),
+    optional_signals=(),
     config=ATSConfig, features="vision", cls_token=True,
 )
 def ats_reduce(tokens: Tensor, k: int, signals: Signals, config: ATSConfig,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tokensieve.core.ops import normalize, select
+from tokensieve.core.options import Count, PositiveCount
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
@@ -27,8 +28,8 @@ class DARTConfig:
             of their keys, which a token-set method does not receive).
     """
 
-    pivots: int = 4
-    text_pivots: int = 4
+    pivots: PositiveCount = 4
+    text_pivots: Count = 4
 
     def __post_init__(self) -> None:
         for name in ("pivots", "text_pivots"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -30,8 +31,12 @@ class FoPruConfig:
             "cls_attn": the CLS row only. With ``[B, L, N]`` the last layer is used.
     """
 
-    mode: str = "rank"
-    score: str = "attn_received"
+    mode: Literal["rank", "row"] = "rank"
+    score: Literal["attn_received", "cls_attn"] = "attn_received"
+
+    def required_signals(self) -> tuple[str, ...]:
+        """The ``score`` signal (``grid`` stays optional: a square grid is inferred)."""
+        return (self.score,)
 
 
 def row_indices(significance: Tensor, k: int, grid: tuple[int, int]) -> Tensor:
@@ -57,7 +62,8 @@ def row_indices(significance: Tensor, k: int, grid: tuple[int, int]) -> Tensor:
     "fopru",
     paper="FoPru: Focal Pruning for Efficient Large Vision-Language Models "
           "(Jiang et al., 2024)",
-    stage="pre-llm", kind="subset", optional_signals=("attn_received", "cls_attn", "grid"),
+    stage="pre-llm", kind="subset", signals=("attn_received",),
+    optional_signals=("cls_attn", "grid"),
     config=FoPruConfig, features="vision",
 )
 def fopru(tokens: Tensor, k: int, signals: Signals, config: FoPruConfig,

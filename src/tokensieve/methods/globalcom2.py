@@ -10,6 +10,7 @@ from torch import Tensor
 
 from tokensieve.core.grid import topk_per_partition
 from tokensieve.core.ops import normalize, select
+from tokensieve.core.options import Positive
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Partitions, Signals
@@ -29,7 +30,7 @@ class GlobalCom2Config:
         temperature: softmax temperature over the crops' thumbnail scores (official 10).
     """
 
-    temperature: float = 10.0
+    temperature: Positive = 10.0
 
 
 def globalcom2_budgets(scores: Tensor, pos: Tensor, partitions: Partitions, k: int,

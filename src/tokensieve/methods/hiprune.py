@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from tokensieve.core.ops import select, topk_indices
+from tokensieve.core.options import Share
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals, infer_grid
@@ -30,7 +31,7 @@ class HiPruneConfig:
             become token 0 or N-1). ``False``: the true 4-neighbours on the grid only.
     """
 
-    alpha: float = 0.1
+    alpha: Share = 0.1
     object_layer: int = 0
     deep_layer: int = -1
     wrap: bool = True

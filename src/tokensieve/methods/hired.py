@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from tokensieve.core.grid import topk_per_partition
 from tokensieve.core.ops import select, topk_indices
+from tokensieve.core.options import Share
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Partitions, Signals
@@ -35,10 +37,10 @@ class HiREDConfig:
             (corrected: the crop's true 2D area of the overview).
     """
 
-    alpha: float = 0.5
+    alpha: Share = 0.5
     alloc_layer: int = 0
     select_layer: int = -1
-    regions: str = "rowmajor"
+    regions: Literal["rowmajor", "2d"] = "rowmajor"
 
 
 def hired_budgets(early: Tensor, partitions: Partitions, k: int, alpha: float,

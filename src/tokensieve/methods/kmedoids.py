@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tokensieve.core.ops import gather_tokens, merge_into_slots, normalize
+from tokensieve.core.options import Count, NonNegative
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
@@ -33,8 +34,8 @@ class KMedoidsConfig:
             mean token, placed at its medoid's position).
     """
 
-    iterations: int = 50
-    threshold: float = 1e-4
+    iterations: Count = 50
+    threshold: NonNegative = 1e-4
     distance: Literal["euclidean", "cosine"] = "euclidean"
     output: Literal["medoids", "means"] = "medoids"
 

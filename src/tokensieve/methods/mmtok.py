@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tokensieve.core.ops import normalize, select
+from tokensieve.core.options import NonNegative, Positive
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
@@ -25,9 +26,9 @@ class MMTokConfig:
         tau_vv: softmax temperature of vision -> vision similarities (0.2).
     """
 
-    alpha: float = 0.5
-    tau_tv: float = 0.02
-    tau_vv: float = 0.2
+    alpha: NonNegative = 0.5
+    tau_tv: Positive = 0.02
+    tau_vv: Positive = 0.2
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and self.alpha >= 0):

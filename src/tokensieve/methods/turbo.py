@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tokensieve.core.options import NonNegative
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
@@ -55,7 +56,7 @@ class TurboConfig:
             tokens: pass ``use_keys=False`` or no ``keys`` for that).
     """
 
-    alpha: float = 1.0
+    alpha: NonNegative = 1.0
     has_cls: bool = False
     use_keys: bool = True
 

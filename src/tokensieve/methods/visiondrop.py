@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from tokensieve.core.options import Count
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
@@ -32,19 +34,23 @@ class VisionDropConfig:
         contextual_merge: "target+mean" (as in VisionZip's code) or "mean" (corrected).
     """
 
-    dominant: int | None = None
-    contextual: int | None = None
-    score: str = "attn_received"
+    dominant: Count | None = None
+    contextual: Count | None = None
+    score: Literal["attn_received", "cls_attn"] = "attn_received"
     has_cls: bool = False
-    contextual_merge: str = "target+mean"
+    contextual_merge: Literal["target+mean", "mean"] = "target+mean"
+
+    def required_signals(self) -> tuple[str, ...]:
+        """``keys`` (the contextual merge) and the ``score`` signal."""
+        return ("keys", self.score)
 
 
 @register(
     "visiondrop",
     paper="Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment "
           "(VisionDrop, AAAI 2026)",
-    stage="pre-llm", kind="subset+merge", signals=("keys",),
-    optional_signals=("attn_received", "cls_attn"), config=VisionDropConfig,
+    stage="pre-llm", kind="subset+merge", signals=("keys", "attn_received"),
+    optional_signals=("cls_attn",), config=VisionDropConfig,
     features="vision", cls_token=True,
 )
 def visiondrop(tokens: Tensor, k: int, signals: Signals, config: VisionDropConfig,

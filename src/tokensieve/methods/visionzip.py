@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from tokensieve.core.options import Count
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
@@ -34,10 +36,10 @@ class VisionZipConfig:
             average of the target and its assigned tokens).
     """
 
-    dominant: int | None = None
-    contextual: int | None = None
+    dominant: Count | None = None
+    contextual: Count | None = None
     has_cls: bool = False
-    contextual_merge: str = "target+mean"
+    contextual_merge: Literal["target+mean", "mean"] = "target+mean"
 
 
 @register(
