@@ -90,8 +90,6 @@ def test_batch_equals_single_samples(method):
         if inputs.get("partitions") is not None:
             p = inputs["partitions"]
             one["partitions"] = ts.Partitions(p.ids[i:i + 1], p.tiling, p.grid)
-        if method == "random":
-            continue  # one generator draws for the whole batch
         single = _run(method, one, 64, **options)
         if full.mask is None:
             torch.testing.assert_close(single.tokens[0], full.tokens[i], rtol=1e-4, atol=1e-4)
