@@ -23,6 +23,9 @@ SIGNAL_DOCS: dict[str, str] = {
     "text_mask": "bool mask of real text tokens, [B, M]",
     "grid": "patch grid shape (H, W) of the tokens",
     "partitions": "anyres layout: a Partitions object (ids [B, N] and the crop tiling)",
+    "query_attn": "attention that prompt tokens give each token at an LLM layer (head-mean "
+                  "probability): [B, N] from the last prompt token, or [B, Q, N] from Q query "
+                  "rows (all-zero rows are padding)",
 }
 SIGNAL_NAMES: tuple[str, ...] = tuple(SIGNAL_DOCS)
 
@@ -61,6 +64,7 @@ class Signals:
     text_mask: Tensor | None = None
     grid: tuple[int, int] | None = None
     partitions: Partitions | None = None
+    query_attn: Tensor | None = None
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -150,7 +154,7 @@ def infer_grid(n: int, grid: tuple[int, int] | None, method: str) -> tuple[int, 
 def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
     """Validate raw keyword signals against ``tokens`` and pack them into ``Signals``."""
     b, n, _ = tokens.shape
-    for name in ("cls_attn", "attn_received"):
+    for name in ("cls_attn", "attn_received", "query_attn"):
         if raw.get(name) is not None:
             _check_per_token(name, raw[name], b, n, (2, 3))
     for name in ("keys", "values"):
@@ -200,4 +204,5 @@ def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
         text_mask=text_mask,  # type: ignore[arg-type]
         grid=grid,  # type: ignore[arg-type]
         partitions=partitions,  # type: ignore[arg-type]
+        query_attn=raw.get("query_attn"),  # type: ignore[arg-type]
     )

@@ -54,7 +54,7 @@ from tokensieve.models._base import (
 
 
 @contextmanager
-def applied(model: torch.nn.Module, method: str, keep: int | float,
+def applied(model: torch.nn.Module, method: str, keep: int | float | None = None,
             **options: Any) -> Iterator[torch.nn.Module]:
     """``with applied(model, "fastervlm", 64): model.generate(...)``; removed on exit."""
     apply(model, method, keep, **options)

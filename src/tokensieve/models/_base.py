@@ -22,6 +22,8 @@ from tokensieve.core.api import ReduceConfig, reduce
 from tokensieve.core.budget import resolve_keep
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import MethodSpec, get_method
+from tokensieve.core.schedule import LlmSchedule
+from tokensieve.models._llm import CallInputs, LlmStage, image_runs
 from tokensieve.models._surgery import Align, SurgeryPlan, detect_align, plan_surgery
 
 STATE_ATTR = "_tokensieve"
@@ -76,6 +78,7 @@ class PatchState:
         saved: per patched attribute, whether the instance had its own value and which.
         last: per image of the last reduced call, ``(Reduction, grid)``.
         last_plan: the sequence surgery of the last reduced call (kept columns per row).
+        llm: the in-LLM stage (hooks on the language model) of an in-LLM method, else None.
     """
 
     config: ReduceConfig
@@ -84,6 +87,12 @@ class PatchState:
     saved: dict[str, tuple[bool, Any]] = field(default_factory=dict)
     last: list[tuple[Reduction, tuple[int, int] | None]] = field(default_factory=list)
     last_plan: SurgeryPlan | None = None
+    llm: LlmStage | None = None
+
+    @property
+    def pre_llm(self) -> bool:
+        """Whether the method acts on the visual tokens before the LLM."""
+        return self.spec.stage == "pre-llm"
 
     def to_dict(self) -> dict[str, Any]:
         """What runs, as plain data (for results files): the method config, the model
@@ -278,6 +287,22 @@ class Adapter:
         state.last_plan = plan
         return new
 
+    def llm_inputs(self, args: dict[str, Any]) -> CallInputs:
+        """What the in-LLM stage needs of a call: the image runs of its LLM input (one run
+        of placeholder tokens per image), the 2D attention mask and, for families whose
+        images attend bidirectionally, their blocks (see :meth:`llm_block_ids`)."""
+        image_of = None
+        if args.get("input_ids") is not None or args.get("inputs_embeds") is not None:
+            image_of = image_runs(self.placeholder_mask(args))
+        mask = args.get("attention_mask")
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
+            raise ValueError("attention_mask: the in-LLM stage needs a 2D [B, T] mask (or none)")
+        return CallInputs(image_of=image_of, mask=mask, block_ids=self.llm_block_ids(args))
+
+    def llm_block_ids(self, args: dict[str, Any]) -> Tensor | None:
+        """``[B, T]`` bidirectional attention blocks of the LLM input (default: none)."""
+        return None
+
     def encoder_outputs(self, features: list[Tensor]) -> dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -328,10 +353,14 @@ def _make_forward(state: PatchState, original: Callable[..., Any]) -> Callable[.
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
         named = _bind(sig, args, kwargs)
-        if not state.adapter.has_visual_inputs(named):
+        if state.pre_llm and state.adapter.has_visual_inputs(named):
+            named = state.adapter.prepare(state, named, detect_align(named.get("attention_mask")))
+        elif state.llm is None:
             return original(*args, **kwargs)
-        new = state.adapter.prepare(state, named, detect_align(named.get("attention_mask")))
-        return original(**new)
+        if state.llm is None:
+            return original(**named)
+        with state.llm.call(state.adapter.llm_inputs(named)):
+            return original(**named)
 
     return forward
 
@@ -344,7 +373,7 @@ def _make_generate(state: PatchState, original: Callable[..., Any]) -> Callable[
             if "input_ids" in named:
                 raise ValueError("generate: got both `inputs` and `input_ids`")
             named["input_ids"] = inputs
-        if not state.adapter.has_visual_inputs(named):
+        if not state.pre_llm or not state.adapter.has_visual_inputs(named):
             return original(inputs, **kwargs)
         if named.get("past_key_values") is not None:
             raise ValueError("generate: continuing from past_key_values with new images is not "
@@ -410,14 +439,17 @@ def get_state(model: object) -> PatchState | None:
     return model.__dict__.get(STATE_ATTR) if hasattr(model, "__dict__") else None
 
 
-def apply(model: torch.nn.Module, method: str, keep: int | float, *, seed: int = 0,
+def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, *, seed: int = 0,
           signal_layers: SignalLayers = None, **options: Any) -> torch.nn.Module:
     """Patch ``model`` in place so that every call with images reduces its visual tokens.
 
     Args:
         model: a supported Hugging Face VLM (see :func:`supported_models`).
         method: a name from ``tokensieve.list_methods()``.
-        keep: per image, an int count of visual tokens or a float fraction of them.
+        keep: per image, an int count of visual tokens or a float fraction of them. For
+            in-LLM methods: the count kept from a single-cut method's layer on, the average
+            per LLM layer for a multi-stage schedule (``tokensieve.core.schedule``); ``None``
+            gives an in-LLM method its official budget (e.g. FastV's R = 50 %).
         seed: seed of methods that draw random numbers.
         signal_layers: encoder layers whose attention signals (``cls_attn``,
             ``attn_received``) the method gets, stacked ``[B, L, N]``: a tuple of layer
@@ -443,13 +475,26 @@ def apply(model: torch.nn.Module, method: str, keep: int | float, *, seed: int =
                          "(5.x)")
     spec = get_method(method)
     spec.make_config({k: v for k, v in options.items()})  # unknown options fail here
-    if spec.stage != "pre-llm":
-        raise ValueError(f"method {spec.name!r} acts at stage {spec.stage!r}; tokensieve.apply "
-                         "runs pre-LLM methods (on the visual tokens before the LLM)")
+    in_llm = spec.stage == "llm" and isinstance(spec.config, type) and issubclass(
+        spec.config, LlmSchedule)
+    if spec.stage != "pre-llm" and not in_llm:
+        raise ValueError(f"method {spec.name!r} acts at stage {spec.stage!r}; its in-model patch "
+                         "is not built yet (tokensieve.reduce runs it on token sets); "
+                         "tokensieve.apply runs pre-LLM and in-LLM methods")
+    if keep is None and not in_llm:
+        raise ValueError(f"keep=None: method {spec.name!r} needs a budget (a count or a fraction "
+                         "of each image's tokens)")
     config = ReduceConfig(method=spec.name, keep=keep, options=dict(options), seed=seed)
     adapter = adapter_cls(model, spec, config, signal_layers)
-    adapter.check()
-    state = PatchState(config=config, spec=spec, adapter=adapter)
+    if in_llm:
+        if signal_layers is not None:
+            raise ValueError("signal_layers: in-LLM methods read their scores at their own "
+                             "decoder layers (options `layer` / `layers`)")
+        llm = LlmStage(model, spec, config)
+    else:
+        adapter.check()
+        llm = None
+    state = PatchState(config=config, spec=spec, adapter=adapter, llm=llm)
     for name in PATCHED_ATTRS:
         if not hasattr(model, name):
             continue
@@ -458,6 +503,8 @@ def apply(model: torch.nn.Module, method: str, keep: int | float, *, seed: int =
         original = getattr(model, name)
         maker = _make_forward if name == "forward" else _make_generate
         object.__setattr__(model, name, maker(state, original))
+    if llm is not None:
+        llm.install()
     object.__setattr__(model, STATE_ATTR, state)
     return model
 
@@ -472,5 +519,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
             object.__setattr__(model, name, value)
         else:
             del model.__dict__[name]
+    if state.llm is not None:
+        state.llm.remove()
     del model.__dict__[STATE_ATTR]
     return model

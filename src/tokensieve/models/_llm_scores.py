@@ -1,0 +1,84 @@
+"""Attention rows of one LLM decoder layer, from its own q and k (no eager attention).
+
+The in-LLM methods rank image tokens by the attention some query rows (the last prompt
+token, the text tokens) give them at a decoder layer. The layer keeps its SDPA / flash
+kernel; these rows are recomputed from the layer's q/k projections, after the layer's
+own q/k norms (Gemma 3) and rotary embedding (the model's ``apply_rotary_pos_emb``, so
+M-RoPE cos/sin work unchanged), with grouped-query heads expanded, the layer's scaling
+and logit soft-capping, and the same visibility as the layer (causal, padding, sliding
+window). Cost: ``Q x T`` logits per head, for a handful of query rows.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def _rope_fn(attn: torch.nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The rotary function of the attention module's own modeling file."""
+    module = sys.modules[type(attn).__module__]
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise ValueError(f"{type(attn).__name__}: no apply_rotary_pos_emb in {module.__name__}; "
+                         "the in-LLM stage cannot recompute its attention rows")
+    return fn
+
+
+def _heads(attn: torch.nn.Module, x: Tensor, norm: str) -> Tensor:
+    """``[B, S, H * hd]`` projections -> ``[B, H, S, hd]`` after the layer's q/k norm."""
+    b, s, _ = x.shape
+    x = x.view(b, s, -1, attn.head_dim)
+    if hasattr(attn, norm):
+        x = getattr(attn, norm)(x)
+    return x.transpose(1, 2)
+
+
+def visible_keys(query_cols: Tensor, key_valid: Tensor, window: int | None) -> Tensor:
+    """``[B, Q, T]`` which keys a query column sees: valid keys at or before it, within the
+    last ``window`` keys for sliding-window layers (``q - k < window``)."""
+    cols = torch.arange(key_valid.shape[1], device=key_valid.device)
+    q = query_cols.unsqueeze(-1)
+    seen = (cols <= q) & key_valid.unsqueeze(1)
+    if window is not None:
+        seen = seen & (q - cols < window)
+    return seen
+
+
+def attention_rows(attn: torch.nn.Module, q_proj: Tensor, k_proj: Tensor,
+                   cos: Tensor, sin: Tensor, query_cols: Tensor, visible: Tensor) -> Tensor:
+    """Head-mean attention probabilities of some query rows of one layer.
+
+    Args:
+        attn: the decoder layer's attention module (``head_dim``, ``scaling``, optional
+            ``q_norm`` / ``k_norm`` / ``attn_logit_softcapping``).
+        q_proj: ``[B, Q, Hq * hd]`` the ``q_proj`` outputs of the query rows.
+        k_proj: ``[B, T, Hkv * hd]`` the ``k_proj`` outputs of all columns.
+        cos, sin: ``[B or 1, T, hd]`` the layer's position embeddings for all columns.
+        query_cols: ``[B, Q]`` the column of every query row (for its cos/sin).
+        visible: ``[B, Q, T]`` the keys each query row sees (see :func:`visible_keys`).
+
+    Returns:
+        ``[B, Q, T]`` float32, each row a probability distribution over the visible keys
+        (the softmax of the layer's attention logits), averaged over heads; rows that see
+        no key are 0.
+    """
+    rope = _rope_fn(attn)
+    b = q_proj.shape[0]
+    q = _heads(attn, q_proj, "q_norm")
+    k = _heads(attn, k_proj, "k_norm")
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    idx = query_cols.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+    q = rope(q, q, torch.gather(cos, 1, idx), torch.gather(sin, 1, idx))[0]
+    k = rope(k, k, cos, sin)[0]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    logits = logits.masked_fill(~visible.unsqueeze(1), -torch.inf)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return probs.mean(dim=1)
