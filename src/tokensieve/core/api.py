@@ -39,6 +39,30 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return signals, options
 
 
+def check_devices(tokens: Tensor, raw: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the signal and both devices when a tensor signal (or
+    ``partitions.ids``) is not on the tokens' device."""
+    for name, value in raw.items():
+        if name == "partitions" and value is not None:
+            value, name = getattr(value, "ids", None), "partitions.ids"
+        if isinstance(value, Tensor) and value.device != tokens.device:
+            raise ValueError(f"{name} is on device {value.device} but tokens are on "
+                             f"{tokens.device}; expected every signal on the tokens' device")
+
+
+def drop_empty_text(raw: dict[str, Any], required: tuple[str, ...], method: str) -> None:
+    """An empty ``text`` ``[B, 0, D]``: a method that needs text refuses it; for the others
+    it counts as no text (``text`` and ``text_mask`` are dropped from ``raw``)."""
+    text = raw.get("text")
+    if not isinstance(text, Tensor) or text.dim() != 3 or text.shape[1] != 0:
+        return
+    if "text" in required:
+        raise ValueError(f"method {method!r} needs at least one text token; got text of shape "
+                         f"{tuple(text.shape)} (empty)")
+    raw.pop("text")
+    raw.pop("text_mask", None)
+
+
 @torch.no_grad()
 def reduce(
     tokens: Tensor,
@@ -58,7 +82,9 @@ def reduce(
             global RNG); anything else (a bool, a float, a string) raises ``ValueError``.
         **kwargs: signals by their fixed names (``cls_attn``, ``attn_received``, ``keys``,
             ``values``, ``text``, ``text_mask``, ``grid``, ``partitions``) and the
-            method's options (see ``describe(method).defaults()``).
+            method's options (see ``describe(method).defaults()``). Tensor signals must be
+            on the tokens' device. An empty ``text`` ``[B, 0, D]`` is refused by methods
+            that need text (cdpruner, mmtok) and counts as no text for the others (dart).
 
     Returns:
         A :class:`Reduction` with ``.tokens`` ``[B, K', D]`` and ``.indices`` ``[B, K]``
@@ -71,6 +97,8 @@ def reduce(
     k = resolve_keep(keep, tokens.shape[1])
     raw_signals, options = split_kwargs(kwargs)
     config = spec.make_config(options)
+    check_devices(tokens, raw_signals)
+    drop_empty_text(raw_signals, spec.required_signals(config), spec.name)
     signals = build_signals(tokens, raw_signals)
     for name in spec.required_signals(config):
         signals.require(name, spec.name)

@@ -30,9 +30,60 @@ def select(tokens: Tensor, indices: Tensor) -> Reduction:
     return Reduction(tokens=gather_tokens(tokens, indices), indices=indices)
 
 
+_SAFE_HI = 2.0 ** 40
+_SAFE_LO = 2.0 ** -40
+
+
+def pow2_rescale(x: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
+    """``x`` times a power of two per slice over ``dim`` so that each slice's largest
+    magnitude lies in ``[0.5, 1)`` (all-zero slices unchanged).
+
+    Scaling by a power of two is exact, so ratios, cosines, argmins of distances and the
+    like are unchanged, while squares and sums of squares no longer overflow (values near
+    1e30) or underflow (values near 1e-30) in float32.
+    """
+    peak = x.abs().amax(dim=dim, keepdim=True)
+    exponent = torch.frexp(peak).exponent
+    return torch.ldexp(x, -exponent.to(x.dtype if x.is_floating_point() else torch.float32))
+
+
+def select_mask(tokens: Tensor, keep: Tensor) -> Reduction:
+    """A subset reduction from a keep mask ``[B, N]`` whose counts may differ per sample.
+
+    Equal counts: a plain :func:`select`. Otherwise real tokens come first in original
+    order, padded to the largest count with zero tokens whose ``indices`` repeat the row's
+    last real index, and ``mask`` ``[B, K']`` is False on the padding.
+    """
+    b, n = keep.shape
+    counts = keep.sum(dim=1)
+    if bool((counts == counts[0]).all()):
+        return select(tokens, torch.nonzero(keep)[:, 1].reshape(b, -1))
+    width = int(counts.max())
+    pos = torch.arange(n, device=keep.device).unsqueeze(0)
+    order = torch.sort(torch.where(keep, pos, pos + n), dim=1).values[:, :width]
+    mask = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
+    last = order.gather(1, (counts - 1).clamp(min=0).unsqueeze(1))
+    indices = torch.where(mask, order, last)
+    kept = gather_tokens(tokens, indices)
+    kept = torch.where(mask.unsqueeze(-1), kept, torch.zeros_like(kept))
+    return Reduction(tokens=kept, indices=indices, mask=mask)
+
+
 def normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """L2-normalise the last dimension, in float32."""
-    return torch.nn.functional.normalize(x.float(), dim=-1, eps=eps)
+    """L2-normalise the last dimension, in float32.
+
+    Each vector is first brought to a largest magnitude in ``[0.5, 1)`` by an exact power of
+    two (:func:`pow2_rescale`), so vectors of any finite magnitude (1e30, 1e-30, or mixed
+    within a set) get their true direction; an all-zero vector stays zero.
+    """
+    xf = x.float()
+    if xf.numel():
+        peak = xf.abs().amax(dim=-1)
+        lo, hi = torch.aminmax(peak)
+        # Squares of magnitudes in [2^-40, 2^40] neither overflow nor lose the direction.
+        if not (float(hi) <= _SAFE_HI and float(lo) >= _SAFE_LO):
+            xf = pow2_rescale(x).float()
+    return torch.nn.functional.normalize(xf, dim=-1, eps=eps)
 
 
 def cosine_similarity(x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from tokensieve.core.ops import normalize, pow2_rescale
+
 RowFn = Callable[[Tensor], Tensor]
 """``rows(idx [c]) -> [c, N]`` float32 rows of a symmetric score matrix."""
 
@@ -110,8 +112,9 @@ def symmetric_gram(x: Tensor, out: Tensor | None = None, transform: BlockFn | No
 
 
 def cosine_distance_rows(x: Tensor) -> RowFn:
-    """Rows of ``D = 1 - cos`` for tokens ``x`` ``[N, D]`` (L2-normalised here, float32)."""
-    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    """Rows of ``D = 1 - cos`` for tokens ``x`` ``[N, D]`` (L2-normalised here, float32;
+    safe for any finite magnitude, see ``core.ops.normalize``)."""
+    xn = normalize(x)
 
     def rows(idx: Tensor) -> Tensor:
         return 1.0 - xn[idx] @ xn.T
@@ -120,8 +123,10 @@ def cosine_distance_rows(x: Tensor) -> RowFn:
 
 
 def euclidean_distance_rows(x: Tensor) -> RowFn:
-    """Rows of the Euclidean distance matrix of ``x`` ``[N, D]`` (float32)."""
-    xf = x.float()
+    """Rows of the Euclidean distance matrix of ``x`` ``[N, D]`` (float32), in units of a
+    power of two chosen so that the largest magnitude is below 1 (exact scaling: the same
+    farthest-first picks, and no overflow for tokens near 1e30)."""
+    xf = pow2_rescale(x, dim=(0, 1)).float()
 
     def rows(idx: Tensor) -> Tensor:
         return torch.cdist(xf[idx], xf)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokensieve.core.ops import gather_tokens
+from tokensieve.core.ops import gather_tokens, pow2_rescale
 from tokensieve.core.options import PositiveCount
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
@@ -78,9 +78,10 @@ def ats_significance(cls_attn: Tensor, values: Tensor | None) -> Tensor:
         values: ``[B, P, Dv]`` attention values (all heads concatenated), or ``None`` to
             score by attention alone.
     """
-    s = cls_attn.float()
+    # Exact per-sample powers of two keep the normalised scores and avoid over/underflow.
+    s = pow2_rescale(cls_attn, dim=1).float()
     if values is not None:
-        s = s * torch.linalg.vector_norm(values.float(), dim=-1)
+        s = s * torch.linalg.vector_norm(pow2_rescale(values, dim=(1, 2)).float(), dim=-1)
     total = s.sum(dim=1, keepdim=True)
     if bool((total <= 0).any()):
         bad = torch.nonzero(total.squeeze(1) <= 0).flatten().tolist()

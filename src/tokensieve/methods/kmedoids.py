@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from tokensieve.core.ops import gather_tokens, merge_into_slots, normalize
+from tokensieve.core.ops import gather_tokens, merge_into_slots, normalize, pow2_rescale
 from tokensieve.core.options import Count, NonNegative
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
@@ -53,10 +53,14 @@ class KMedoidsConfig:
 
 def distance_matrix(x: Tensor, distance: str) -> Tensor:
     """``[N, N]`` float32 distances of ``x`` ``[N, D]`` with ``-1`` added on the diagonal
-    (as CenterCLIP does, so that a token is always nearest to itself)."""
+    (as CenterCLIP does, so that a token is always nearest to itself).
+
+    Euclidean distances are in units of a power of two that brings the largest magnitude of
+    ``x`` below 1 (exact, so the clustering is unchanged): squares of tokens near 1e30 would
+    overflow float32 otherwise."""
     if distance == "euclidean":
         # As torch.cdist computes it for large inputs: |x|^2 + |y|^2 - 2 x.y, clamped, sqrt.
-        xf = x.float()
+        xf = pow2_rescale(x, dim=(0, 1)).float()
         sq = (xf * xf).sum(dim=-1)
 
         def euclid(blk: Tensor, rows: slice, cols: slice) -> Tensor:
@@ -73,7 +77,7 @@ def distance_matrix(x: Tensor, distance: str) -> Tensor:
 def kkz_init(x: Tensor, dist: Tensor, k: int) -> Tensor:
     """KKZ initialisation (Katsavounidis, Kuo & Zhang, 1994): the token of largest L2 norm,
     then farthest-first on ``dist``. Returns ``[k]`` token indices in pick order."""
-    seed = int(torch.argmax(x.float().norm(dim=-1)))
+    seed = int(torch.argmax(pow2_rescale(x, dim=(0, 1)).float().norm(dim=-1)))
     rows = LazyRows(lambda idx: dist[idx], dist.shape[0], dist.device, block=1)
     return max_min_select(rows, k, seed)
 
@@ -111,7 +115,7 @@ def kmedoids_one(x: Tensor, k: int, config: KMedoidsConfig) -> tuple[Tensor, Ten
     n, dev = x.shape[0], x.device
     dist = distance_matrix(x, config.distance)
     medoids = kkz_init(x, dist, k)
-    xf = x.float()
+    xf = x.double() if x.device.type != "mps" else x.float()  # medoid shifts, in token units
     ar = torch.arange(n, device=dev)
     for _ in range(config.iterations):
         assign = nearest(dist, medoids)
