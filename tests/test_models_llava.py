@@ -30,12 +30,14 @@ N = SIDE * SIDE
 ATOL = 1e-5
 
 
-def tiny_llava(strategy: str = "default", seed: int = 0) -> LlavaForConditionalGeneration:
+def tiny_llava(strategy: str = "default", seed: int = 0,
+               text_layers: int = 2) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                               num_attention_heads=4, image_size=28, patch_size=4,
                               projection_dim=32)
-    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=text_layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMG,

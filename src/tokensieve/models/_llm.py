@@ -29,7 +29,6 @@ mask). It hooks the model's own modules, changes none of them, and keeps SDPA / 
 from __future__ import annotations
 
 import contextvars
-import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -182,8 +181,10 @@ class LlmStage:
         rope = getattr(self.text, "rotary_emb", None)
         self.mrope = "mrope_section" in str(getattr(cfg, "rope_parameters", None) or {}) or \
             hasattr(rope, "mrope_section")
-        self.rope_takes_type = rope is not None and "layer_type" in inspect.signature(
-            rope.forward).parameters
+        # Gemma 3 keeps one rotary table per layer type (local / global bases).
+        self.rope_takes_type = rope is not None and (
+            isinstance(getattr(rope, "rope_type", None), dict)
+            or any(hasattr(rope, f"{t}_inv_freq") for t in self.layer_types))
         self.positions = "keep" if self.mrope else self.schedule.position_mode
         self.records: weakref.WeakKeyDictionary[Any, _Record] = weakref.WeakKeyDictionary()
         self.last: list[Cut] = []

@@ -1,0 +1,217 @@
+"""In-LLM reduction (fastv, pdrop) on tiny random LLaVA, Qwen2-VL and Gemma 3 models.
+
+References are built without the stage (tests/llm_refs.py): the untouched model's decoder
+layers run by hand on the hand-cut sequence, scores from eager attention weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llm_refs import by_hand, eager_copy, record
+from model_checks import interleave, pad_rows
+from test_models_llava import tiny_llava
+
+import tokensieve as ts
+import tokensieve.models as tm
+from tokensieve.models._llm import find_text_model
+
+IMG = 60
+N = 49
+ATOL = 2e-5
+TEXTS = [[[1, 5, 6], [7, 8, 9]], [[1, 11], [12], [13, 14, 15]], [[1, 16, 17, 18, 19]]]
+ROWS = [interleave(t, [[IMG] * N] * (len(t) - 1)) for t in TEXTS]
+FIRST = [0, 1, 3]
+
+
+def images(numbers):
+    return torch.stack([torch.randn(3, 28, 28, generator=torch.Generator().manual_seed(10 + i))
+                        for i in numbers])
+
+
+def inputs(samples, side="left"):
+    ids, mask = pad_rows([ROWS[s] for s in samples], side)
+    kw = dict(input_ids=ids, attention_mask=mask)
+    numbers = [FIRST[s] + j for s in samples for j in range(len(TEXTS[s]) - 1)]
+    if numbers:
+        kw["pixel_values"] = images(numbers)
+    return kw
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(text_layers=4)
+
+
+@pytest.fixture(scope="module")
+def eager(model):
+    return eager_copy(model)
+
+
+def image_cols(ids):
+    cols = torch.nonzero(ids[0] == IMG).squeeze(1)
+    runs = torch.nonzero(torch.diff(cols) > 1).squeeze(1) + 1
+    return list(torch.tensor_split(cols, runs.tolist()))
+
+
+def stage_kept(model):
+    return [[k.clone() for k in cut.kept] for cut in tm.get_state(model).llm.last]
+
+
+CASES = [("fastv", dict(keep=10), [2], "previous", "keep"),
+         ("fastv", dict(keep=0.3, layer=1, positions="renumber"), [1], "previous", "renumber"),
+         ("pdrop", dict(), [1, 2, 3], "own", "renumber"),
+         ("pdrop", dict(keep=30, layers=(1, 3), positions="keep"), [1, 3], "own", "keep")]
+
+
+@pytest.mark.parametrize("method,opts,cuts,scores,positions", CASES)
+@pytest.mark.parametrize("sample", [0, 1])
+def test_matches_hand_reference(model, eager, method, opts, cuts, scores, positions, sample):
+    kw = inputs([sample])
+    rec = record(model, kw)
+    opts = dict(opts)
+    keep = opts.pop("keep", None)
+    cfg = ts.describe(method).make_config(opts)
+    counts = [cfg.counts(N, keep, 4)] * 2
+    counts = [[counts[0][c]] * 2 for c in range(len(cuts))]
+    with torch.no_grad(), tm.applied(model, method, keep, **opts):
+        out = model(**kw).logits
+        kept = stage_kept(model)
+    ref, ref_kept = by_hand(model, eager, rec, image_cols(kw["input_ids"]), cuts, counts,
+                            scores, positions)
+    assert [[k.tolist() for k in c] for c in kept] == [[k.tolist() for k in c] for c in ref_kept]
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    assert not torch.allclose(out, rec.logits, atol=1e-3)  # the cut changed something
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_keep_all_equals_untouched(model, method):
+    kw = inputs([0, 1, 2])
+    with torch.no_grad():
+        ref = model(**kw).logits
+        with tm.applied(model, method, 1.0):
+            out = model(**kw).logits
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("method,keep", [("fastv", 7), ("pdrop", 30)])
+def test_padded_batch_equals_single_samples(model, method, keep, side):
+    kw = inputs([0, 1, 2], side)
+    with torch.no_grad(), tm.applied(model, method, keep):
+        batch = model(**kw).logits
+        for s in range(3):
+            alone = model(**inputs([s])).logits[0]
+            real = kw["attention_mask"][s].bool()
+            torch.testing.assert_close(batch[s, real], alone, atol=ATOL, rtol=0)
+
+
+def greedy_by_hand(model, eager, sample, steps, cuts, counts, scores, positions):
+    kw = inputs([sample])
+    ids = kw["input_ids"]
+    t = ids.shape[1]
+    cols = image_cols(ids)
+    fixed, new = None, []
+    for _ in range(steps):
+        step_kw = dict(kw, input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)
+                                                .reshape(1, -1)], 1))
+        step_kw["attention_mask"] = torch.ones_like(step_kw["input_ids"])
+        rec = record(model, step_kw)
+        logits, kept = by_hand(model, eager, rec, cols, cuts, counts, scores, positions,
+                               prompt_len=t, fixed=fixed)
+        fixed = kept if fixed is None else fixed
+        new.append(int(logits[0, -1].argmax()))
+    return new
+
+
+@pytest.mark.parametrize("method,opts,cuts,scores,positions", CASES[:3])
+def test_generate_with_cache_matches_hand_reference(model, eager, method, opts, cuts, scores,
+                                                    positions):
+    opts = dict(opts)
+    keep = opts.pop("keep", None)
+    cfg = ts.describe(method).make_config(opts)
+    counts = [[c] * 2 for c in cfg.counts(N, keep, 4)]
+    kw = inputs([0, 1, 2])
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad(), tm.applied(model, method, keep, **opts):
+        out = model.generate(**kw, **gen)[:, kw["input_ids"].shape[1]:]
+    for s in (0, 1):
+        ref = greedy_by_hand(model, eager, s, 4, cuts, counts, scores, positions)
+        assert out[s].tolist() == ref
+
+
+@pytest.mark.parametrize("mode", [dict(num_beams=3), dict(do_sample=True, top_k=5)])
+def test_beams_and_sampling_keep_all_equal_untouched(model, mode):
+    kw = inputs([0, 1, 2])
+    gen = dict(max_new_tokens=5, pad_token_id=0, eos_token_id=None, **mode)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        ref = model.generate(**kw, **gen)
+        with tm.applied(model, "fastv", 1.0):
+            torch.manual_seed(3)
+            out = model.generate(**kw, **gen)
+            with_cut = model.generate(**kw, **dict(gen, max_new_tokens=5))
+    assert torch.equal(out, ref)
+    assert with_cut.shape == ref.shape
+
+
+def test_continuing_a_cut_cache_matches_hand_reference(model, eager):
+    """Prefill with a cache, then feed two more tokens on that cache (the chat pattern):
+    equals the by-hand run of the whole sequence with the prefill's kept set."""
+    kw = inputs([1])
+    more = torch.tensor([[21, 22]])
+    t = kw["input_ids"].shape[1]
+    mask = torch.ones(1, t + 2, dtype=torch.long)
+    with torch.no_grad(), tm.applied(model, "fastv", 9):
+        first = model(**kw, use_cache=True)
+        kept = stage_kept(model)
+        nxt = model(input_ids=more, attention_mask=mask, cache=first.cache, use_cache=True)
+        with pytest.raises(ValueError, match="whole sequence"):
+            model(input_ids=more, attention_mask=mask[:, :2], cache=first.cache)
+    whole = dict(kw, input_ids=torch.cat([kw["input_ids"], more], 1), attention_mask=mask)
+    ref, _ = by_hand(model, eager, record(model, whole), image_cols(kw["input_ids"]), [2],
+                     None, "previous", "keep", prompt_len=t, fixed=kept)
+    torch.testing.assert_close(nxt.logits, ref[:, t:], atol=ATOL, rtol=0)
+
+
+def test_remove_restores_exactly(model):
+    kw = inputs([0, 1, 2])
+    lm = find_text_model(model)
+    modules = list(lm.modules())
+    before = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in modules]
+    with torch.no_grad():
+        ref = model(**kw).logits
+        ts.apply(model, "pdrop")
+        assert model(**kw).logits.shape == ref.shape
+        ts.remove(model)
+        out = model(**kw).logits
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in modules] == before
+    assert torch.equal(out, ref)
+    assert "_tokensieve" not in model.__dict__
+
+
+def test_labels_and_hidden_states(model):
+    kw = inputs([0, 1], "right")
+    labels = kw["input_ids"].masked_fill(kw["input_ids"] == IMG, -100).masked_fill(
+        kw["attention_mask"] == 0, -100)
+    with torch.no_grad(), tm.applied(model, "fastv", 5):
+        out = model(**kw, labels=labels, output_hidden_states=True)
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    ref = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref)
+    lengths = [h.shape[1] for h in out.hidden_states]
+    assert lengths[0] == kw["input_ids"].shape[1] and min(lengths[3:-1]) < lengths[0]
+
+
+def test_errors(model):
+    with pytest.raises(ValueError, match="layer=9"):
+        ts.apply(model, "fastv", 5, layer=9)
+    with pytest.raises(ValueError, match="positions"):
+        ts.apply(model, "fastv", 5, positions="shift")
+    with pytest.raises(ValueError, match="signal_layers"):
+        ts.apply(model, "fastv", 5, signal_layers=(0,))
+    with pytest.raises(ValueError, match="keep=None"):
+        ts.apply(model, "divprune")
+    assert not tm.is_applied(model)
+    with tm.applied(model, "pdrop", 3, layers=(3,)), pytest.raises(ValueError, match="average"):
+        model(**inputs([0]))
