@@ -14,6 +14,7 @@ from test_models_llava import tiny_llava
 
 import tokensieve as ts
 import tokensieve.models as tm
+from tokensieve.core.budget import resolve_keep
 from tokensieve.models._llm import find_text_model
 
 IMG = 60
@@ -215,3 +216,89 @@ def test_errors(model):
     assert not tm.is_applied(model)
     with tm.applied(model, "pdrop", 3, layers=(3,)), pytest.raises(ValueError, match="average"):
         model(**inputs([0]))
+
+
+# -- other families ----------------------------------------------------------------------------
+def _gemma(layers):
+    from test_models_gemma3 import tiny_gemma3
+
+    return tiny_gemma3(text_layers=layers, layer_types=["sliding_attention", "full_attention",
+                                                          "sliding_attention", "sliding_attention"],
+                       sliding_window=6)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "gemma3"])
+def family(request):
+    if request.param == "qwen2":
+        import test_models_qwen_vl as q
+
+        model = q.tiny_qwen("qwen2", text_layers=4)
+        return request.param, model, q.inputs, q.IMG
+    import test_models_gemma3 as g
+
+    return request.param, _gemma(4), g.inputs, g.IMG
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_other_families_keep_all_equals_untouched(family, method):
+    _, model, make, _ = family
+    kw = make(model, [0, 1, 2])
+    with torch.no_grad():
+        ref = model(**kw).logits
+        with tm.applied(model, method, 1.0):
+            out = model(**kw).logits
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_other_families_batch_equals_single(family, side):
+    _, model, make, _ = family
+    kw = make(model, [0, 1, 2], side)
+    with torch.no_grad(), tm.applied(model, "fastv", 0.5):
+        batch = model(**kw).logits
+        for s in range(3):
+            alone = model(**make(model, [s])).logits[0]
+            real = kw["attention_mask"][s].bool()
+            torch.testing.assert_close(batch[s, real], alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_other_families_match_hand_reference(family, positions):
+    """Qwen2-VL: kept tokens keep their M-RoPE (t, h, w) position embeddings (renumbering
+    does not apply). Gemma 3: sliding windows count the kept tokens, kept image tokens
+    still attend bidirectionally within their image."""
+    name, model, make, img = family
+    kw = make(model, [1])
+    ids = kw["input_ids"]
+    rec = record(model, kw)
+    cols = torch.nonzero(ids[0] == img).squeeze(1)
+    runs = torch.nonzero(torch.diff(cols) > 1).squeeze(1) + 1
+    cols = list(torch.tensor_split(cols, runs.tolist()))
+    blocks = None
+    if name == "gemma3":
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+        blocks = get_block_sequence_ids_for_mask(kw["token_type_ids"])[0]
+    with torch.no_grad(), tm.applied(model, "fastv", 0.5, positions=positions):
+        out = model(**kw).logits
+    counts = [[resolve_keep(0.5, c.numel()) for c in cols]]
+    ref, _ = by_hand(model, eager_copy(model), rec, cols, [2], counts, "previous",
+                     "keep" if name == "qwen2" else positions, blocks=blocks)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_other_families_generate(family):
+    """Generation with the KV cache: keep-all equals the untouched model; a cut generates
+    the same tokens in a padded batch as alone."""
+    _, model, make, _ = family
+    kw = make(model, [0, 1, 2])
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref = model.generate(**kw, **gen)
+        with tm.applied(model, "fastv", 1.0):
+            same = model.generate(**kw, **gen)
+        with tm.applied(model, "pdrop"):
+            batch = model.generate(**kw, **gen)[:, -4:]
+            alone = [model.generate(**make(model, [s]), **gen)[0, -4:] for s in range(3)]
+    assert torch.equal(same, ref)
+    assert torch.equal(batch, torch.stack(alone))

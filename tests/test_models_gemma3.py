@@ -25,14 +25,16 @@ IMG, BOI, EOI = 70, 71, 72
 N = 16  # 4 x 4 soft tokens (8 x 8 patches pooled 2 x 2)
 
 
-def tiny_gemma3(seed: int = 0) -> Gemma3ForConditionalGeneration:
+def tiny_gemma3(seed: int = 0, text_layers: int = 2,
+                **text_options) -> Gemma3ForConditionalGeneration:
     torch.manual_seed(seed)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, image_size=32, patch_size=4)
     text = Gemma3TextConfig(vocab_size=80, hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=8, max_position_embeddings=512, sliding_window=16,
-                            pad_token_id=0, bos_token_id=2, eos_token_id=1)
+                            num_hidden_layers=text_layers, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                            pad_token_id=0, bos_token_id=2, eos_token_id=1,
+                            **{"sliding_window": 16, **text_options})
     cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=N,
                        image_token_id=IMG, boi_token_id=BOI, eoi_token_id=EOI)
     model = Gemma3ForConditionalGeneration(cfg).eval()

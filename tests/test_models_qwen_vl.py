@@ -33,9 +33,9 @@ LAYERS = {"hiprune": {"signal_layers": (0, "feature")}}
 FAMILIES = ["qwen2", "qwen2.5"]
 
 
-def tiny_qwen(family: str, seed: int = 0):
+def tiny_qwen(family: str, seed: int = 0, text_layers: int = 2):
     torch.manual_seed(seed)
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2],
                                  "rope_theta": 10000.0},

@@ -198,11 +198,10 @@ class LlmStage:
         """Validate the budget at apply time (types; on an image as large as an int keep)."""
         keep = self.config.keep
         n = keep if isinstance(keep, int) and not isinstance(keep, bool) and keep > 0 else 576
-        for n in (n,):
-            counts = self.schedule.counts(n, keep, self.depth)
-            if len(counts) != len(self.layers):
-                raise ValueError(f"{self.spec.name}: {len(counts)} counts for {len(self.layers)} "
-                                 "cut layers")
+        counts = self.schedule.counts(n, keep, self.depth)
+        if len(counts) != len(self.layers):
+            raise ValueError(f"{self.spec.name}: {len(counts)} counts for {len(self.layers)} "
+                             "cut layers")
 
     # -- install / remove ---------------------------------------------------------------------
     def install(self) -> None:

@@ -78,3 +78,14 @@ class Gemma3Adapter(GroupedTowerAdapter):
 
         # Gemma3 scatters one [*, K, D] tensor in placeholder order.
         return {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])}
+
+    def llm_block_ids(self, args: dict[str, Any]) -> Tensor | None:
+        """Gemma 3's image tokens attend to each other both ways: their blocks, from
+        ``token_type_ids`` as the model builds them (the in-LLM stage keeps them on the kept
+        tokens)."""
+        types = args.get("token_type_ids")
+        if types is None:
+            return None
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+        return get_block_sequence_ids_for_mask(types, device=types.device)
