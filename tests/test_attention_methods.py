@@ -293,7 +293,8 @@ def _hired_inputs(newlines=0):
 ])
 def test_hired_allocation_matches_hand_computation(regions, expect):
     x, attn, parts = _hired_inputs()
-    r = ts.reduce(x, "hired", 20, cls_attn=attn, partitions=parts, regions=regions)
+    r = ts.reduce(x, "hired", 20, cls_attn=attn, partitions=parts, regions=regions,
+                  exact_budget=True)
     assert r.indices.shape == (2, 20)
     assert _kept_per_partition(r.indices, parts.ids, 5) == expect
     # inside every partition: the top tokens by the deep layer
@@ -308,11 +309,12 @@ def test_hired_allocation_matches_hand_computation(regions, expect):
 def test_hired_budget_adds_up_with_newlines_and_overflow():
     x, attn, parts = _hired_inputs(newlines=4)
     for keep in (5, 20, 37, 84):
-        r = ts.reduce(x, "hired", keep, cls_attn=attn, partitions=parts)
+        r = ts.reduce(x, "hired", keep, cls_attn=attn, partitions=parts, exact_budget=True)
         assert r.indices.shape == (2, keep)
         assert bool((parts.ids.gather(1, r.indices) == -1).sum(dim=1).eq(4).all())
     # alpha small, keep all: the crops cannot absorb their share, the overview takes it back
-    r = ts.reduce(x, "hired", 84, cls_attn=attn, partitions=parts, alpha=0.1)
+    r = ts.reduce(x, "hired", 84, cls_attn=attn, partitions=parts, alpha=0.1,
+                  exact_budget=True)
     assert r.indices.shape == (2, 84)
     with pytest.raises(ValueError, match="keep=3"):
         ts.reduce(x, "hired", 3, cls_attn=attn, partitions=parts)
@@ -330,7 +332,7 @@ def _globalcom2_inputs(thumb_left, thumb_right, seed=24):
 
 def test_globalcom2_allocation_matches_hand_computation():
     x, scores, parts = _globalcom2_inputs(2.0, 0.5)
-    r = ts.reduce(x, "globalcom2", 24, cls_attn=scores, partitions=parts)
+    r = ts.reduce(x, "globalcom2", 24, cls_attn=scores, partitions=parts, exact_budget=True)
     # r = 24 / 48 = 0.5; S = (16, 4) (+ tiny noise); softmax(S / 10) = (0.7685, 0.2315);
     # scale = 0.5 * (1 + s - 0.5) = (0.6342, 0.3658) -> targets 16 * scale = (10.15, 5.85);
     # thumbnail 8; floors (8, 10, 5) = 23, one more to the largest remainder (crop 2).
@@ -341,7 +343,7 @@ def test_globalcom2_allocation_matches_hand_computation():
 
 def test_globalcom2_clipped_scale_and_crop_scores():
     x, scores, parts = _globalcom2_inputs(100.0, 0.0)
-    r = ts.reduce(x, "globalcom2", 40, cls_attn=scores, partitions=parts)
+    r = ts.reduce(x, "globalcom2", 40, cls_attn=scores, partitions=parts, exact_budget=True)
     # r = 40/48; scale = (1.25 -> clipped to 1, 0.4167); targets (13.33, 16, 6.67), floors
     # (13, 16, 6) = 35; 5 missing: 2 each to the two partitions with room, then 1 by the
     # largest remainder (crop 2, .67) -> (15, 16, 9).
@@ -460,8 +462,9 @@ def test_anyres_methods_follow_partition_ids_not_sequence_order(method):
     parts = Partitions(ids.repeat(2, 1), tiling, (side, side))
     n_newline = int(newline.sum())
     for keep in (8, 20):
-        a = ts.reduce(x, method, keep, cls_attn=attn, partitions=contig)
-        b = ts.reduce(x_i, method, keep + n_newline, cls_attn=attn_i, partitions=parts)
+        a = ts.reduce(x, method, keep, cls_attn=attn, partitions=contig, exact_budget=True)
+        b = ts.reduce(x_i, method, keep + n_newline, cls_attn=attn_i, partitions=parts,
+                      exact_budget=True)
         for i in range(2):
             mapped = src[b.indices[i]]
             assert sorted(mapped[mapped >= 0].tolist()) == a.indices[i].tolist()

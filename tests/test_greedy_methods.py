@@ -399,8 +399,9 @@ def _naive_dart(x, keys, text, k, pivots=4, text_pivots=4) -> list[int]:
 def test_dart_matches_naive(k):
     x, t = _data(3, 49, 8, seed=k)
     keys = torch.randn(3, 49, 5, generator=torch.Generator().manual_seed(k))
-    with_text = ts.reduce(x, "dart", k, keys=keys, text=t)
-    no_text = ts.reduce(x, "dart", k)
+    exact = {"exact_budget": True, "pivot_order": "norm"}
+    with_text = ts.reduce(x, "dart", k, keys=keys, text=t, **exact)
+    no_text = ts.reduce(x, "dart", k, **exact)
     for b in range(3):
         assert with_text.indices[b].tolist() == _naive_dart(x[b], keys[b], t[b], k)
         assert no_text.indices[b].tolist() == _naive_dart(x[b], None, None, k)
@@ -419,7 +420,7 @@ def test_dart_masked_text_pivots_and_shares():
     x, t = _data(2, 36, 8, seed=3, m=6)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 2:] = False
-    r = ts.reduce(x, "dart", 20, text=t, text_mask=mask)
+    r = ts.reduce(x, "dart", 20, text=t, text_mask=mask, exact_budget=True, pivot_order="norm")
     assert r.indices[1].tolist() == _naive_dart(x[1], None, t[1, :2], 20)
     with pytest.raises(ValueError, match="pivots"):
         ts.reduce(x, "dart", 20, pivots=0)

@@ -180,7 +180,9 @@ def test_partition_methods_select_on_whole_crops(model, lengths, method):
         out = model(**kw).logits
         reds = [r for r, _ in tm.last_reductions(model)]
     crops = [crops_of(SIZES[j]) for j in (0, 1, 2)]
-    assert [r.indices.shape[1] for r in reds] == [round(0.3 * c * 49) for c in crops]
+    # official rounding floors every partition's share: at most one token lost per partition
+    for r, c in zip(reds, crops, strict=True):
+        assert round(0.3 * c * 49) - c <= r.indices.shape[1] <= round(0.3 * c * 49)
     with torch.no_grad():  # the test's own packing of masks and features
         pv = torch.cat([p[:c] for p, c in zip(kw["pixel_values"], crops, strict=True)])
         hidden = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[-2]

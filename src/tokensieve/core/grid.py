@@ -71,6 +71,18 @@ def topk_per_partition(scores: Tensor, budget: Tensor, partitions: Partitions,
                        always: Tensor) -> Tensor:
     """Ascending indices ``[B, K]`` keeping the top ``budget[b, p]`` scores of each partition
     plus every always-kept token. Every row must keep the same total ``K``."""
+    keep = topk_per_partition_mask(scores, budget, partitions, always)
+    total = keep.sum(dim=1)
+    if bool((total != total[0]).any()):
+        raise ValueError(
+            f"per-partition budgets give different counts per sample: {total.tolist()}")
+    return torch.nonzero(keep)[:, 1].reshape(keep.shape[0], -1)
+
+
+def topk_per_partition_mask(scores: Tensor, budget: Tensor, partitions: Partitions,
+                            always: Tensor) -> Tensor:
+    """``[B, N]`` bool: the top ``budget[b, p]`` scores of each partition (ties: lower
+    position) plus every always-kept token; rows may keep different counts."""
     # Always-kept tokens go to an extra bucket with no budget, so they never take a rank.
     ids = torch.where(always, partitions.num_crops + 1, partitions.ids)
     budget = torch.cat([budget, torch.zeros_like(budget[:, :1])], dim=1)
@@ -84,9 +96,4 @@ def topk_per_partition(scores: Tensor, budget: Tensor, partitions: Partitions,
     rank = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) - torch.gather(
         starts, 1, sorted_ids)
     keep_sorted = rank < torch.gather(budget, 1, sorted_ids)
-    keep = torch.zeros_like(always).scatter(1, order, keep_sorted) & ~always | always
-    total = keep.sum(dim=1)
-    if bool((total != total[0]).any()):
-        raise ValueError(
-            f"per-partition budgets give different counts per sample: {total.tolist()}")
-    return torch.nonzero(keep)[:, 1].reshape(ids.shape[0], -1)
+    return torch.zeros_like(always).scatter(1, order, keep_sorted) & ~always | always

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from tokensieve.core.ops import normalize, select
+from tokensieve.core.ops import normalize, select, select_mask
 from tokensieve.core.options import Count, PositiveCount
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
@@ -26,10 +27,26 @@ class DARTConfig:
         text_pivots: text pivot tokens (4), used when ``text`` is given: the real text
             tokens with the largest L1 norm (the official code ranks them by the L1 norm
             of their keys, which a token-set method does not receive).
+        exact_budget: ``False`` (official): every pivot adds ``(keep - pivots) // P``
+            tokens (``P`` the pivots, image and text), as the official
+            ``max_num_trunction // 8`` does, so up to ``P - 1`` fewer than ``keep`` tokens
+            come out. ``True``: the remainder goes one each to the first pivots visited,
+            so exactly ``keep`` tokens come out.
+        pivot_order: "official": pivots are visited in the order CPython iterates the
+            official code's ``set`` of pivot positions (image pivot ``i`` at position
+            ``image_offset + i``, text pivot ``j`` at ``image_offset + N + j``; see
+            :func:`official_pivot_order`). "norm": image pivots by descending norm, then
+            text pivots by descending norm.
+        image_offset: the sequence position of the first image token in the official
+            code's positions (35 in LLaVA-1.5's prompt; 0: the token set's own indices).
+            It only changes the visiting order.
     """
 
     pivots: PositiveCount = 4
     text_pivots: Count = 4
+    exact_budget: bool = False
+    pivot_order: Literal["official", "norm"] = "official"
+    image_offset: Count = 0
 
     def __post_init__(self) -> None:
         for name in ("pivots", "text_pivots"):
@@ -38,6 +55,20 @@ class DARTConfig:
                 raise ValueError(f"{name}={v!r}: expected an int >= 0")
         if self.pivots == 0:
             raise ValueError("pivots=0: expected at least one image pivot")
+
+
+def official_pivot_order(positions: list[int]) -> list[int]:
+    """The order in which the official code visits its pivots: iteration over
+    ``set(positions)`` (image pivots by descending key norm, then text pivots), returned
+    as indices into ``positions``.
+
+    CPython stores small ints at hash slot ``value mod table size`` (probing on
+    collisions), so a set of 8 pivot positions (a 32-slot table) iterates positions below
+    32 in ascending order and larger ones by ``value mod 32``; iterating a real ``set`` here
+    reproduces whatever order the interpreter gives.
+    """
+    slot = {pos: i for i, pos in enumerate(positions)}
+    return [slot[pos] for pos in set(positions)]
 
 
 def pivot_shares(valid: Tensor, rest: int) -> Tensor:
@@ -68,19 +99,25 @@ def dart(tokens: Tensor, k: int, signals: Signals, config: DARTConfig,
             text pivots.
 
     Steps: the ``pivots`` image tokens of largest L1 norm are kept. Then, pivot by pivot
-    (image pivots by descending norm, then text pivots by descending norm), each pivot
-    adds the not-yet-kept image tokens of lowest cosine similarity to it.
+    (``pivot_order``: by default the official set order, see
+    :func:`official_pivot_order`), each pivot adds the not-yet-kept image tokens of lowest
+    cosine similarity to it.
 
-    Budget: the official code gives each of its 4 + 4 pivots ``budget // 8`` tokens (16 at
-    128) on top of the 4 image pivots, so it keeps ``budget + 4`` tokens. Here exactly
-    ``k`` are kept: ``min(pivots, k)`` image pivots, and the other ``k - pivots`` split
-    evenly over all pivots (remainder to the first ones): 15 or 16 per pivot at 128 with
-    text, 31 at 128 without. Samples with fewer real text tokens than ``text_pivots``
-    share the budget among the pivots they have. The official code visits the pivots in
-    Python-set order; here the order is fixed as above.
+    Budget: the official code gives each of its 4 + 4 pivots ``max_num_trunction // 8``
+    tokens (16 at 128) on top of the 4 image pivots, keeping ``4 + 8 * 16 = 132``. Here
+    ``keep`` counts the pivots: ``min(pivots, keep)`` image pivots, and each pivot adds
+    ``(keep - pivots) // P`` tokens (``exact_budget=False``, official: ``keep=132`` gives
+    the official 132 tokens; other budgets lose up to ``P - 1``), or the remainder also
+    goes one each to the first pivots visited (``exact_budget=True``: exactly ``keep``).
+    Samples with fewer real text tokens than ``text_pivots`` share among the pivots they
+    have (so counts may differ per sample: the batch is then padded, see ``mask``).
+    Without text, or with an empty ``text`` ``[B, 0, D]``, only image pivots are used.
+    ``keep = N`` keeps every token.
     """
     b, n, _ = tokens.shape
     dev = tokens.device
+    if k >= n:  # keeping every token (the contract of every subset method)
+        return select(tokens, torch.arange(n, device=dev).expand(b, -1))
     source = tokens if signals.keys is None else signals.keys
     norms = source.float().abs().sum(dim=-1)
     n_img = min(config.pivots, k)
@@ -93,6 +130,7 @@ def dart(tokens: Tensor, k: int, signals: Signals, config: DARTConfig,
     xn = normalize(tokens)
     pivots = torch.gather(xn, 1, img.unsqueeze(-1).expand(-1, -1, xn.shape[-1]))
     valid = torch.ones(b, n_img, dtype=torch.bool, device=dev)
+    top_text = None
     if signals.text is not None and config.text_pivots > 0:
         text_dim_check(tokens, signals.text, "dart")
         tnorm = signals.text.float().abs().sum(dim=-1)
@@ -105,7 +143,18 @@ def dart(tokens: Tensor, k: int, signals: Signals, config: DARTConfig,
                                                                                tn.shape[-1]))
         pivots = torch.cat([pivots, tpiv], dim=1)
         valid = torch.cat([valid, torch.isfinite(top.values[:, :n_txt])], dim=1)
-    shares = pivot_shares(valid, rest)
+        top_text = top.indices[:, :n_txt]
+    if config.pivot_order == "official":
+        perm = torch.tensor([_set_order(img[i], valid[i], n, config.image_offset,
+                                        top_text[i] if top_text is not None else None)
+                             for i in range(b)], device=dev)
+        pivots = torch.gather(pivots, 1, perm.unsqueeze(-1).expand(-1, -1, pivots.shape[-1]))
+        valid = torch.gather(valid, 1, perm)
+    if config.exact_budget:
+        shares = pivot_shares(valid, rest)
+    else:
+        nvalid = valid.sum(dim=1, keepdim=True).clamp(min=1)
+        shares = torch.where(valid, rest // nvalid, torch.zeros_like(nvalid))
     sims = pivots @ xn.transpose(1, 2)                                   # [B, P, N]
     ranks = torch.arange(n, device=dev).unsqueeze(0)
     for p in range(pivots.shape[1]):
@@ -113,4 +162,17 @@ def dart(tokens: Tensor, k: int, signals: Signals, config: DARTConfig,
         order = torch.sort(s, dim=1, stable=True).indices
         take = ranks < shares[:, p:p + 1]
         kept.scatter_(1, order, take | torch.gather(kept, 1, order))
-    return select(tokens, torch.nonzero(kept)[:, 1].reshape(b, k))
+    return select_mask(tokens, kept)
+
+
+def _set_order(img: Tensor, valid: Tensor, n: int, offset: int, text: Tensor | None
+               ) -> list[int]:
+    """One sample's pivot visiting order (a permutation of its ``P`` pivot slots): the
+    official set order over the valid pivots, then the invalid slots (which add nothing)."""
+    positions = [offset + int(i) for i in img.tolist()]
+    if text is not None:
+        positions += [offset + n + int(j) for j in text.tolist()]
+    ok = valid.tolist()
+    real = [i for i in range(len(positions)) if ok[i]]
+    order = [real[i] for i in official_pivot_order([positions[i] for i in real])]
+    return order + [i for i in range(len(positions)) if not ok[i]]
