@@ -83,7 +83,9 @@ def cdpruner(tokens: Tensor, k: int, signals: Signals, config: CDPrunerConfig,
     embeds the image for ``r`` with CLIP's image projection and the instruction with CLIP's
     text tower; here both sides of ``r`` are the given tokens and text, which must share a
     space. Selection is the fast greedy DPP MAP (incremental Cholesky), with kernel rows
-    computed lazily instead of materialising ``L`` (see ``_greedy.dpp_greedy``).
+    computed lazily instead of materialising ``L`` (see ``_greedy.dpp_greedy``). An empty
+    ``text`` ``[B, 0, D]`` is refused (``reduce`` raises ``ValueError``): the relevance needs
+    at least one text token.
     """
     text = signals.require("text", "cdpruner")
     assert isinstance(text, Tensor)

@@ -84,7 +84,8 @@ def mmtok(tokens: Tensor, k: int, signals: Signals, config: MMTokConfig,
     here sees one token set, so ``Q`` uses the given tokens too: identical to the official
     method when the tokens are the vision-tower features, a documented approximation when
     they are projected tokens (the projector is a per-token MLP, so similarities change
-    but not which token is which).
+    but not which token is which). An empty ``text`` ``[B, 0, D]`` is refused (``reduce``
+    raises ``ValueError``): the text rows of ``C`` need at least one text token.
     """
     text = signals.require("text", "mmtok")
     assert isinstance(text, Tensor)
