@@ -41,6 +41,7 @@ from tokensieve.bench.timing import Timing, cpu_threads, measure_generation
 from tokensieve.bench.tiny import RANDOM_TINY, random_tiny_llava
 from tokensieve.core.api import ReduceConfig
 from tokensieve.core.registry import get_method, list_methods
+from tokensieve.core.schedule import LlmSchedule
 
 #: Default budgets, as counts out of LLaVA-1.5's 576 (scaled to other models' token counts).
 REFERENCE_TOKENS = 576
@@ -342,10 +343,17 @@ def _layer_option(method: str, options: dict[str, Any]) -> int | None:
     return None
 
 
-def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any]) -> Plan:
+def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any],
+          llm_layers: int | None = None) -> Plan:
     if method == FULL or keep >= n_tokens:
         return Plan.full()
     spec = get_method(method)
+    if llm_layers is not None and isinstance(spec.config, type) and issubclass(
+            spec.config, LlmSchedule):
+        # the method's own schedule: its cut layers and the tokens kept from each on
+        sched = spec.make_config(options)
+        counts = sched.counts(n_tokens, keep, llm_layers)
+        return Plan.llm_schedule(zip(sched.cut_layers(llm_layers), counts, strict=True))
     layer = _layer_option(method, options)
     if spec.stage == "encoder" and layer is None:
         # progressive in-encoder schedules (ToMe: r per layer) are not known here: count the
@@ -573,7 +581,7 @@ def _run_cell(prepared: Prepared, method: str, keep: int, samples: Sequence[Any]
     ref = acc if method == FULL else full_acc
     retention = {f: (a / ref[f] if ref.get(f) else float("nan")) for f, a in acc.items()}
     n = prepared.dims.image_tokens
-    plan = _plan(method, keep, n, dict(rc.options))
+    plan = _plan(method, keep, n, dict(rc.options), prepared.dims.llm.layers)
     cost: Cost = account(prepared.dims, plan, text_tokens=text_tokens,
                          bytes_per_element=torch.finfo(prepared.dtype).bits // 8)
     return Row(
