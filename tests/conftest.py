@@ -25,6 +25,7 @@ def make_inputs(b: int = 2, n: int = 576, d: int = 64, *, seed: int = 0,
         "text": torch.randn(b, m, d, generator=g).to(dtype),
         "text_mask": text_mask,
         "grid": (side, n // side),
+        "query_attn": torch.rand(b, n, generator=g).softmax(-1).to(dtype),
     }
 
 
