@@ -302,3 +302,35 @@ def test_other_families_generate(family):
             alone = [model.generate(**make(model, [s]), **gen)[0, -4:] for s in range(3)]
     assert torch.equal(same, ref)
     assert torch.equal(batch, torch.stack(alone))
+
+
+# -- pipelines ---------------------------------------------------------------------------------
+def test_pre_llm_then_in_llm_matches_hand_reference(model, eager):
+    """fastervlm before the LLM, then fastv inside it: equals the by-hand cut of the
+    sequence the pre-LLM step gives the LLM."""
+    kw = inputs([1])
+    with torch.no_grad():
+        with tm.applied(model, "fastervlm", 20):
+            rec = record(model, kw)
+            short_ids = tm.get_state(model).last_plan.take(kw["input_ids"], 0)
+        step = ts.ReduceConfig("fastv", 8, {"layer": 2})
+        with tm.applied(model, "fastervlm", 20, llm=step):
+            out = model(**kw).logits
+            described = tm.get_state(model).to_dict()
+    ref, _ = by_hand(model, eager, rec, image_cols(short_ids), [2], [[8, 8]], "previous", "keep")
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    assert described["llm"] == {"method": "fastv", "keep": 8, "options": {"layer": 2},
+                                "seed": 0, "stage": "llm"}
+    batch = inputs([0, 1, 2])
+    with torch.no_grad(), tm.applied(model, "fastervlm", 20, llm="pdrop"):
+        gen = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+        alone = model.generate(**inputs([1]), max_new_tokens=3, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+    assert gen.shape == (3, batch["input_ids"].shape[1] + 3)
+    assert torch.equal(gen[1, -3:], alone[0, -3:])
+    with pytest.raises(ValueError, match="in-LLM method"):
+        ts.apply(model, "fastervlm", 20, llm="divprune")
+    with pytest.raises(ValueError, match="pipeline"):
+        ts.apply(model, "fastv", 20, llm="pdrop")
+    assert not tm.is_applied(model)

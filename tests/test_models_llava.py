@@ -446,7 +446,7 @@ def test_base_model_class_and_state_record(model):
             record = tm.get_state(base).to_dict()
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
     assert record == {"method": "fastervlm", "keep": N, "options": {}, "seed": 0,
-                      "family": "llava", "signal_layers": None}
+                      "stage": "pre-llm", "family": "llava", "signal_layers": None}
 
 
 def test_bfloat16_keep_all_is_exact_and_pruning_runs():

@@ -97,8 +97,11 @@ class PatchState:
     def to_dict(self) -> dict[str, Any]:
         """What runs, as plain data (for results files): the method config, the model
         family and the encoder layers the attention signals come from."""
-        return {**self.config.to_dict(), "family": self.adapter.family,
-                "signal_layers": self.adapter.signal_layers}
+        out = {**self.config.to_dict(), "stage": self.spec.stage,
+               "family": self.adapter.family, "signal_layers": self.adapter.signal_layers}
+        if self.llm is not None and self.pre_llm:
+            out["llm"] = {**self.llm.config.to_dict(), "stage": "llm"}
+        return out
 
 
 class Adapter:
@@ -440,7 +443,8 @@ def get_state(model: object) -> PatchState | None:
 
 
 def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, *, seed: int = 0,
-          signal_layers: SignalLayers = None, **options: Any) -> torch.nn.Module:
+          signal_layers: SignalLayers = None, llm: str | ReduceConfig | None = None,
+          **options: Any) -> torch.nn.Module:
     """Patch ``model`` in place so that every call with images reduces its visual tokens.
 
     Args:
@@ -456,6 +460,9 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
             indices (negative from the end; "feature" = the layer feeding the LLM) or "all".
             Default: the method's official layers (``DEFAULT_SIGNAL_LAYERS``), else the
             feature layer alone (``[B, N]``).
+        llm: an in-LLM method run after a pre-LLM ``method`` (a two-step pipeline): its name
+            (official budget and options) or a ``ReduceConfig(method, keep, options)``; its
+            ``keep`` counts the tokens each image brings into the LLM after ``method``.
         **options: the method's options (``tokensieve.describe(method).defaults()``).
 
     Returns:
@@ -490,11 +497,14 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
         if signal_layers is not None:
             raise ValueError("signal_layers: in-LLM methods read their scores at their own "
                              "decoder layers (options `layer` / `layers`)")
-        llm = LlmStage(model, spec, config)
+        if llm is not None:
+            raise ValueError(f"llm={llm!r}: {spec.name!r} already acts inside the LLM; a "
+                             "pipeline is a pre-LLM method followed by an in-LLM one")
+        stage = LlmStage(model, spec, config)
     else:
         adapter.check()
-        llm = None
-    state = PatchState(config=config, spec=spec, adapter=adapter, llm=llm)
+        stage = None if llm is None else _llm_step(model, llm, seed)
+    state = PatchState(config=config, spec=spec, adapter=adapter, llm=stage)
     for name in PATCHED_ATTRS:
         if not hasattr(model, name):
             continue
@@ -503,10 +513,34 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
         original = getattr(model, name)
         maker = _make_forward if name == "forward" else _make_generate
         object.__setattr__(model, name, maker(state, original))
-    if llm is not None:
-        llm.install()
+    if stage is not None:
+        stage.install()
     object.__setattr__(model, STATE_ATTR, state)
     return model
+
+
+def _llm_step(model: torch.nn.Module, llm: str | ReduceConfig, seed: int) -> LlmStage:
+    """The in-LLM step of a pipeline, from a method name or a ``ReduceConfig``."""
+    if isinstance(llm, str):
+        llm = ReduceConfig(method=llm, keep=None, seed=seed)
+    if not isinstance(llm, ReduceConfig):
+        raise ValueError(f"llm={llm!r}: expected an in-LLM method name or a "
+                         "tokensieve.ReduceConfig(method, keep, options)")
+    spec = get_method(llm.method)
+    if spec.stage != "llm" or not issubclass(spec.config, LlmSchedule):
+        raise ValueError(f"llm={llm.method!r}: expected an in-LLM method (one of "
+                         f"{list_llm_methods()})")
+    config = ReduceConfig(method=spec.name, keep=llm.keep, options=dict(llm.options),
+                          seed=llm.seed)
+    return LlmStage(model, spec, config)
+
+
+def list_llm_methods() -> list[str]:
+    """Names of the methods that run inside the LLM (``apply`` patches them)."""
+    from tokensieve.core.registry import list_methods
+
+    return [m for m in list_methods() if isinstance(get_method(m).config, type)
+            and issubclass(get_method(m).config, LlmSchedule)]
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
