@@ -134,11 +134,18 @@ def test_generate_with_cache_matches_hand_reference(model, eager, method, opts, 
     counts = [[c] * 2 for c in cfg.counts(N, keep, 4)]
     kw = inputs([0, 1, 2])
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    scored = dict(gen, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad(), tm.applied(model, method, keep, **opts):
-        out = model.generate(**kw, **gen)[:, kw["input_ids"].shape[1]:]
+        res = model.generate(**kw, **scored)
+        out = res.sequences[:, kw["input_ids"].shape[1]:]
+        # one sample without an attention mask: decoding builds the mask of its new columns
+        alone = {k: v for k, v in inputs([1]).items() if k != "attention_mask"}
+        res_alone = model.generate(**alone, **scored)
     for s in (0, 1):
         ref = greedy_by_hand(model, eager, s, 4, cuts, counts, scores, positions)
         assert out[s].tolist() == ref
+    for step, logits in enumerate(res_alone.scores):
+        torch.testing.assert_close(logits[0], res.scores[step][1], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("mode", [dict(num_beams=3), dict(do_sample=True, top_k=5)])
@@ -334,3 +341,43 @@ def test_pre_llm_then_in_llm_matches_hand_reference(model, eager):
     with pytest.raises(ValueError, match="pipeline"):
         ts.apply(model, "fastv", 20, llm="pdrop")
     assert not tm.is_applied(model)
+
+
+# -- every family: their two-layer tiny models, cut before layer 1 --------------------------------
+FAMILY_BUILDERS = {
+    "llava_next": ("test_models_llava_next", lambda m: m.tiny_next()),
+    "llava_onevision": ("test_models_llava_onevision", lambda m: m.tiny_onevision()),
+    "idefics3": ("test_models_idefics3", lambda m: m.tiny("idefics3")),
+    "smolvlm": ("test_models_idefics3", lambda m: m.tiny("smolvlm")),
+    "qwen2.5": ("test_models_qwen_vl", lambda m: m.tiny_qwen("qwen2.5")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_BUILDERS))
+def test_every_family_keep_all_batch_and_generate(name):
+    import importlib
+
+    module_name, build = FAMILY_BUILDERS[name]
+    mod = importlib.import_module(module_name)
+    model = build(mod)
+    n = mod.CASE.samples
+    kw = mod.inputs(model, list(range(n)))
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref = model(**kw).logits
+        ref_gen = model.generate(**kw, **gen)
+        with tm.applied(model, "fastv", 1.0, layer=1):
+            torch.testing.assert_close(model(**kw).logits, ref, atol=ATOL, rtol=0)
+            assert torch.equal(model.generate(**kw, **gen), ref_gen)
+        with tm.applied(model, "fastv", 0.5, layer=1):
+            batch = model(**kw).logits
+            batch_gen = model.generate(**kw, **gen)[:, -3:]
+            for s in range(n):
+                alone_kw = mod.inputs(model, [s])
+                alone = model(**alone_kw).logits[0]
+                real = kw["attention_mask"][s].bool()
+                torch.testing.assert_close(batch[s, real], alone, atol=ATOL, rtol=0)
+                assert torch.equal(batch_gen[s], model.generate(**alone_kw, **gen)[0, -3:])
+            kept = tm.get_state(model).llm.last
+        assert kept and all(k.numel() > 0 for k in kept[0].kept)
+        assert not torch.allclose(batch, ref, atol=1e-4)

@@ -109,6 +109,7 @@ class _Prefill:
 class _Continue:
     call: CallInputs
     record: _Record
+    past: int  # tokens in the uncut layers' cache before this call
     masks: dict[tuple[int, str], Any] = field(default_factory=dict)
 
 
@@ -243,7 +244,7 @@ class LlmStage:
         else:
             record = self.records.get(cache)
             if record is not None:
-                run = _Continue(call or CallInputs(None, None), record)
+                run = _Continue(call or CallInputs(None, None), record, past)
             elif self._was_cut(cache):
                 raise ValueError(
                     "this KV cache was shortened by a tokensieve in-LLM reduction in a call "
@@ -332,7 +333,7 @@ class LlmStage:
             prefix = run.record.segments[seg_idx][1]
             cache = _cache_of(kwargs)
             q = hidden.shape[1]
-            new = _new_columns(run.call.mask, run.record.length, q, prefix)
+            new = _new_columns(run.call.mask, run.record.length, run.past + q, prefix)
             mask2d = torch.cat([prefix.to(new), new], dim=1)
             run.masks[key] = self._mask(layer_idx, hidden, mask2d, cache, None)
         kwargs["attention_mask"] = run.masks[key]
@@ -518,12 +519,15 @@ def _initial_positions(position_ids: Any, valid: Tensor) -> Tensor:
     return torch.arange(valid.shape[1], device=valid.device).expand(valid.shape[0], -1)
 
 
-def _new_columns(mask: Tensor | None, length: int, q: int, prefix: Tensor) -> Tensor:
-    """The 2D mask of the columns a continuation call adds after a prefill of ``length``."""
+def _new_columns(mask: Tensor | None, length: int, total: int, prefix: Tensor) -> Tensor:
+    """The 2D mask of the columns after a prefill of ``length`` columns, for a continuation
+    call that brings the sequence to ``total`` columns (no mask: all real)."""
     if mask is None:
-        return torch.ones(prefix.shape[0], q, dtype=torch.long, device=prefix.device)
-    if mask.dim() != 2 or mask.shape[1] < length + q:
+        return torch.ones(prefix.shape[0], total - length, dtype=torch.long,
+                          device=prefix.device)
+    if mask.dim() != 2 or mask.shape[1] != total:
         raise ValueError(
             f"attention_mask: shape {tuple(mask.shape)}; continuing a cache cut by tokensieve "
-            f"needs the 2D mask of the whole sequence ({length} prompt columns + the new ones)")
+            f"needs the 2D mask of the whole sequence ({total} columns: the cached ones and "
+            "the new ones)")
     return mask[:, length:].long()
