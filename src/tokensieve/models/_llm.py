@@ -191,7 +191,6 @@ class LlmStage:
         self.last: list[Cut] = []
         self._run: contextvars.ContextVar[_Prefill | _Continue | None] = contextvars.ContextVar(
             "tokensieve_llm_run", default=None)
-        self._tokens: list[contextvars.Token] = []
         self._handles: list[Any] = []
         self._check_counts()
 
@@ -250,11 +249,11 @@ class LlmStage:
                     "this KV cache was shortened by a tokensieve in-LLM reduction in a call "
                     "this model cannot continue from (another model, a copy, or a removed "
                     "patch); re-send the whole history instead")
-        self._tokens.append(self._run.set(run))
+        self._run.set(run)
 
     def _text_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if self._tokens:
-            self._run.reset(self._tokens.pop())
+        # The run lives in this thread's context only, from the text model's start to its end.
+        self._run.set(None)
 
     def _was_cut(self, cache: Any) -> bool:
         try:
