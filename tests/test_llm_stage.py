@@ -381,3 +381,64 @@ def test_every_family_keep_all_batch_and_generate(name):
             kept = tm.get_state(model).llm.last
         assert kept and all(k.numel() > 0 for k in kept[0].kept)
         assert not torch.allclose(batch, ref, atol=1e-4)
+
+
+# -- DART at its official place ------------------------------------------------------------------
+@torch.no_grad()
+def dart_reference_kept(model, kw, cols, keep, layer=2):
+    """DART's kept indices from the untouched model's states: keys of layer K-1 (k_proj of
+    its normed input, rotary embedding, heads expanded side by side), pivots and
+    duplication by the token-set ``dart`` on the final-norm-normed input of layer K."""
+    lm = find_text_model(model)
+    seen = {}
+
+    def grab(i):
+        def pre(module, args, kwargs):
+            seen[i] = (args[0] if args else kwargs["hidden_states"], kwargs)
+        return pre
+
+    hs = [lm.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True)
+          for i in (layer - 1, layer)]
+    model(**kw)
+    for h in hs:
+        h.remove()
+    h_prev, kw_prev = seen[layer - 1]
+    attn = lm.layers[layer - 1].self_attn
+    k = attn.k_proj(lm.layers[layer - 1].input_layernorm(h_prev))
+    k = k.view(1, -1, attn.config.num_key_value_heads, attn.head_dim).transpose(1, 2)
+    cos, sin = kw_prev["position_embeddings"]
+    rot = torch.cat([-k[..., attn.head_dim // 2:], k[..., : attn.head_dim // 2]], dim=-1)
+    k = k * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
+    k = k.repeat_interleave(attn.config.num_attention_heads // k.shape[1], dim=1)
+    keys = k.transpose(1, 2).flatten(2)[0]
+    normed = lm.norm(seen[layer][0])[0]
+    ids = kw["input_ids"][0]
+    kept = []
+    for c in cols:
+        after = torch.arange(len(ids)) > c.max()
+        after &= ids != IMG
+        r = ts.reduce(normed[c][None], "dart", keep, keys=keys[c][None],
+                      text=normed[after][None], text_keys=keys[after][None])
+        kept.append(r.indices[0] if r.mask is None else r.indices[0][r.mask[0]])
+    return kept
+
+
+@pytest.mark.parametrize("sample", [0, 1])
+def test_dart_in_llm_matches_reference(model, eager, sample):
+    kw = inputs([sample])
+    cols = image_cols(kw["input_ids"])
+    ref_kept = dart_reference_kept(model, kw, cols, 21)
+    rec = record(model, kw)
+    with torch.no_grad(), tm.applied(model, "dart", 21):
+        out = model(**kw).logits
+        kept = stage_kept(model)
+    assert [k.tolist() for k in kept[0]] == [k.tolist() for k in ref_kept]
+    ref, _ = by_hand(model, eager, rec, cols, [2], None, "previous", "keep",
+                     fixed=[ref_kept])
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    budget = 4 + round(N * (1 - 0.778))  # the official budget: 4 + 128 of 576
+    official = dart_reference_kept(model, kw, cols, budget)
+    with torch.no_grad(), tm.applied(model, "dart"):
+        model(**kw)
+        assert tm.get_state(model).llm.schedule.counts(N, None, 4) == [budget]
+        assert [k.tolist() for k in stage_kept(model)[0]] == [k.tolist() for k in official]

@@ -26,6 +26,7 @@ SIGNAL_DOCS: dict[str, str] = {
     "query_attn": "attention that prompt tokens give each token at an LLM layer (head-mean "
                   "probability): [B, N] from the last prompt token, or [B, Q, N] from Q query "
                   "rows (all-zero rows are padding)",
+    "text_keys": "attention keys of the text tokens (aligned with text), [B, M, Dk]",
 }
 SIGNAL_NAMES: tuple[str, ...] = tuple(SIGNAL_DOCS)
 
@@ -65,6 +66,7 @@ class Signals:
     grid: tuple[int, int] | None = None
     partitions: Partitions | None = None
     query_attn: Tensor | None = None
+    text_keys: Tensor | None = None
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -178,6 +180,16 @@ def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
         text_mask = text_mask.bool()
         if not bool(text_mask.any(dim=1).all()):
             raise ValueError("text_mask: every sample needs at least one real text token")
+    text_keys = raw.get("text_keys")
+    if text_keys is not None:
+        if text is None:
+            raise ValueError("text_keys given without text")
+        if (not isinstance(text_keys, Tensor) or text_keys.dim() != 3
+                or tuple(text_keys.shape[:2]) != tuple(text.shape[:2])):
+            got = tuple(text_keys.shape) if isinstance(text_keys, Tensor) else text_keys
+            raise ValueError(f"text_keys: expected shape [{text.shape[0]}, {text.shape[1]}, Dk] "
+                             f"(aligned with text), got {got!r}")
+        _check_finite("text_keys", text_keys)
     grid = raw.get("grid")
     if grid is not None:
         if not isinstance(grid, (tuple, list)) or len(grid) != 2:
@@ -205,4 +217,5 @@ def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
         grid=grid,  # type: ignore[arg-type]
         partitions=partitions,  # type: ignore[arg-type]
         query_attn=raw.get("query_attn"),  # type: ignore[arg-type]
+        text_keys=text_keys,  # type: ignore[arg-type]
     )

@@ -4,24 +4,37 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from tokensieve.core.budget import resolve_keep
 from tokensieve.core.ops import normalize, select, select_mask
-from tokensieve.core.options import Count, PositiveCount
+from tokensieve.core.options import Count, PositiveCount, Share
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
+from tokensieve.core.schedule import LlmSchedule, ScoreSource, check_layer
 from tokensieve.core.signals import Signals
 from tokensieve.methods._greedy import text_dim_check
 
 
 @dataclass(frozen=True)
-class DARTConfig:
+class DARTConfig(LlmSchedule):
     """Options (official defaults).
 
+    In a model (``tokensieve.apply``) DART cuts before decoder layer ``layer`` (K=2): the
+    pivots rank by the L1 norm of layer K-1's keys (after its rotary embedding, heads
+    concatenated), the duplication is the cosine similarity of the layer-K input states
+    normed by the LLM's final norm, text pivots are the text tokens after the image, kept
+    tokens keep their position ids.
+
     Attributes:
+        layer: K, the first decoder layer that sees only the kept image tokens.
+        ratio: the reduction ratio without ``keep``: ``round(N (1 - ratio))`` tokens are
+            shared by the pivots on top of the image pivots (0.778: 128 of 576, the
+            official scripts' ``max_num_trunction``, so 132 tokens stay).
+        positions: "keep" (official) or "renumber".
         pivots: image pivot tokens (4): the tokens with the largest L1 norm of their
             ``keys`` (of the tokens themselves when no keys are given).
         text_pivots: text pivot tokens (4), used when ``text`` is given: the real text
@@ -42,11 +55,28 @@ class DARTConfig:
             It only changes the visiting order.
     """
 
+    scores: ClassVar[ScoreSource] = "keys"
+
     pivots: PositiveCount = 4
     text_pivots: Count = 4
     exact_budget: bool = False
     pivot_order: Literal["official", "norm"] = "official"
     image_offset: Count = 0
+    layer: int = 2
+    ratio: Share = 0.778
+    positions: Literal["keep", "renumber"] = "keep"
+
+    def cut_layers(self, depth: int) -> tuple[int, ...]:
+        check_layer("layer", self.layer, minimum=1)
+        if self.layer >= depth:
+            raise ValueError(f"layer={self.layer}: the LLM has {depth} decoder layers; "
+                             f"expected 1 <= layer < {depth}")
+        return (self.layer,)
+
+    def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
+        if keep is None:
+            return [min(n, self.pivots + round(n * (1 - self.ratio)))]
+        return [resolve_keep(keep, n)]
 
     def __post_init__(self) -> None:
         for name in ("pivots", "text_pivots"):
@@ -84,7 +114,7 @@ def pivot_shares(valid: Tensor, rest: int) -> Tensor:
     "dart",
     paper="Stop Looking for Important Tokens in Multimodal Language Models: Duplication "
           "Matters More (DART, Wen et al., 2025)",
-    stage="llm", kind="subset", optional_signals=("keys", "text", "text_mask"),
+    stage="llm", kind="subset", optional_signals=("keys", "text", "text_mask", "text_keys"),
     config=DARTConfig,
 )
 def dart(tokens: Tensor, k: int, signals: Signals, config: DARTConfig,
@@ -97,6 +127,8 @@ def dart(tokens: Tensor, k: int, signals: Signals, config: DARTConfig,
         keys: optional ``[B, N, Dk]`` keys of the same layer; pivots rank by their L1 norm.
         text: optional ``[B, M, D]`` text hidden states (``text_mask`` ``[B, M]``), for the
             text pivots.
+        text_keys: optional ``[B, M, Dk]`` keys of the text tokens; text pivots rank by
+            their L1 norm (as the official code does), else by the norm of ``text``.
 
     Steps: the ``pivots`` image tokens of largest L1 norm are kept. Then, pivot by pivot
     (``pivot_order``: by default the official set order, see
@@ -133,7 +165,8 @@ def dart(tokens: Tensor, k: int, signals: Signals, config: DARTConfig,
     top_text = None
     if signals.text is not None and config.text_pivots > 0:
         text_dim_check(tokens, signals.text, "dart")
-        tnorm = signals.text.float().abs().sum(dim=-1)
+        tsource = signals.text if signals.text_keys is None else signals.text_keys
+        tnorm = tsource.float().abs().sum(dim=-1)
         if signals.text_mask is not None:
             tnorm = tnorm.masked_fill(~signals.text_mask, -math.inf)
         n_txt = min(config.text_pivots, tnorm.shape[1])

@@ -41,7 +41,7 @@ from torch import Tensor
 from tokensieve.core.api import ReduceConfig, reduce
 from tokensieve.core.registry import MethodSpec
 from tokensieve.core.schedule import LlmSchedule
-from tokensieve.models._llm_scores import attention_rows, visible_keys
+from tokensieve.models._llm_scores import attention_rows, rotated_keys, visible_keys
 
 #: The current call's inputs, set by the patched ``forward`` around the model's own.
 _CALL: contextvars.ContextVar[CallInputs | None] = contextvars.ContextVar(
@@ -212,7 +212,7 @@ class LlmStage:
             hook = self._layer_hook(layer_idx)
             self._handles.append(text.layers[layer_idx].register_forward_pre_hook(
                 hook, with_kwargs=True))
-        if self.schedule.scores == "previous":
+        if self.schedule.scores in ("previous", "keys"):
             for cut in self.layers:
                 self._capture(cut - 1)
         self._handles.append(text.norm.register_forward_pre_hook(self._norm_pre))
@@ -437,11 +437,44 @@ class LlmStage:
         visible = visible_keys(cols, seg.valid, window)
         return attention_rows(attn, q, k, cos, sin, cols, visible)
 
+    def _signal_source(self, run: _Prefill, layer_idx: int, hidden: Tensor, kwargs: dict,
+                       ) -> Callable[[int, Tensor], tuple[Tensor, dict[str, Tensor]]]:
+        """``f(row, cols) -> (tokens [1, n, D], signals)`` for one image of the current
+        sequence, as the method's score source asks."""
+        seg = run.seg
+        if self.schedule.scores in ("previous", "own"):
+            rows = self._scores(run, layer_idx, hidden, kwargs)[:, 0]
+
+            def by_attention(row: int, cols: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                return hidden[row, cols].unsqueeze(0), {"query_attn": rows[row, cols][None]}
+
+            return by_attention
+        if self.schedule.scores != "keys":
+            return lambda row, cols: (hidden[row, cols].unsqueeze(0), {})
+        # DART: keys of the layer before the cut (as attention sees them, heads side by
+        # side), the cut layer's input normed by the LLM's final norm; the text is what
+        # follows the image in its row.
+        cap = run.captured
+        cos, sin = cap["pos_emb"]
+        attn = self.text.layers[layer_idx - 1].self_attn
+        keys = rotated_keys(attn, cap["k"], cos, sin).transpose(1, 2).flatten(2)
+        normed = self.text.norm(hidden)
+
+        def by_keys(row: int, cols: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            after = seg.valid[row] & (seg.image_of[row] < 0)
+            after[: int(cols.max()) + 1] = False
+            signals = {"keys": keys[row, cols][None]}
+            if bool(after.any()):
+                signals["text"] = normed[row, after][None]
+                signals["text_keys"] = keys[row, after][None]
+            return normed[row, cols].unsqueeze(0), signals
+
+        return by_keys
+
     def _cut(self, run: _Prefill, layer_idx: int, hidden: Tensor, kwargs: dict) -> Tensor:
         seg = run.seg
         stage = self.layers.index(layer_idx)
-        rows = self._scores(run, layer_idx, hidden, kwargs)[:, 0] \
-            if self.schedule.scores != "none" else None
+        signals_of = self._signal_source(run, layer_idx, hidden, kwargs)
         keep = seg.valid & (seg.image_of < 0)
         kept: list[Tensor] = []
         for img, n in enumerate(run.counts):
@@ -454,10 +487,11 @@ class LlmStage:
             if target > cols.numel():
                 raise ValueError(f"{self.spec.name}: stage {stage} keeps {target} tokens of an "
                                  f"image that has {cols.numel()} left")
-            signals = {} if rows is None else {"query_attn": rows[row, cols].unsqueeze(0)}
-            r = reduce(hidden[row, cols].unsqueeze(0), self.spec.name, target,
-                       seed=self.config.seed, **signals, **self.config.options)
-            chosen = cols[r.indices[0]]
+            tokens, signals = signals_of(row, cols)
+            r = reduce(tokens, self.spec.name, target, seed=self.config.seed, **signals,
+                       **self.config.options)
+            idx = r.indices[0] if r.mask is None else r.indices[0][r.mask[0]]
+            chosen = cols[idx]
             keep[row, chosen] = True
             kept.append(seg.rank[row, chosen])
         run.cuts.append(Cut(layer=layer_idx, kept=kept))

@@ -48,6 +48,16 @@ def visible_keys(query_cols: Tensor, key_valid: Tensor, window: int | None) -> T
     return seen
 
 
+def rotated_keys(attn: torch.nn.Module, k_proj: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The layer's keys as attention sees them: ``[B, Hq, T, hd]`` after its k norm and
+    rotary embedding, grouped-query heads expanded to the query heads."""
+    k = _heads(attn, k_proj, "k_norm")
+    b = k.shape[0]
+    k = _rope_fn(attn)(k, k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))[0]
+    heads = attn.config.num_attention_heads if hasattr(attn, "config") else k.shape[1]
+    return k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
 def attention_rows(attn: torch.nn.Module, q_proj: Tensor, k_proj: Tensor,
                    cos: Tensor, sin: Tensor, query_cols: Tensor, visible: Tensor) -> Tensor:
     """Head-mean attention probabilities of some query rows of one layer.
@@ -66,14 +76,12 @@ def attention_rows(attn: torch.nn.Module, q_proj: Tensor, k_proj: Tensor,
         (the softmax of the layer's attention logits), averaged over heads; rows that see
         no key are 0.
     """
-    rope = _rope_fn(attn)
     b = q_proj.shape[0]
     q = _heads(attn, q_proj, "q_norm")
-    k = _heads(attn, k_proj, "k_norm")
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     idx = query_cols.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
-    q = rope(q, q, torch.gather(cos, 1, idx), torch.gather(sin, 1, idx))[0]
-    k = rope(k, k, cos, sin)[0]
+    q = _rope_fn(attn)(q, q, torch.gather(cos, 1, idx), torch.gather(sin, 1, idx))[0]
+    k = rotated_keys(attn, k_proj, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
     cap = getattr(attn, "attn_logit_softcapping", None)
