@@ -123,7 +123,7 @@ def test_missing_required_signal_is_named(method):
     dropped = spec.signals[0]
     inputs[dropped] = None
     if dropped == "text":
-        inputs["text_mask"] = None
+        inputs["text_mask"] = inputs["text_keys"] = None
     with pytest.raises(ValueError, match=repr(dropped)):
         _run(method, inputs, 64)
 
