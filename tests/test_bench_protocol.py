@@ -161,7 +161,11 @@ def test_failing_cell_is_recorded_not_fatal(tiny, samples, tmp_path, monkeypatch
     (dict(keeps=(65,)), r"keep=65: expected a count in \[1, 64\]"),
     (dict(keeps=(0,)), r"keep=0"),
     (dict(methods=("divprun",)), r"unknown method 'divprun'; did you mean 'divprune'"),
-    (dict(methods=("tome",)), r"method 'tome' at keep=.* cannot run"),
+    (dict(methods=("tome",)), r"method 'tome' acts at stage 'encoder'"),
+    (dict(methods=("random",), keeps=(1.5,)), r"keep=1.5: expected a fraction in \(0, 1\]"),
+    (dict(signal_layers=(99,)), r"layer 99 is not an encoder layer of this 3-layer tower"),
+    (dict(signal_layers="last"), r"signal_layers='last'"),
+    (dict(timing_repeats=0), r"timing_repeats=0"),
     (dict(dtype="float8"), r"dtype='float8'"),
     (dict(limit=0), r"limit=0"),
     (dict(device="tpu"), r"device='tpu'"),
@@ -298,7 +302,7 @@ def test_run_uses_prepared_cells(tiny, samples, tmp_path, monkeypatch):
     assert prepared.cells == [("full", 64), ("random", 32)]  # keep == N is the full model
     seen = []
     res = run(prepared, progress=seen.append, samples=samples[:2])
-    assert seen == ["full @ 64", "random @ 32"] and len(res.rows) == 2
+    assert seen == ["full @ 64", "random @ 32", protocol.TIMING_STEP] and len(res.rows) == 2
 
 
 class _SleepyModel(torch.nn.Module):
@@ -343,3 +347,114 @@ def test_model_without_adapter_is_refused(tmp_path):
                                              vocab_size=64))
     with pytest.raises(ValueError, match="no vision tower"):
         prepare(BenchConfig(out=str(tmp_path)), text_only, processor)
+
+
+# -- robust timing: alternation, spreads, selection work ------------------------------------
+def test_spread_statistics():
+    from tokensieve.bench.timing import LARGE_SPREAD, Spread
+
+    s = Spread.of([0.010, 0.011, 0.012, 0.013, 0.100])
+    assert s.median == 0.012 and s.min == 0.010 and s.max == 0.100
+    assert s.iqr == pytest.approx(0.002) and not s.large
+    assert Spread.of([1.0]).iqr == 0.0
+    noisy = Spread.of([1.0, 1.0, 2.0, 2.0])
+    assert noisy.relative > LARGE_SPREAD and noisy.large
+    with pytest.raises(ValueError, match="no measurements"):
+        Spread.of([])
+
+
+def test_variants_are_timed_in_alternation():
+    """Round r runs every variant once (reversed on odd rounds), never one block each."""
+    from tokensieve.bench.timing import Variant, measure_interleaved
+
+    log: list[str] = []
+    model = _SleepyModel()
+    variants = [Variant(name, enter=lambda n=name: log.append(n),
+                        selection=(lambda: time.sleep(0.002)) if name != "a" else None)
+                for name in ("a", "b", "c")]
+    out = measure_interleaved(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)},
+                              variants, new_tokens=2, warmup=1, repeats=3)
+    rounds = [log[i:i + 3] for i in range(0, 12, 3)]
+    assert rounds == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"], ["c", "b", "a"]]
+    assert log[12:] == ["a", "b", "c"]  # then one peak-memory run each
+    assert out["a"].selection_s is None and out["b"].selection_s >= 0.0019
+    d = out["b"].to_dict()
+    for name in ("prefill_s", "decode_s_per_token", "prefill_cpu_s", "selection_s"):
+        assert d[f"{name}_min"] <= d[name] <= d[f"{name}_max"] and d[f"{name}_iqr"] >= 0
+    assert d["repeats"] == 3 and d["interleaved_with"] == 3
+    assert out["a"].to_dict()["selection_s_iqr"] is None
+
+
+def test_results_carry_spreads_and_selection_time(result):
+    res, out = result
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for col in ("prefill_s_iqr", "prefill_s_min", "prefill_s_max", "decode_s_per_token_iqr",
+                "selection_s", "selection_s_iqr", "large_spread"):
+        assert col in rows[0]
+    assert rows[0]["selection_s"] == ""  # the full model selects nothing
+    data = json.loads((out / "results.json").read_text())
+    for r in data["rows"][1:]:  # random and pool: their reduce calls were replayed and timed
+        t = r["timing"]
+        assert t["selection_s"] > 0 and t["selection_s_min"] <= t["selection_s"]
+        assert t["interleaved_with"] == len(data["rows"])
+
+
+def test_selection_capture_records_the_adapter_calls(tiny, samples):
+    from tokensieve.bench.selection import capture_reduce_calls, replay
+    from tokensieve.zoo import build_prompt
+
+    model, processor = tiny
+    enc = processor(text=[build_prompt(processor, samples[0].question)],
+                    images=[samples[0].image], return_tensors="pt")
+    assert capture_reduce_calls(model, enc) == []
+    models.apply(model, "fastervlm", 8)
+    try:
+        calls = capture_reduce_calls(model, enc)
+    finally:
+        models.remove(model)
+    assert len(calls) == 1 and calls[0].args[1] == "fastervlm" and "cls_attn" in calls[0].kwargs
+    assert calls[0]().num_tokens == 8
+    replay(calls)()
+
+
+def test_fractions_all_methods_and_signal_layers(tiny, tmp_path, monkeypatch):
+    import tokensieve.zoo as zoo
+
+    monkeypatch.setattr(zoo, "answer", lambda *a, **k: pytest.fail("long work started"))
+    p = prepare(BenchConfig(methods=("random",), keeps=(0.25, 16, 8), out=str(tmp_path)), *tiny)
+    assert p.keeps == (16, 8)  # 0.25 of 64 tokens = 16, the count 16 once
+    p = prepare(BenchConfig(methods=("all",), keeps=(8,), out=str(tmp_path)), *tiny)
+    expect = [m for m in protocol.list_methods() if protocol.method_runs(m)["bench"]
+              and protocol.supported(tiny[0], m, 8) is None]
+    assert list(p.methods) == expect and "random" in p.methods and "tome" not in p.methods
+    assert "fastv" not in p.methods  # FastV's layer 2 does not exist in a 2-layer LLM
+    seen = {}
+    real_apply = models.apply
+
+    def spy(model, method, keep=None, **kw):
+        seen[method] = kw.get("signal_layers")
+        return real_apply(model, method, keep, **kw)
+
+    monkeypatch.setattr(models, "apply", spy)
+    prepare(BenchConfig(methods=("fastervlm",), keeps=(8,), signal_layers=(0, "feature"),
+                        out=str(tmp_path)), *tiny)
+    assert seen["fastervlm"] == (0, "feature")
+
+
+def test_hub_id_fails_fast_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(protocol, "_hub_cached", lambda name: False)
+    monkeypatch.setattr(protocol, "load_model", lambda *a, **k: pytest.fail("loading started"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"model='org/some-vlm'.*HF_HUB_OFFLINE is set"):
+        prepare(BenchConfig(model="org/some-vlm", out=str(tmp_path)))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_network(*a, **k):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr("socket.create_connection", no_network)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"model='org/some-vlm'.*no connection to"):
+        prepare(BenchConfig(model="org/some-vlm", out=str(tmp_path)))
+    assert time.perf_counter() - t0 < 5

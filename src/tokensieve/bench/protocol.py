@@ -4,11 +4,16 @@ For every (method, keep) cell, and once for the unreduced model (``method="full"
 
 1. patch the model (``tokensieve.models.apply``), answer every sample greedily
    (``tokensieve.zoo.answer``) and score exact matches per question family;
-2. time ``generate`` on a fixed batch (prefill, per-token decode, tokens/s, peak memory,
-   medians over repeats after warm-up; see :mod:`tokensieve.bench.timing`);
+2. record the method's ``reduce`` calls of one prefill of the timed batch
+   (:mod:`tokensieve.bench.selection`);
 3. account prefill/decode compute and KV-cache bytes analytically from the model config
    (:mod:`tokensieve.bench.flops`, multiply-adds counted once);
 4. unpatch (``remove``).
+
+Then every successful cell is timed in alternation with the others (round ``r`` patches,
+times and unpatches each cell once; see :func:`tokensieve.bench.timing.measure_interleaved`):
+``generate`` on a fixed batch (prefill, per-token decode, tokens/s) and the replayed
+selection work, medians over repeats with their spread (IQR, min, max), then peak memory.
 
 Retention is a cell's accuracy divided by the full model's, per family and overall. The
 results (``results.json``, ``results.csv``) carry the environment (versions, device, dtype,
@@ -37,9 +42,17 @@ from typing import Any
 import torch
 
 from tokensieve.bench.flops import Cost, Plan, VLMDims, account, plan_for
-from tokensieve.bench.timing import Timing, cpu_threads, measure_generation
+from tokensieve.bench.selection import capture_reduce_calls, replay
+from tokensieve.bench.timing import (
+    LATENCIES,
+    SPREAD_KEYS,
+    Variant,
+    cpu_threads,
+    measure_interleaved,
+)
 from tokensieve.bench.tiny import RANDOM_TINY, random_tiny_llava
 from tokensieve.core.api import ReduceConfig
+from tokensieve.core.budget import resolve_keep
 from tokensieve.core.registry import get_method, list_methods
 from tokensieve.core.schedule import LlmSchedule
 
@@ -53,8 +66,12 @@ DEFAULT_METHODS = ("random", "pool", "fastervlm", "visionzip", "divprune", "cdpr
                    "uniform", "vtc-cls", "mmtok", "hiprune", "dart", "fastv")
 #: Default methods at most (keeps ``tokensieve bench`` within about 5 minutes on 2 CPU cores).
 DEFAULT_MAX_METHODS = 6
-DEFAULT_LIMIT = 280  # 40 per question family; about 2.5 min on 2 idle CPU cores
+DEFAULT_LIMIT = 280  # 40 per question family
+#: Timed rounds by default (every cell once per round, in alternation): enough for quartiles.
+DEFAULT_REPEATS = 9
 FULL = "full"
+#: ``methods=("all",)``: every registered method the model can run at every budget.
+ALL = "all"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16}
@@ -69,8 +86,16 @@ class BenchConfig:
     Attributes:
         model: a local path or hub id of a supported VLM; ``None`` for the embedded tiny VLM.
         methods: method names; ``None`` for the default list (see ``DEFAULT_METHODS``).
-        keeps: visual-token budgets (counts); ``None`` for 192/128/64 of 576 scaled to the
-            model. The full model is always run as the reference.
+        methods: method names, or ``("all",)`` for every registered method the model can
+            run at every budget (asked of :func:`supported`).
+        keeps: visual-token budgets: int counts, or float fractions in (0, 1] of each
+            image's tokens (``0.25``: a quarter, rounded as ``tokensieve.reduce`` does);
+            ``None`` for 192/128/64 of 576 scaled to the model. The full model is always
+            run as the reference.
+        signal_layers: encoder layers whose attention signals pre-LLM methods read, passed
+            to ``tokensieve.apply`` (``"all"`` or a tuple of indices / ``"feature"``;
+            ``None``: each method's official layers). In-LLM methods read their own
+            decoder layers and do not take it.
         limit: samples of the task's test split.
         device, dtype: where and in which precision the model runs.
         seed: seed of the methods' randomness.
@@ -79,13 +104,15 @@ class BenchConfig:
             answers are single word-level tokens, else 4: enough for the first word, which is
             what is scored).
         timing_batch: samples in the timed batch; ``timing_repeats`` / ``timing_warmup``
-            timed and untimed runs; ``timing_new_tokens`` tokens for the decode timing.
+            timed and untimed rounds (every cell once per round, in alternation);
+            ``timing_new_tokens`` tokens for the decode timing.
         out: output folder.
     """
 
     model: str | None = None
     methods: tuple[str, ...] | None = None
-    keeps: tuple[int, ...] | None = None
+    keeps: tuple[int | float, ...] | None = None
+    signal_layers: str | tuple[int | str, ...] | None = None
     limit: int = DEFAULT_LIMIT
     split: str = "test"
     device: str = "cpu"
@@ -94,15 +121,18 @@ class BenchConfig:
     batch_size: int = 16
     answer_tokens: int | None = None
     timing_batch: int = 1
-    timing_repeats: int = 3
+    timing_repeats: int = DEFAULT_REPEATS
     timing_warmup: int = 1
     timing_new_tokens: int = 8
     out: str = "bench-results"
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (tuples as lists)."""
         d = asdict(self)
         d["methods"] = list(self.methods) if self.methods is not None else None
         d["keeps"] = list(self.keeps) if self.keeps is not None else None
+        if isinstance(self.signal_layers, tuple):
+            d["signal_layers"] = list(self.signal_layers)
         return d
 
 
@@ -189,29 +219,107 @@ def default_keeps(n_tokens: int) -> tuple[int, ...]:
     return tuple(max(1, round(k * n_tokens / REFERENCE_TOKENS)) for k in REFERENCE_KEEPS)
 
 
-def check_keeps(keeps: Sequence[int], n_tokens: int) -> tuple[int, ...]:
-    """Budgets as counts in ``[1, n_tokens]`` (ValueError naming the offending one)."""
-    out = []
+def check_keep_values(keeps: Sequence[int | float]) -> tuple[int | float, ...]:
+    """Budgets checked without the model: int counts >= 1 or float fractions in (0, 1]
+    (ValueError naming the offending one)."""
+    out: list[int | float] = []
     for k in keeps:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise ValueError(f"keep={k!r}: expected an int count of visual tokens")
-        if k < 1 or k > n_tokens:
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise ValueError(f"keep={k!r}: expected an int count of visual tokens or a "
+                             "fraction in (0, 1]")
+        if isinstance(k, int) and k < 1:
+            raise ValueError(f"keep={k}: expected a count >= 1 or a fraction in (0, 1]")
+        if isinstance(k, float) and not (math.isfinite(k) and 0.0 < k <= 1.0):
+            raise ValueError(f"keep={k}: expected a fraction in (0, 1] or an int count")
+        out.append(k)
+    return tuple(out)
+
+
+def check_keeps(keeps: Sequence[int | float], n_tokens: int) -> tuple[int, ...]:
+    """Budgets as counts in ``[1, n_tokens]``: fractions become counts of ``n_tokens`` as
+    ``tokensieve.reduce`` rounds them (ValueError naming the offending one)."""
+    out = []
+    for k in check_keep_values(keeps):
+        if isinstance(k, int) and k > n_tokens:
             raise ValueError(f"keep={k}: expected a count in [1, {n_tokens}] (the model gives "
                              f"the LLM {n_tokens} visual tokens per image)")
-        out.append(k)
+        try:
+            out.append(resolve_keep(k, n_tokens))
+        except ValueError as err:
+            raise ValueError(f"{err} (the model gives the LLM {n_tokens} visual tokens per "
+                             "image)") from None
     return tuple(dict.fromkeys(out))
 
 
+def method_runs(name: str) -> dict[str, bool]:
+    """Where a registered method runs: ``apply`` (tokensieve.apply patches it: pre-LLM
+    methods and in-LLM ones with a layer schedule), ``bench`` (the protocol runs what
+    ``apply`` patches) and ``viz`` (the token picture needs a pre-LLM reduction)."""
+    spec = get_method(name)
+    in_llm = spec.stage == "llm" and isinstance(spec.config, type) and issubclass(
+        spec.config, LlmSchedule)
+    patched = spec.stage == "pre-llm" or in_llm
+    return {"apply": patched, "bench": patched, "viz": spec.stage == "pre-llm"}
+
+
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
-    """Registered method names (ValueError with close matches for unknown ones)."""
+    """Registered method names that ``tokensieve.apply`` can patch, or ``(ALL,)`` when
+    ``"all"`` is among them (ValueError with close matches for unknown names, and naming
+    the stage of methods the protocol cannot run)."""
     names = []
     for m in methods:
         if m.lower() == FULL:
             continue
-        names.append(get_method(m).name)
+        if m.lower() == ALL:
+            names.append(ALL)
+            continue
+        spec = get_method(m)
+        if not method_runs(spec.name)["bench"]:
+            raise ValueError(f"method {spec.name!r} acts at stage {spec.stage!r}, which "
+                             "tokensieve.apply does not patch (it runs on token sets with "
+                             "tokensieve.reduce); bench runs pre-LLM and in-LLM methods "
+                             "(`tokensieve list`, column bench)")
+        names.append(spec.name)
     if not names and not methods:
         raise ValueError("methods=[]: expected at least one method name")
+    if ALL in names:
+        return (ALL,)
     return tuple(dict.fromkeys(names))
+
+
+def check_signal_layers(value: Any) -> str | tuple[int | str, ...] | None:
+    """``signal_layers`` checked without the model: ``None``, ``"all"`` or a non-empty
+    tuple of int layer indices and ``"feature"`` (ValueError otherwise)."""
+    if value is None or value == "all":
+        return value
+    if isinstance(value, (tuple, list)) and value and all(
+            v == "feature" or (isinstance(v, int) and not isinstance(v, bool)) for v in value):
+        return tuple(value)
+    raise ValueError(f"signal_layers={value!r}: expected 'all' or encoder layer indices "
+                     "and 'feature', e.g. (9, 'feature')")
+
+
+def _check_signal_depth(model: torch.nn.Module, layers: Any) -> None:
+    """Layer indices of ``signal_layers`` within the vision tower's depth (when known)."""
+    if not isinstance(layers, tuple):
+        return
+    vision = getattr(model.config, "vision_config", None)
+    depth = getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", None)
+    if not isinstance(depth, int):
+        return
+    for w in layers:
+        if isinstance(w, int) and not -depth <= w < depth:
+            raise ValueError(f"signal_layers: layer {w} is not an encoder layer of this "
+                             f"{depth}-layer tower; expected indices in [-{depth}, {depth}) "
+                             "or 'feature'")
+
+
+def apply_options(method: str, signal_layers: Any) -> dict[str, Any]:
+    """Keyword arguments for ``tokensieve.apply`` beyond the budget: ``signal_layers`` for
+    pre-LLM methods (in-LLM methods read their own decoder layers and refuse it)."""
+    if signal_layers is None or get_method(method).stage != "pre-llm":
+        return {}
+    return {"signal_layers": signal_layers}
 
 
 def _adapter():
@@ -222,15 +330,31 @@ def _adapter():
     return models
 
 
-def supported(model: torch.nn.Module, method: str, keep: int) -> str | None:
-    """``None`` if the adapter can patch ``model`` with ``method`` at ``keep``, else why not."""
+def supported(model: torch.nn.Module, method: str, keep: int,
+              **options: Any) -> str | None:
+    """``None`` if the adapter can patch ``model`` with ``method`` at ``keep`` (and
+    ``options`` for ``apply``, e.g. ``signal_layers``), else why not."""
     models = _adapter()
     try:
-        models.apply(model, method, keep)
+        models.apply(model, method, keep, **options)
     except (ValueError, NotImplementedError, TypeError) as err:
         return str(err)
     models.remove(model)
     return None
+
+
+def all_methods(model: torch.nn.Module, keeps: Sequence[int], n_tokens: int,
+                signal_layers: Any = None) -> tuple[str, ...]:
+    """Every registered method that :func:`supported` accepts on ``model`` at every budget
+    below ``n_tokens`` (``--methods all``), in registry order."""
+    out = []
+    for m in list_methods():
+        if not method_runs(m)["bench"]:
+            continue
+        opts = apply_options(m, signal_layers)
+        if all(supported(model, m, k, **opts) is None for k in keeps if k < n_tokens):
+            out.append(m)
+    return tuple(out)
 
 
 def default_methods(model: torch.nn.Module, keep: int,
@@ -247,6 +371,59 @@ def default_methods(model: torch.nn.Module, keep: int,
 
 
 # -- loading ------------------------------------------------------------------------------
+#: Seconds a connection attempt to the hub may take before the hub counts as unreachable.
+HUB_TIMEOUT_S = 3.0
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether the HF cache holds the config of hub id ``name``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except (ValueError, OSError):
+        return False
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """``None`` if the Hugging Face hub can be reached, else why not (``HF_HUB_OFFLINE`` set,
+    or a TCP connection to the endpoint failing within ``timeout`` seconds)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"no connection to {host}:{port} ({err.strerror or err})"
+    return None
+
+
+def check_model_name(name: str | None) -> None:
+    """Check ``--model`` before anything is loaded: the embedded model, ``random-tiny``, an
+    existing local folder, or a hub id that is in the HF cache or reachable now (ValueError
+    naming the id otherwise)."""
+    if name is None or name == RANDOM_TINY or Path(name).exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ValueError(f"model={name!r}: no such folder (expected a local model folder or "
+                         "a hub id like 'llava-hf/llava-1.5-7b-hf')")
+    if _hub_cached(name):
+        return
+    why = hub_reachable()
+    if why is not None:
+        raise ValueError(f"model={name!r}: not a local folder and not in the Hugging Face "
+                         f"cache, and the hub cannot be reached ({why}); download it where "
+                         "there is a network and pass its folder, or --model random-tiny")
+
+
 def load_model(name: str | None, device: torch.device, dtype: torch.dtype):
     """``(model, processor)``: the embedded tiny VLM (``name=None``) or a HF model by path or
     hub id (loaded with ``AutoModelForImageTextToText`` / ``AutoProcessor``)."""
@@ -263,9 +440,7 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     local = Path(name).exists()
-    if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise ValueError(f"model={name!r}: no such folder (expected a local model folder or "
-                         "a hub id like 'llava-hf/llava-1.5-7b-hf')")
+    check_model_name(name)
     try:
         AutoConfig.from_pretrained(name, local_files_only=local)
     except (OSError, ValueError) as err:
@@ -478,9 +653,17 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
     methods = check_methods(config.methods) if config.methods is not None else None
     if config.keeps is not None and not config.keeps:
         raise ValueError("keeps=[]: expected at least one budget")
+    if config.keeps is not None:
+        check_keep_values(config.keeps)
+    signal_layers = check_signal_layers(config.signal_layers)
+    if isinstance(config.timing_repeats, bool) or not isinstance(config.timing_repeats, int) \
+            or config.timing_repeats < 1 or config.timing_warmup < 0:
+        raise ValueError(f"timing_repeats={config.timing_repeats!r}, timing_warmup="
+                         f"{config.timing_warmup!r}: expected repeats >= 1, warmup >= 0")
     out = check_output_dir(config.out)
     name = config.model or "tokensieve tiny VLM (embedded)"
     if model is None:
+        check_model_name(config.model)
         model, processor = load_model(config.model, device, dtype)
     elif config.model is None:
         name = type(model).__name__
@@ -491,16 +674,23 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
     dims = model_dims(model, processor, scene_qa(config.split, 1)[0].image)
     n = dims.image_tokens
     keeps = check_keeps(config.keeps, n) if config.keeps is not None else default_keeps(n)
+    _check_signal_depth(model, signal_layers)
     if methods is None:
         methods = default_methods(model, min(keeps))
         if not methods:
             why = supported(model, "random", min(keeps))
             raise ValueError(f"none of the default methods runs on {type(model).__name__}"
                              + (f": {why}" if why else "") + "; pass --methods")
+    elif methods == (ALL,):
+        methods = all_methods(model, keeps, n, signal_layers)
+        if not methods:
+            raise ValueError(f"methods=all: no method runs on {type(model).__name__} at "
+                             f"keep={list(keeps)}")
     else:
         for m in methods:
             for k in keeps:
-                why = supported(model, m, k) if k < n else None
+                why = supported(model, m, k, **apply_options(m, signal_layers)) \
+                    if k < n else None
                 if why is not None:
                     raise ValueError(f"method {m!r} at keep={k} cannot run on "
                                      f"{type(model).__name__}: {why}")
@@ -514,7 +704,8 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
 def run(prepared: Prepared, progress: Progress | None = None,
         samples: Sequence[Any] | None = None) -> BenchResult:
     """Run the grid of a prepared config and write ``results.json``, ``results.csv`` and
-    ``pareto.png`` into its output folder. ``progress(label)`` is called once per cell."""
+    ``pareto.png`` into its output folder. ``progress(label)`` is called once per cell and
+    once more (``TIMING_STEP``) before the interleaved timing of all cells."""
     cfg, model, processor = prepared.config, prepared.model, prepared.processor
     if samples is None:
         samples = prepared.samples
@@ -524,23 +715,31 @@ def run(prepared: Prepared, progress: Progress | None = None,
     text_tokens = _text_tokens(processor, samples)
     n = prepared.dims.image_tokens
     rows: list[Row] = []
+    variants: list[Variant] = []
     full_acc: dict[str, float] = {}
     for method, keep in prepared.cells:
         if progress is not None:
             progress(f"{method} @ {keep}")
         try:
-            rows.append(_run_cell(prepared, method, keep, samples, timing_inputs,
-                                  text_tokens, answer_tokens, full_acc))
+            row, variant = _run_cell(prepared, method, keep, samples, timing_inputs,
+                                     text_tokens, answer_tokens, full_acc)
         except (ValueError, RuntimeError) as err:
             if method == FULL:
                 raise
-            rows.append(Row(method=method, keep=keep, stage=get_method(method).stage,
-                            config=ReduceConfig(method, keep, seed=cfg.seed).to_dict(),
-                            accuracy={}, retention={}, cost={}, timing={}, eval_seconds=0.0,
-                            error=f"{type(err).__name__}: {err}"))
+            rows.append(_error_row(prepared, method, keep, err))
             continue
+        rows.append(row)
+        variants.append(variant)
         if method == FULL:
             full_acc = rows[-1].accuracy
+    if progress is not None:
+        progress(TIMING_STEP)
+    timings = measure_interleaved(model, timing_inputs, variants,
+                                  new_tokens=cfg.timing_new_tokens, warmup=cfg.timing_warmup,
+                                  repeats=cfg.timing_repeats)
+    for r in rows:
+        if r.error is None:
+            r.timing = timings[f"{r.method}@{r.keep}"].to_dict()
     env = environment(prepared.device, prepared.dtype, cfg.seed, len(samples))
     model_info = {"name": prepared.model_name,
                   "accounting": prepared.dims.approximate or "exact",
@@ -551,32 +750,51 @@ def run(prepared: Prepared, progress: Progress | None = None,
     return result
 
 
+#: The progress label of the timing phase.
+TIMING_STEP = "timing (interleaved)"
+
+
+def _error_row(prepared: Prepared, method: str, keep: int, err: Exception) -> Row:
+    return Row(method=method, keep=keep, stage=get_method(method).stage,
+               config=ReduceConfig(method, keep, seed=prepared.config.seed).to_dict(),
+               accuracy={}, retention={}, cost={}, timing={}, eval_seconds=0.0,
+               error=f"{type(err).__name__}: {err}")
+
+
 def _run_cell(prepared: Prepared, method: str, keep: int, samples: Sequence[Any],
               timing_inputs: dict[str, Any], text_tokens: int, answer_tokens: int,
-              full_acc: dict[str, float]) -> Row:
-    """Evaluate, time and account one cell (the model is patched only inside)."""
+              full_acc: dict[str, float]) -> tuple[Row, Variant]:
+    """Evaluate and account one cell, record its selection calls on the timed batch (the
+    model is patched only inside); returns the row (timing still empty) and the variant
+    that times it."""
     from tokensieve.zoo import accuracy_by_family, answer
 
     cfg, model, processor = prepared.config, prepared.model, prepared.processor
     models = _adapter()
     rc = ReduceConfig(method=method, keep=keep, seed=cfg.seed)
     patched = method != FULL
-    if patched:
-        models.apply(model, method, keep, seed=cfg.seed)
+    options = apply_options(method, cfg.signal_layers) if patched else {}
+
+    def enter() -> None:
+        if patched:
+            models.apply(model, method, keep, seed=cfg.seed, **options)
+
+    def leave() -> None:
+        if patched:
+            models.remove(model)
+
+    enter()
     try:
         t0 = time.perf_counter()
         preds = answer(model, processor, samples, batch_size=cfg.batch_size,
                        max_new_tokens=answer_tokens)
         eval_s = time.perf_counter() - t0
-        timing: Timing = measure_generation(
-            model, timing_inputs, new_tokens=cfg.timing_new_tokens,
-            warmup=cfg.timing_warmup, repeats=cfg.timing_repeats)
+        calls = capture_reduce_calls(model, timing_inputs) if patched else []
         state = models.get_state(model) if patched else None
         if state is not None:
             rc = state.config
     finally:
-        if patched:
-            models.remove(model)
+        leave()
     acc = accuracy_by_family(samples, preds)
     ref = acc if method == FULL else full_acc
     retention = {f: (a / ref[f] if ref.get(f) else float("nan")) for f, a in acc.items()}
@@ -584,12 +802,13 @@ def _run_cell(prepared: Prepared, method: str, keep: int, samples: Sequence[Any]
     plan = _plan(method, keep, n, dict(rc.options), prepared.dims.llm.layers)
     cost: Cost = account(prepared.dims, plan, text_tokens=text_tokens,
                          bytes_per_element=torch.finfo(prepared.dtype).bits // 8)
-    return Row(
+    row = Row(
         method=method, keep=keep, stage="none" if method == FULL else get_method(method).stage,
         config=rc.to_dict(), accuracy=acc, retention=retention,
         cost={**cost.to_dict(), "text_tokens": text_tokens,
               "llm_tokens_first_layer": cost.llm_tokens[0]},
-        timing=timing.to_dict(), eval_seconds=round(eval_s, 3), plan=plan.to_dict())
+        timing={}, eval_seconds=round(eval_s, 3), plan=plan.to_dict())
+    return row, Variant(f"{method}@{keep}", enter, leave, replay(calls))
 
 
 def run_protocol(config: BenchConfig, progress: Progress | None = None, *, model: Any = None,
@@ -599,10 +818,13 @@ def run_protocol(config: BenchConfig, progress: Progress | None = None, *, model
 
 
 # -- outputs ------------------------------------------------------------------------------
+#: Latency columns of the CSV: every latency, then its spread (``_iqr``, ``_min``, ``_max``).
+LATENCY_FIELDS = tuple(f"{name}{suffix}" for name in LATENCIES
+                       for suffix in ("", *(f"_{k}" for k in SPREAD_KEYS)))
 CSV_FIELDS = ("method", "keep", "stage", "options", "seed", "accuracy", "retention",
-              "prefill_macs", "decode_macs_per_token", "kv_cache_bytes", "prefill_s",
-              "decode_s_per_token", "prefill_cpu_s", "decode_cpu_s_per_token", "tokens_per_s",
-              "peak_memory_bytes", "peak_memory_delta_bytes", "eval_seconds")
+              "prefill_macs", "decode_macs_per_token", "kv_cache_bytes", *LATENCY_FIELDS,
+              "large_spread", "tokens_per_s", "peak_memory_bytes", "peak_memory_delta_bytes",
+              "eval_seconds")
 
 
 def flat_rows(result: BenchResult | dict[str, Any]) -> list[dict[str, Any]]:
@@ -620,10 +842,8 @@ def flat_rows(result: BenchResult | dict[str, Any]) -> list[dict[str, Any]]:
             "prefill_macs": r["cost"]["prefill_macs"],
             "decode_macs_per_token": r["cost"]["decode_macs_per_token"],
             "kv_cache_bytes": r["cost"]["kv_cache_bytes"],
-            "prefill_s": r["timing"]["prefill_s"],
-            "decode_s_per_token": r["timing"]["decode_s_per_token"],
-            "prefill_cpu_s": r["timing"]["prefill_cpu_s"],
-            "decode_cpu_s_per_token": r["timing"]["decode_cpu_s_per_token"],
+            **{k: r["timing"].get(k) for k in LATENCY_FIELDS},
+            "large_spread": ";".join(r["timing"].get("large_spread") or []),
             "tokens_per_s": r["timing"]["tokens_per_s"],
             "peak_memory_bytes": r["timing"]["peak_memory_bytes"],
             "peak_memory_delta_bytes": r["timing"]["peak_memory_delta_bytes"],
