@@ -19,6 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import torch
+from torch import Tensor
+
 from tokensieve.core.budget import resolve_keep
 
 ScoreSource = Literal["previous", "own", "none"]
@@ -46,7 +49,7 @@ class LlmSchedule:
             before the cut, as it runs: FastV), ``"own"`` (the cut layer's own norm and q/k
             projections applied to its input: PyramidDrop), ``"none"``.
         query: which query rows: ``"last"`` (each row's last prompt token) or ``"text"``
-            (every text token of the row).
+            (the text tokens after the image that :meth:`raters` picks).
     """
 
     scores: ClassVar[ScoreSource] = "previous"
@@ -63,6 +66,13 @@ class LlmSchedule:
     @property
     def position_mode(self) -> Positions:
         return getattr(self, "positions", "keep")
+
+    def raters(self, image: Tensor, text: Tensor) -> Tensor:
+        """For ``query="text"``: which text tokens rate an image, ``[M]`` bool, from the LLM
+        input embeddings of the image ``[N, D]`` and of the text after it ``[M, D]``
+        (default: all of them). The model layer calls it once per image at prefill and
+        passes the attention rows of the chosen tokens as ``query_attn`` ``[1, R, N]``."""
+        return torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
 
 
 def single_cut_count(n: int, keep: int | float | None, ratio: float) -> int:
