@@ -37,6 +37,70 @@ def test_list_still_works():
     assert res.exit_code == 0 and "fastervlm" in res.output
 
 
+def test_list_marks_where_methods_run():
+    res = _invoke("list")
+    assert res.exit_code == 0
+    assert "apply" in res.output and "bench" in res.output and "viz" in res.output
+    rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:7]]
+            for ln in res.output.splitlines() if ln.count("│") > 8 and ln.split("│")[1].strip()}
+    assert rows["fastervlm"] == ["pre-llm", "subset", "yes", "yes", "yes"]
+    assert rows["fastv"] == ["llm", "subset", "yes", "yes", "-"]
+    assert rows["pdrop"][2:] == ["yes", "yes", "-"]
+    assert rows["tome"] == ["encoder", "merge", "-", "-", "-"]
+    assert "ts.reduce only: ats, evit" in " ".join(res.output.split())
+
+
+def test_bench_all_fractions_and_signal_layers_reach_the_run(tmp_path, monkeypatch):
+    """--methods all asks protocol.supported; --keep 0.25 is a quarter of 64 tokens;
+    --signal-layers reaches ts.apply (recorded in the config)."""
+    pytest.importorskip("tokensieve.models")
+    seen = {}
+
+    def stop(prepared, progress=None):
+        seen["prepared"] = prepared
+        raise ValueError("stopped before the long work")
+
+    monkeypatch.setattr(protocol, "run", stop)
+    res = _invoke("bench", "--model", "random-tiny", "--methods", "all", "--keep", "0.25,8",
+                  "--signal-layers", "0,feature", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "stopped before" in res.output, res.output
+    p = seen["prepared"]
+    assert p.keeps == (16, 8) and p.config.signal_layers == (0, "feature")
+    expect = [m for m in protocol.list_methods() if protocol.method_runs(m)["bench"] and all(
+        protocol.supported(p.model, m, k, **protocol.apply_options(m, (0, "feature"))) is None
+        for k in (16, 8))]
+    assert list(p.methods) == expect and {"random", "fastervlm", "divprune"} <= set(expect)
+
+
+def test_bench_hub_id_without_network_fails_before_loading(no_long_work, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setattr(protocol, "_hub_cached", lambda name: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = _invoke("bench", "--model", "someone/some-vlm", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "'someone/some-vlm'" in res.output
+    assert "hub cannot be reached" in res.output
+
+
+def test_printed_table_warns_on_large_spread():
+    from rich.console import Console
+
+    from tokensieve.bench.protocol import BenchResult, Row
+    from tokensieve.cli import _print_results
+
+    timing = {"prefill_s": 0.030, "prefill_s_iqr": 0.012, "decode_s_per_token": 0.002,
+              "decode_s_per_token_iqr": 0.0001, "selection_s": 0.001, "selection_s_iqr": 0.0,
+              "tokens_per_s": 500.0, "peak_memory_bytes": 2**20, "peak_memory_delta_bytes": 0,
+              "large_spread": ["prefill_s"]}
+    row = Row(method="random", keep=16, stage="pre-llm", config={}, accuracy={"overall": 0.5},
+              retention={"overall": 1.0}, cost={"prefill_macs": 1e9, "kv_cache_bytes": 2**20},
+              timing=timing, eval_seconds=1.0)
+    console = Console(width=200, record=True)
+    _print_results(console, BenchResult(environment={}, config={}, model={}, rows=[row]))
+    text = console.export_text()
+    assert "30.0 ±12.0 !" in text and "warning: large latency spread" in text
+    assert "random@16 (prefill_s)" in text
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "divprun"], "unknown method 'divprun'"),
     (["--keep", "abc"], "--keep 'abc'"),
@@ -45,6 +109,12 @@ def test_list_still_works():
     (["--limit", "2001"], "the test split has 2000 samples"),
     (["--answer-tokens", "0"], "answer_tokens=0"),
     (["--device", "tpu"], "device='tpu'"),
+    (["--keep", "1.5"], "--keep '1.5': keep=1.5: expected a fraction in (0, 1]"),
+    (["--keep", "0"], "--keep '0'"),
+    (["--methods", "tome"], "method 'tome' acts at stage 'encoder'"),
+    (["--methods", "all,divprun"], "unknown method 'divprun'"),
+    (["--signal-layers", "9,last"], "--signal-layers '9,last'"),
+    (["--repeats", "0"], "timing_repeats=0"),
 ])
 def test_bench_bad_input_fails_fast(no_long_work, tmp_path, args, message):
     res = _invoke("bench", "--out", str(tmp_path), *args)
@@ -104,6 +174,31 @@ def test_viz_bad_inputs(no_long_work, tmp_path):
     assert res.exit_code == 2 and "expected a .png" in res.output
     res = _invoke("viz", str(good), "--method", "pool", "--keep", "1.5")
     assert res.exit_code == 2 and "--keep 1.5" in res.output
+    res = _invoke("viz", str(good), "--method", "fastv", "--keep", "64")
+    assert res.exit_code == 2 and "viz draws pre-LLM reductions" in res.output
+    res = _invoke("viz", str(good), "--method", "tome", "--keep", "64")
+    assert res.exit_code == 2 and "stage 'encoder'" in res.output
+
+
+def test_viz_warns_on_a_real_photo_with_the_embedded_model(tmp_path, monkeypatch):
+    from tokensieve.zoo import scene_qa
+
+    def stop(*a, **k):
+        raise ValueError("stopped at loading")
+
+    monkeypatch.setattr(protocol, "load_model", stop)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), np.uint8)).save(
+        photo)
+    res = _invoke("viz", str(photo), "--method", "pool", "--keep", "64")
+    assert "synthetic-scene model" in res.output and "stopped at loading" in res.output
+    scene = tmp_path / "scene.png"
+    scene_qa("test", 1)[0].image.save(scene)
+    res = _invoke("viz", str(scene), "--method", "pool", "--keep", "64")
+    assert "synthetic-scene" not in res.output and "stopped at loading" in res.output
+    res = _invoke("viz", str(photo), "--method", "pool", "--keep", "16", "--model",
+                  "random-tiny")
+    assert "synthetic-scene" not in res.output  # another model: no warning
 
 
 def test_viz_runs_on_random_tiny(tmp_path):

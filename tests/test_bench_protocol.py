@@ -458,3 +458,56 @@ def test_hub_id_fails_fast_offline(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"model='org/some-vlm'.*no connection to"):
         prepare(BenchConfig(model="org/some-vlm", out=str(tmp_path)))
     assert time.perf_counter() - t0 < 5
+
+
+def test_plot_colours_unique_per_method(result, tmp_path):
+    from tokensieve.bench.plot import method_colors, pareto_plot
+
+    for n in (3, 11, 24, 70):
+        names = ["full"] + [f"m{i}" for i in range(n)]
+        colors = method_colors(names)
+        assert len(colors) == n + 1 and len(set(colors.values())) == n + 1
+        assert colors["full"] == (0.0, 0.0, 0.0, 1.0)
+    # a results file with 12 methods plots with 13 distinct line colours
+    _, out = result
+    data = json.loads((out / "results.json").read_text())
+    base = data["rows"][1]
+    data["rows"] = data["rows"][:1] + [{**base, "method": f"m{i}"} for i in range(12)]
+    data["rows"][3]["timing"] = {**base["timing"], "large_spread": ["prefill_s"]}
+    import matplotlib.pyplot as plt
+
+    seen = []
+    real = plt.Axes.plot
+
+    def spy(self, *a, **k):
+        if "label" in k and k["label"] != "Pareto front":
+            seen.append((k["label"], tuple(k["color"])))
+        return real(self, *a, **k)
+
+    texts = []
+    real_text = plt.Figure.text
+
+    def spy_text(self, x, y, s, *a, **k):
+        texts.append(s)
+        return real_text(self, x, y, s, *a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(plt.Axes, "plot", spy)
+    mp.setattr(plt.Figure, "text", spy_text)
+    try:
+        pareto_plot(data, tmp_path / "p.png")
+    finally:
+        mp.undo()
+    per_method = dict(seen)
+    assert len(per_method) == 13 and len(set(per_method.values())) == 13
+    assert any("large latency spread" in t and "m2@" in t for t in texts)
+
+
+def test_markdown_table_marks_large_spread(result):
+    _, out = result
+    data = json.loads((out / "results.json").read_text())
+    data["rows"][1]["timing"]["large_spread"] = ["prefill_s"]
+    table = markdown_table(data)
+    row = next(ln for ln in table.splitlines() if ln.startswith("| random | 16 |"))
+    assert row.count(" ±") == 3 and " !" in row
+    assert "large spread (IQR / median > 20 %): random@16" in table

@@ -13,6 +13,22 @@ def _pct(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def latency_cell(timing: dict[str, Any], name: str, scale: float = 1e3,
+                 digits: int = 1) -> str:
+    """``median ±IQR`` of latency ``name`` (scaled, ms by default), ``!`` appended when its
+    spread is large; ``-`` when it was not measured."""
+    value = timing.get(name)
+    if value is None:
+        return "-"
+    cell = f"{scale * value:.{digits}f}"
+    iqr = timing.get(f"{name}_iqr")
+    if iqr is not None:
+        cell += f" ±{scale * iqr:.{digits}f}"
+    if name in (timing.get("large_spread") or []):
+        cell += " !"
+    return cell
+
+
 def markdown_table(data: dict[str, Any]) -> str:
     """A markdown table of a ``results.json`` (rows in run order) and a provenance line."""
     rows = [r for r in data["rows"] if not r.get("error")]
@@ -21,15 +37,16 @@ def markdown_table(data: dict[str, Any]) -> str:
     full = next((r for r in rows if r["method"] == "full"), rows[0])
     ref_macs = float(full["cost"]["prefill_macs"]) or 1.0
     head = ("| method | tokens | accuracy | retention | prefill GMACs | vs full | KV cache MiB "
-            "| prefill ms | decode ms/token | peak memory MiB (+ added) |")
-    lines = [head, "|" + "|".join(["---"] + ["---:"] * 9) + "|"]
+            "| selection ms | prefill ms | decode ms/token | peak memory MiB (+ added) |")
+    lines = [head, "|" + "|".join(["---"] + ["---:"] * 10) + "|"]
     for r in rows:
         c, t = r["cost"], r["timing"]
         lines.append(
             f"| {r['method']} | {r['keep']} | {_pct(r['accuracy']['overall'])} | "
             f"{_pct(r['retention'].get('overall'))} | {c['prefill_macs'] / 1e9:.3f} | "
             f"{_pct(c['prefill_macs'] / ref_macs)} | {c['kv_cache_bytes'] / 2**20:.2f} | "
-            f"{1e3 * t['prefill_s']:.1f} | {1e3 * t['decode_s_per_token']:.2f} | "
+            f"{latency_cell(t, 'selection_s', digits=2)} | {latency_cell(t, 'prefill_s')} | "
+            f"{latency_cell(t, 'decode_s_per_token', digits=2)} | "
             f"{t['peak_memory_bytes'] / 2**20:.0f} (+{t['peak_memory_delta_bytes'] / 2**20:.1f}) |")
     env, model = data.get("environment", {}), data.get("model", {})
     failed = [f"{r['method']}@{r['keep']}" for r in data["rows"] if r.get("error")]
@@ -39,7 +56,16 @@ def markdown_table(data: dict[str, Any]) -> str:
             f"{env.get('seed', '?')}, torch {env.get('torch', '?')}, transformers "
             f"{env.get('transformers', '?')}, tokensieve {env.get('tokensieve', '?')}, "
             f"{env.get('date', '?')}. MACs: multiply-adds counted once (FastV's 'FLOPs'); "
-            "latency and memory are medians of repeated runs of the timed batch.")
+            "latencies are medians ±IQR over repeated runs of the timed batch, every row "
+            "timed in alternation with the others; selection ms: the method's own reduce "
+            "calls of one prefill, replayed on their real inputs; memory: one run.")
+    noisy = [f"{r['method']}@{r['keep']}" for r in rows
+             if (r.get("timing") or {}).get("large_spread")]
+    if noisy:
+        from tokensieve.bench.timing import LARGE_SPREAD
+
+        note += (f" ! large spread (IQR / median > {100 * LARGE_SPREAD:.0f} %): "
+                 f"{', '.join(noisy)}; compare those latencies with care.")
     if failed:
         note += f" Failed: {', '.join(failed)}."
     return "\n".join(lines) + "\n" + note + "\n"

@@ -146,6 +146,16 @@ def draw_token_map(image: np.ndarray, tmap: TokenMap, path: str | os.PathLike[st
     plt.close(fig)
 
 
+def is_scene_image(image: Any) -> bool:
+    """Whether ``image`` can be a scene of the embedded generator (``tokensieve.zoo``): an
+    RGB picture of exactly the generator's size. Anything else (a real photo) is outside
+    what the embedded tiny VLM was trained on."""
+    from tokensieve.zoo.scenes import IMAGE_SIZE
+
+    return getattr(image, "mode", None) == "RGB" and tuple(getattr(image, "size", ())) == (
+        IMAGE_SIZE, IMAGE_SIZE)
+
+
 def load_image(path: str | os.PathLike[str]):
     """Open an image file as RGB (ValueError if missing or not decodable)."""
     from PIL import Image, UnidentifiedImageError
