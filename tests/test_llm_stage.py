@@ -442,3 +442,90 @@ def test_dart_in_llm_matches_reference(model, eager, sample):
         model(**kw)
         assert tm.get_state(model).llm.schedule.counts(N, None, 4) == [budget]
         assert [k.tolist() for k in stage_kept(model)[0]] == [k.tolist() for k in official]
+
+
+# -- merging methods inside the LLM ----------------------------------------------------------------
+@pytest.fixture
+def merge_method(monkeypatch):
+    """A merging in-LLM method for the stage's plumbing: the top-k tokens by query_attn
+    (ascending), then one token averaging all the others, standing for the first of them."""
+    from dataclasses import dataclass
+
+    from tokensieve.core import registry
+    from tokensieve.core.reduction import Reduction
+    from tokensieve.methods.fastv import FastVConfig
+
+    @dataclass(frozen=True)
+    class MergeConfig(FastVConfig):
+        pass
+
+    def fn(tokens, k, signals, config, generator):
+        order = torch.sort(signals.query_attn, dim=1, descending=True, stable=True).indices
+        top = order[:, :k].sort(dim=1).values
+        rest = order[:, k:].sort(dim=1).values
+        kept = torch.gather(tokens, 1, top[..., None].expand(-1, -1, tokens.shape[-1]))
+        avg = torch.gather(tokens, 1, rest[..., None].expand(-1, -1, tokens.shape[-1]))
+        out = torch.cat([kept, avg.mean(1, keepdim=True)], 1)
+        return Reduction(tokens=out, indices=top, positions=torch.cat([top, rest[:, :1]], 1))
+
+    registry._load_builtin_methods()
+    monkeypatch.setitem(registry._REGISTRY, "test-merge", registry.MethodSpec(
+        name="test-merge", fn=fn, paper="test", stage="llm", kind="subset+merge",
+        signals=("query_attn",), config=MergeConfig))
+    return "test-merge"
+
+
+@torch.no_grad()
+def merged_by_hand(model, eager, rec, cols, keep, layer=2):
+    """The untouched layers by hand: at ``layer`` each image becomes [top-k by the last
+    token's attention at layer-1 (column order), the mean of the rest], positions kept
+    (the merged token takes its first source's), causal mask over the new order."""
+    from llm_refs import attention
+
+    lm, elm = find_text_model(model), find_text_model(eager)
+    h = rec.hidden
+    t = h.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for i in range(layer):
+        w = attention(elm, i, h, rec.pos_emb[i], causal)
+        h = lm.layers[i](h, attention_mask=causal[None, None], position_embeddings=rec.pos_emb[i])
+    score = w[0, :, -1].mean(0)
+    parts, src, full = [], [], h.clone()
+    start = 0
+    for c in cols:
+        parts.append(h[:, start:int(c[0])])
+        src += list(range(start, int(c[0])))
+        order = torch.sort(score[c], descending=True, stable=True).indices
+        top, rest = order[:keep].sort().values, order[keep:].sort().values
+        parts += [h[:, c[top]], h[:, c[rest]].mean(1, keepdim=True)]
+        src += c[top].tolist() + [int(c[rest[0]])]
+        start = int(c[-1]) + 1
+    parts.append(h[:, start:])
+    src += list(range(start, t))
+    h, src = torch.cat(parts, 1), torch.tensor(src)
+    causal = torch.ones(len(src), len(src), dtype=torch.bool).tril()
+    for i in range(layer, len(lm.layers)):
+        cos, sin = rec.pos_emb[i]
+        h = lm.layers[i](h, attention_mask=causal[None, None],
+                         position_embeddings=(cos[:, src], sin[:, src]))
+    full[:, src] = h
+    return model.lm_head(lm.norm(full))
+
+
+@pytest.mark.parametrize("sample", [0, 1])
+def test_merging_method_in_llm_matches_hand_reference(model, eager, merge_method, sample):
+    kw = inputs([sample])
+    rec = record(model, kw)
+    with torch.no_grad(), tm.applied(model, merge_method, 6):
+        out = model(**kw).logits
+        kept = stage_kept(model)
+    ref = merged_by_hand(model, eager, rec, image_cols(kw["input_ids"]), 6)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    assert all(len(k) == 7 for k in kept[0])
+    with torch.no_grad(), tm.applied(model, merge_method, 6):  # batched, left and right padded
+        for side in ("left", "right"):
+            batch = inputs([0, 1, 2], side)
+            logits = model(**batch).logits
+            alone = model(**inputs([sample])).logits[0]
+            torch.testing.assert_close(logits[sample, batch["attention_mask"][sample].bool()],
+                                       alone, atol=ATOL, rtol=0)

@@ -29,6 +29,7 @@ mask). It hooks the model's own modules, changes none of them, and keeps SDPA / 
 from __future__ import annotations
 
 import contextvars
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,6 +104,9 @@ class _Prefill:
     full: Tensor | None = None  # [B, T, D] restore buffer
     captured: dict[str, Any] = field(default_factory=dict)
     record: _Record | None = None
+    inputs: Tensor | None = None  # [B, T, D] the LLM input embeddings (for raters)
+    raters: dict[int, Tensor] = field(default_factory=dict)  # image -> rater columns
+    targets: dict[int, list[int]] = field(default_factory=dict)  # image size -> counts
 
 
 @dataclass
@@ -193,6 +197,18 @@ class LlmStage:
             "tokensieve_llm_run", default=None)
         self._handles: list[Any] = []
         self._check_counts()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles keep the hooks (bound to the copy) but no per-call state: the
+        copy continues no cache of the original (it refuses a cut one)."""
+        state = dict(self.__dict__)
+        del state["_run"], state["records"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.records = weakref.WeakKeyDictionary()
+        self._run = contextvars.ContextVar("tokensieve_llm_run", default=None)
 
     def _check_counts(self) -> None:
         """Validate the budget at apply time (types; on an image as large as an int keep)."""
@@ -287,39 +303,47 @@ class LlmStage:
             pos = _initial_positions(kwargs.get("position_ids"), valid)
         src = torch.arange(t, device=dev).expand(b, t)
         seg = _Segment(first_layer=0, src=src, valid=valid, image_of=image_of, rank=rank, pos=pos)
-        return _Prefill(call=call, align=align, seg=seg, counts=counts)
+        inputs = None
+        if self.schedule.query == "text":
+            inputs = kwargs.get("inputs_embeds")
+            if inputs is None:
+                inputs = self.text.embed_tokens(kwargs["input_ids"])
+        return _Prefill(call=call, align=align, seg=seg, counts=counts, inputs=inputs)
 
     # -- layers ---------------------------------------------------------------------------------
     def _layer_hook(self, layer_idx: int) -> Callable[..., Any]:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-            run = self._run.get()
-            if run is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if isinstance(run, _Continue):
-                return self._continue_layer(run, layer_idx, hidden, args, kwargs)
-            if layer_idx in self.layers:
-                hidden = self._cut(run, layer_idx, hidden, kwargs)
-            seg = run.seg
-            kwargs = dict(kwargs)
-            cache = _cache_of(kwargs)
-            kind = self.layer_types[layer_idx]
-            if kind not in seg.masks:
-                seg.masks[kind] = self._mask(layer_idx, hidden, seg.valid.long(), cache,
-                                             _block_ids(run.call, seg))
-            kwargs["attention_mask"] = seg.masks[kind]
-            kwargs["position_embeddings"] = self._position_embeddings(
-                run, layer_idx, hidden, kwargs.get("position_embeddings"))
-            if "position_ids" in kwargs:
-                # Positions live in the embeddings; None keeps flash attention from reading
-                # gapped ids as packed sequences.
-                kwargs["position_ids"] = None
-            if args:
-                return (hidden, *args[1:]), kwargs
-            kwargs["hidden_states"] = hidden
-            return args, kwargs
+        # A partial of a method, not a closure: a deep copy or a pickle of the model keeps
+        # hooks bound to its own stage.
+        return functools.partial(self._layer_pre, layer_idx)
 
-        return hook
+    def _layer_pre(self, layer_idx: int, module: torch.nn.Module, args: tuple,
+                   kwargs: dict) -> Any:
+        run = self._run.get()
+        if run is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if isinstance(run, _Continue):
+            return self._continue_layer(run, layer_idx, hidden, args, kwargs)
+        if layer_idx in self.layers:
+            hidden = self._cut(run, layer_idx, hidden, kwargs)
+        seg = run.seg
+        kwargs = dict(kwargs)
+        cache = _cache_of(kwargs)
+        kind = self.layer_types[layer_idx]
+        if kind not in seg.masks:
+            seg.masks[kind] = self._mask(layer_idx, hidden, seg.valid.long(), cache,
+                                         _block_ids(run.call, seg))
+        kwargs["attention_mask"] = seg.masks[kind]
+        kwargs["position_embeddings"] = self._position_embeddings(
+            run, layer_idx, hidden, kwargs.get("position_embeddings"))
+        if "position_ids" in kwargs:
+            # Positions live in the embeddings; None keeps flash attention from reading
+            # gapped ids as packed sequences.
+            kwargs["position_ids"] = None
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
 
     def _continue_layer(self, run: _Continue, layer_idx: int, hidden: Tensor, args: tuple,
                         kwargs: dict) -> Any:
@@ -382,38 +406,70 @@ class LlmStage:
         the q rows of the query tokens, all k, the position embeddings."""
         attn = self.text.layers[layer_idx].self_attn
 
-        def attn_pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            run = self._run.get()
-            if isinstance(run, _Prefill):
-                run.captured = {"pos_emb": kwargs.get("position_embeddings"), "layer": layer_idx}
+        hook = functools.partial
+        self._handles += [
+            attn.register_forward_pre_hook(hook(self._attn_pre, layer_idx), with_kwargs=True),
+            attn.q_proj.register_forward_hook(hook(self._q_out, layer_idx)),
+            attn.k_proj.register_forward_hook(hook(self._k_out, layer_idx))]
 
-        def q_hook(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
-            run = self._run.get()
-            if isinstance(run, _Prefill) and run.captured.get("layer") == layer_idx:
-                cols = self._query_cols(run.seg)
-                run.captured["q"] = _take(out, cols)
-                run.captured["cols"] = cols
+    def _attn_pre(self, layer_idx: int, module: torch.nn.Module, args: tuple,
+                  kwargs: dict) -> None:
+        run = self._run.get()
+        if isinstance(run, _Prefill):
+            run.captured = {"pos_emb": kwargs.get("position_embeddings"), "layer": layer_idx}
 
-        def k_hook(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
-            run = self._run.get()
-            if isinstance(run, _Prefill) and run.captured.get("layer") == layer_idx:
-                run.captured["k"] = out
+    def _q_out(self, layer_idx: int, module: torch.nn.Module, args: tuple, out: Tensor) -> None:
+        run = self._run.get()
+        if isinstance(run, _Prefill) and run.captured.get("layer") == layer_idx:
+            cols = self._query_cols(run.seg)
+            run.captured["q"] = _take(out, cols)
+            run.captured["cols"] = cols
 
-        self._handles += [attn.register_forward_pre_hook(attn_pre, with_kwargs=True),
-                          attn.q_proj.register_forward_hook(q_hook),
-                          attn.k_proj.register_forward_hook(k_hook)]
+    def _k_out(self, layer_idx: int, module: torch.nn.Module, args: tuple, out: Tensor) -> None:
+        run = self._run.get()
+        if isinstance(run, _Prefill) and run.captured.get("layer") == layer_idx:
+            run.captured["k"] = out
 
     def _query_cols(self, seg: _Segment) -> Tensor:
-        """``[B, 1]`` each row's last real column (the last prompt token)."""
-        if self.schedule.query != "last":
-            raise ValueError(f"{self.spec.name}: query rows {self.schedule.query!r} are not "
-                             "supported by the in-LLM stage")
+        """``[B, Q]`` the query columns: each row's last real column (the last prompt token)
+        or, for ``query="text"``, every real text column of the row (rows with fewer repeat
+        their last one; :meth:`_rater_rows` picks an image's raters among them)."""
         t = seg.valid.shape[1]
-        last = t - 1 - torch.flip(seg.valid.long(), dims=[1]).argmax(dim=1)
-        return last.unsqueeze(1)
+        last = (t - 1 - torch.flip(seg.valid.long(), dims=[1]).argmax(dim=1)).unsqueeze(1)
+        if self.schedule.query == "last":
+            return last
+        text = seg.valid & (seg.image_of < 0)
+        q = max(int(text.sum(dim=1).max()), 1)
+        cols = torch.arange(t, device=text.device).expand_as(text)
+        order = torch.sort(torch.where(text, cols, t + cols), dim=1).values[:, :q]
+        return torch.where(order < t, order, last)
 
-    def _scores(self, run: _Prefill, layer_idx: int, hidden: Tensor, kwargs: dict) -> Tensor:
-        """``[B, Q, Tc]`` the attention rows the method ranks with."""
+    def _rater_rows(self, run: _Prefill, row: int, img: int, query_cols: Tensor) -> Tensor:
+        """Indices into ``query_cols[row]`` of the tokens that rate image ``img``: the text
+        after it that the method's :meth:`LlmSchedule.raters` picks from the LLM inputs
+        (chosen once per prefill, on the uncut sequence)."""
+        if img not in run.raters:
+            seg0 = run.call.image_of[row]
+            valid = run.call.mask[row].bool() if run.call.mask is not None else \
+                torch.ones_like(seg0, dtype=torch.bool)
+            image_cols = torch.nonzero(seg0 == img).squeeze(1)
+            after = valid & (seg0 < 0)
+            after[: int(image_cols.max()) + 1] = False
+            text_cols = torch.nonzero(after).squeeze(1)
+            if text_cols.numel() == 0:
+                raise ValueError(f"{self.spec.name}: an image has no text after it to rate it")
+            inputs = run.inputs[row]
+            pick = self.schedule.raters(inputs[image_cols], inputs[text_cols])
+            run.raters[img] = text_cols[pick.to(text_cols.device)]
+        source = run.seg.src[row, query_cols[row]]
+        real = int((run.seg.valid[row] & (run.seg.image_of[row] < 0)).sum())
+        rows = torch.nonzero(torch.isin(source, run.raters[img])).squeeze(1)
+        return rows[rows < real]  # the padding repeats a column: count it once
+
+    def _scores(self, run: _Prefill, layer_idx: int, hidden: Tensor, kwargs: dict,
+                ) -> tuple[Tensor, Tensor]:
+        """The attention rows the method ranks with, ``[B, Q, Tc]``, and their query
+        columns ``[B, Q]``."""
         seg = run.seg
         if self.schedule.scores == "previous":
             cap = run.captured
@@ -435,22 +491,26 @@ class LlmStage:
         attn = self.text.layers[source].self_attn
         window = self.window if self.layer_types[source] == "sliding_attention" else None
         visible = visible_keys(cols, seg.valid, window)
-        return attention_rows(attn, q, k, cos, sin, cols, visible)
+        return attention_rows(attn, q, k, cos, sin, cols, visible), cols
 
     def _signal_source(self, run: _Prefill, layer_idx: int, hidden: Tensor, kwargs: dict,
-                       ) -> Callable[[int, Tensor], tuple[Tensor, dict[str, Tensor]]]:
-        """``f(row, cols) -> (tokens [1, n, D], signals)`` for one image of the current
-        sequence, as the method's score source asks."""
+                       ) -> Callable[[int, Tensor, int], tuple[Tensor, dict[str, Tensor]]]:
+        """``f(row, cols, image) -> (tokens [1, n, D], signals)`` for one image of the
+        current sequence, as the method's score source asks."""
         seg = run.seg
         if self.schedule.scores in ("previous", "own"):
-            rows = self._scores(run, layer_idx, hidden, kwargs)[:, 0]
+            probs, query_cols = self._scores(run, layer_idx, hidden, kwargs)
 
-            def by_attention(row: int, cols: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-                return hidden[row, cols].unsqueeze(0), {"query_attn": rows[row, cols][None]}
+            def by_attention(row: int, cols: Tensor, img: int) -> tuple[Tensor, dict[str, Tensor]]:
+                if self.schedule.query == "last":
+                    attn = probs[row, 0, cols][None]
+                else:
+                    attn = probs[row][self._rater_rows(run, row, img, query_cols)][:, cols][None]
+                return hidden[row, cols].unsqueeze(0), {"query_attn": attn}
 
             return by_attention
         if self.schedule.scores != "keys":
-            return lambda row, cols: (hidden[row, cols].unsqueeze(0), {})
+            return lambda row, cols, img: (hidden[row, cols].unsqueeze(0), {})
         # DART: keys of the layer before the cut (as attention sees them, heads side by
         # side), the cut layer's input normed by the LLM's final norm; the text is what
         # follows the image in its row.
@@ -460,7 +520,7 @@ class LlmStage:
         keys = rotated_keys(attn, cap["k"], cos, sin).transpose(1, 2).flatten(2)
         normed = self.text.norm(hidden)
 
-        def by_keys(row: int, cols: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        def by_keys(row: int, cols: Tensor, img: int) -> tuple[Tensor, dict[str, Tensor]]:
             after = seg.valid[row] & (seg.image_of[row] < 0)
             after[: int(cols.max()) + 1] = False
             signals = {"keys": keys[row, cols][None]}
@@ -477,8 +537,11 @@ class LlmStage:
         signals_of = self._signal_source(run, layer_idx, hidden, kwargs)
         keep = seg.valid & (seg.image_of < 0)
         kept: list[Tensor] = []
+        merged: list[tuple[int, Tensor, Tensor, Tensor]] = []  # row, slots, states, sources
         for img, n in enumerate(run.counts):
-            target = self.schedule.counts(n, self.config.keep, self.depth)[stage]
+            if n not in run.targets:
+                run.targets[n] = self.schedule.counts(n, self.config.keep, self.depth)
+            target = run.targets[n][stage]
             b, cols = torch.nonzero(seg.image_of == img, as_tuple=True)
             if cols.numel() == 0:
                 kept.append(torch.zeros(0, dtype=torch.long, device=hidden.device))
@@ -487,13 +550,22 @@ class LlmStage:
             if target > cols.numel():
                 raise ValueError(f"{self.spec.name}: stage {stage} keeps {target} tokens of an "
                                  f"image that has {cols.numel()} left")
-            tokens, signals = signals_of(row, cols)
+            tokens, signals = signals_of(row, cols, img)
             r = reduce(tokens, self.spec.name, target, seed=self.config.seed, **signals,
                        **self.config.options)
-            idx = r.indices[0] if r.mask is None else r.indices[0][r.mask[0]]
-            chosen = cols[idx]
-            keep[row, chosen] = True
-            kept.append(seg.rank[row, chosen])
+            real = slice(None) if r.mask is None else r.mask[0]
+            if self.spec.kind == "subset":
+                chosen = cols[r.indices[0][real]]
+                keep[row, chosen] = True
+                kept.append(seg.rank[row, chosen])
+                continue
+            # Merging methods: the output tokens, in the method's order, take the image's
+            # first slots; each stands for the source position the method gives it.
+            states, stand = r.tokens[0][real], cols[r.positions[0][real]]
+            slots = cols[: states.shape[0]]
+            keep[row, slots] = True
+            merged.append((row, slots, states, stand))
+            kept.append(seg.rank[row, stand])
         run.cuts.append(Cut(layer=layer_idx, kept=kept))
         if run.full is None:  # the first cut: the whole sequence, on the input's columns
             run.full = hidden.clone()
@@ -506,10 +578,19 @@ class LlmStage:
             first = new_pos[:, :1] if run.align == "left" else torch.gather(
                 new_pos, 1, valid.long().argmax(dim=1, keepdim=True))
             new_pos = torch.where(valid, first + torch.cumsum(valid.long(), 1) - 1, 0)
+        out = _take(hidden, gather)
+        src, rank = seg.src.clone(), seg.rank.clone()
+        if merged:
+            new_col = torch.full_like(seg.src, -1)
+            rows = torch.arange(gather.shape[0], device=gather.device).unsqueeze(1)
+            new_col[rows.expand_as(gather)[valid], gather[valid]] = torch.nonzero(valid)[:, 1]
+            for row, slots, states, stand in merged:
+                out[row, new_col[row, slots]] = states.to(out.dtype)
+                src[row, slots], rank[row, slots] = seg.src[row, stand], seg.rank[row, stand]
         run.seg = _Segment(
-            first_layer=layer_idx, src=torch.gather(seg.src, 1, gather), valid=valid,
+            first_layer=layer_idx, src=torch.gather(src, 1, gather), valid=valid,
             image_of=torch.gather(seg.image_of, 1, gather).masked_fill(~valid, -1),
-            rank=torch.gather(seg.rank, 1, gather).masked_fill(~valid, -1), pos=new_pos)
+            rank=torch.gather(rank, 1, gather).masked_fill(~valid, -1), pos=new_pos)
         cache = _cache_of(kwargs)
         if run.record is None:
             run.record = _Record(length=int(run.call.image_of.shape[1]), segments=[])
@@ -517,7 +598,7 @@ class LlmStage:
                 self.records[cache] = run.record
         run.record.segments.append((layer_idx, valid.long()))
         self.last = run.cuts
-        return _take(hidden, gather)
+        return out
 
     def _norm_pre(self, module: torch.nn.Module, args: tuple) -> Any:
         run = self._run.get()
