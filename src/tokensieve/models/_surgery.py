@@ -11,7 +11,7 @@ input are dropped first, so the result is as long as its longest row).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -29,8 +29,9 @@ class SurgeryPlan:
         valid: ``[B, T']`` True where a new column holds a source column (False on the
             padding added by the surgery).
         keep: ``[B, T]`` True for the source columns that stay.
-        dropped_before: ``[B, T]`` how many columns of the row were cut before each column
-            (used to re-index 1D positions contiguously).
+        dropped_before: ``[B, T]`` how many real columns (image placeholders) of the row
+            were cut before each column, padding not counted (used to re-index 1D positions
+            contiguously: a kept token's position minus the image tokens cut before it).
         image_of: ``[B, T]`` image index of every placeholder column (-1 elsewhere).
         rank: ``[B, T]`` rank of a placeholder column inside its image's run (-1 elsewhere).
         length: ``[B]`` kept length of each row.
@@ -47,6 +48,35 @@ class SurgeryPlan:
     @property
     def new_length(self) -> int:
         return int(self.gather.shape[1])
+
+    @property
+    def shift(self) -> Tensor:
+        """``[B]`` real columns cut from each row: how far the positions of the tokens after
+        the prompt move back."""
+        return self.dropped_before[:, -1]
+
+    def rows(self, n: int) -> SurgeryPlan:
+        """The plan for ``n`` rows: each of its rows repeated ``n / B`` times in order (the
+        expanded batch of beams or ``num_return_sequences``)."""
+        b = self.gather.shape[0]
+        if n == b:
+            return self
+        if b == 0 or n % b:
+            raise ValueError(f"a batch of {n} rows continues a prompt of {b} rows; expected a "
+                             "multiple of it")
+        return SurgeryPlan(*(getattr(self, f.name).repeat_interleave(n // b, dim=0)
+                             for f in fields(self)))
+
+    def extend(self, x: Tensor, fill: float | int = 0) -> Tensor:
+        """Map ``x`` ``[B', M, ...]`` over the caller's whole sequence (the ``T`` prompt
+        columns this plan cut, then ``M - T`` later ones) onto the shortened sequence: the
+        prompt columns gathered, the later ones appended unchanged. ``B'`` may be a
+        multiple of ``B`` (see :meth:`rows`)."""
+        t = self.keep.shape[1]
+        if x.shape[1] < t:
+            raise ValueError(f"{x.shape[1]} columns do not cover the {t} of the prompt")
+        plan = self.rows(x.shape[0])
+        return torch.cat([plan.take(x[:, :t], fill), x[:, t:]], dim=1)
 
     def take(self, x: Tensor, fill: float | int = 0, dim: int = 1) -> Tensor:
         """Gather ``x`` (``[B, T, ...]``, or ``[..., B, T]`` with ``dim=-1``) onto the new
@@ -123,9 +153,28 @@ def plan_surgery(placeholder: Tensor, counts: list[int], kept: list[int], align:
     valid = torch.zeros(b, new_t, dtype=torch.bool, device=keep.device)
     gather[rows, new_cols] = cols
     valid[rows, new_cols] = True
-    dropped_before = torch.cumsum((~keep).long(), dim=1)
+    real = torch.ones_like(keep) if attention_mask is None else attention_mask != 0
+    dropped_before = torch.cumsum((~keep & real).long(), dim=1)
     return SurgeryPlan(gather=gather, valid=valid, keep=keep, dropped_before=dropped_before,
                        image_of=image_of, rank=rank, length=length)
+
+
+def check_padding(attention_mask: Tensor | None) -> None:
+    """Raise ValueError when a row of a 2D mask has a masked column between real ones:
+    only left or right padding can be cut and re-padded (a masked hole would be dropped,
+    moving the tokens after it and the image features it covers)."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] < 3:
+        return
+    real = attention_mask != 0
+    seen = torch.cumsum(real.long(), dim=1)
+    after_first = seen > 0
+    before_last = seen < seen[:, -1:]
+    hole = ~real & after_first & before_last
+    if bool(hole.any()):
+        row, col = (int(i) for i in torch.nonzero(hole)[0])
+        raise ValueError(f"attention_mask: row {row} masks column {col} between real tokens; "
+                         "tokensieve cuts prompts padded on the left or the right only (drop "
+                         "the masked tokens from the prompt instead)")
 
 
 def detect_align(attention_mask: Tensor | None) -> Align:
