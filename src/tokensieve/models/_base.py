@@ -9,8 +9,11 @@ No module, config or attention implementation of the model is changed.
 
 from __future__ import annotations
 
-import functools
+import contextvars
+import dataclasses
 import inspect
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,8 +26,14 @@ from tokensieve.core.budget import resolve_keep
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import MethodSpec, get_method
 from tokensieve.core.schedule import LlmSchedule
-from tokensieve.models._llm import CallInputs, LlmStage, image_runs
-from tokensieve.models._surgery import Align, SurgeryPlan, detect_align, plan_surgery
+from tokensieve.models._llm import CallInputs, LlmStage, _cache_of, image_runs
+from tokensieve.models._surgery import (
+    Align,
+    SurgeryPlan,
+    check_padding,
+    detect_align,
+    plan_surgery,
+)
 
 STATE_ATTR = "_tokensieve"
 PATCHED_ATTRS = ("forward", "generate")
@@ -76,18 +85,50 @@ class PatchState:
         spec: the method's registry entry.
         adapter: the model family's adapter.
         saved: per patched attribute, whether the instance had its own value and which.
-        last: per image of the last reduced call, ``(Reduction, grid)``.
-        last_plan: the sequence surgery of the last reduced call (kept columns per row).
         llm: the in-LLM stage (hooks on the language model) of an in-LLM method, else None.
+        caches: the KV caches that reduced calls returned, with the surgery of their prompt
+            (a later call continuing one of them is mapped onto the shortened sequence).
+
+    ``last`` and ``last_plan`` are the calling thread's last reduced call; a copy or an
+    unpickled model starts without them and without ``caches``.
     """
 
     config: ReduceConfig
     spec: MethodSpec
     adapter: Adapter
     saved: dict[str, tuple[bool, Any]] = field(default_factory=dict)
-    last: list[tuple[Reduction, tuple[int, int] | None]] = field(default_factory=list)
-    last_plan: SurgeryPlan | None = None
     llm: LlmStage | None = None
+    caches: weakref.WeakKeyDictionary[Any, SurgeryPlan] = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False)
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    @property
+    def last(self) -> list[tuple[Reduction, tuple[int, int] | None]]:
+        """Per image of this thread's last reduced call, ``(Reduction, grid)``."""
+        return getattr(self._local, "last", [])
+
+    @last.setter
+    def last(self, value: list[tuple[Reduction, tuple[int, int] | None]]) -> None:
+        self._local.last = value
+
+    @property
+    def last_plan(self) -> SurgeryPlan | None:
+        """The sequence surgery of this thread's last reduced call (kept columns per row)."""
+        return getattr(self._local, "last_plan", None)
+
+    @last_plan.setter
+    def last_plan(self, value: SurgeryPlan | None) -> None:
+        self._local.last_plan = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["caches"], state["_local"]  # per call: not copied, not pickled
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.caches = weakref.WeakKeyDictionary()
+        self._local = threading.local()
 
     @property
     def pre_llm(self) -> bool:
@@ -126,6 +167,8 @@ class Adapter:
         self.spec = spec
         self.config = config
         self.signal_layers = signal_layers
+        #: The signals the method needs with its options (``MethodSpec.required_signals``).
+        self.required = spec.required_signals(spec.make_config(dict(config.options)))
 
     # -- family hooks ---------------------------------------------------------------------
     def check(self) -> None:
@@ -133,12 +176,42 @@ class Adapter:
         self.check_signals()
 
     def check_signals(self) -> None:
-        """Raise ValueError when the method needs a signal this family cannot give."""
-        missing = [s for s in self.spec.signals if s not in self.signals]
+        """Raise ValueError when the method, with its options, needs a signal this family
+        cannot give, or a patch grid on a family whose token sets are no grid."""
+        missing = [s for s in self.required if s not in self.signals]
         if missing:
             raise ValueError(
                 f"method {self.spec.name!r} needs the signal(s) {missing}, which the "
                 f"{self.family} adapter cannot give (it gives {list(self.signals)})")
+        if "grid" not in self.signals and "grid" in self.spec.optional_signals and \
+                self._needs_grid():
+            raise ValueError(
+                f"method {self.spec.name!r} (options {self.config.options}) needs a patch "
+                f"grid; the {self.family} adapter's token sets are not grids (packed images)")
+
+    def _needs_grid(self) -> bool:
+        """Whether the method, with its options, fails on a token set that is not a square
+        grid when no ``grid`` is given (tried on 6 dummy tokens with dummy signals)."""
+        n, d = 6, 4
+        gen = torch.Generator().manual_seed(0)
+        dummy: dict[str, Any] = {}
+        for name in self.required:
+            if name in ("cls_attn", "attn_received", "query_attn"):
+                dummy[name] = torch.full((1, n), 1.0 / n)
+            elif name in ("keys", "values"):
+                dummy[name] = torch.randn(1, n, d, generator=gen)
+            elif name == "text":
+                dummy[name] = torch.randn(1, 2, d, generator=gen)
+            else:
+                return False  # no dummy for it: checked at the call
+        options = dict(self.config.options)
+        if self.spec.cls_token:
+            options["has_cls"] = False
+        try:
+            reduce(torch.randn(1, n, d, generator=gen), self.spec.name, 2, **dummy, **options)
+        except ValueError as err:
+            return "'grid'" in str(err)
+        return False
 
     def has_visual_inputs(self, args: dict[str, Any]) -> bool:
         """Whether a call carries images to reduce (default: ``pixel_values`` given)."""
@@ -198,7 +271,8 @@ class Adapter:
 
     def wants(self, name: str) -> bool:
         """Whether the method uses signal ``name`` (only those are computed)."""
-        return name in self.spec.signals or name in self.spec.optional_signals
+        return (name in self.required or name in self.spec.signals
+                or name in self.spec.optional_signals)
 
     def resolve_keep(self, n: int) -> int:
         """The per-image budget for an image of ``n`` LLM visual tokens."""
@@ -215,7 +289,19 @@ class Adapter:
         if self.spec.cls_token:
             options["has_cls"] = has_cls
         given = {k_: v for k_, v in signals.items() if v is not None}
-        return reduce(tokens, self.spec.name, k, seed=self.config.seed, **given, **options)
+        r = reduce(tokens, self.spec.name, k, seed=self.config.seed, **given, **options)
+        if not (torch.is_grad_enabled() and tokens.requires_grad):
+            return r
+        # reduce runs without autograd: take the kept tokens from ``tokens`` again, with it.
+        if self.spec.kind != "subset" or r.indices is None or \
+                r.indices.shape[1] != r.tokens.shape[1]:
+            raise ValueError(
+                f"method {self.spec.name!r} ({self.spec.kind}) builds new tokens without "
+                "autograd, so gradients would not reach the vision tower and projector; call "
+                "the model under torch.no_grad() / torch.inference_mode(), freeze them "
+                "(requires_grad_(False)) or use a subset method")
+        idx = r.indices.clamp(min=0).unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        return dataclasses.replace(r, tokens=torch.gather(tokens, 1, idx))
 
     def use_cls(self) -> bool:
         """Whether a method that can take a leading CLS token gets it (option ``has_cls``,
@@ -262,12 +348,13 @@ class Adapter:
                 generating: bool = False) -> dict[str, Any]:
         """Encode and reduce the images of a call and cut its sequence; returns the keyword
         arguments for the model's own ``forward`` (or ``generate`` when ``generating``)."""
-        placeholder = self.placeholder_mask(args)
-        enc = self.encode(args, placeholder)
         mask = args.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"attention_mask: expected a 2D [B, T] mask, got shape "
                              f"{tuple(mask.shape)}")
+        check_padding(mask)
+        placeholder = self.placeholder_mask(args)
+        enc = self.encode(args, placeholder)
         plan = plan_surgery(placeholder, enc.counts, enc.kept, align, mask)
         new = {k: v for k, v in args.items() if k not in self.visual_keys}
         filler = self.filler_id()
@@ -290,6 +377,13 @@ class Adapter:
         state.last_plan = plan
         return new
 
+    def continue_positions(self, pos: Tensor, plan: SurgeryPlan) -> Tensor:
+        """The caller's position ids of tokens after a shortened prompt, on the shortened
+        sequence (default: moved back by the image tokens cut from their row)."""
+        pos = pos if pos.dim() == 2 else pos.unsqueeze(0)
+        shift = plan.rows(max(pos.shape[0], plan.shift.shape[0])).shift
+        return pos - shift.unsqueeze(1).to(pos.device)
+
     def llm_inputs(self, args: dict[str, Any]) -> CallInputs:
         """What the in-LLM stage needs of a call: the image runs of its LLM input (one run
         of placeholder tokens per image), the 2D attention mask and, for families whose
@@ -300,6 +394,9 @@ class Adapter:
         mask = args.get("attention_mask")
         if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
             raise ValueError("attention_mask: the in-LLM stage needs a 2D [B, T] mask (or none)")
+        if image_of is not None and bool((image_of >= 0).any()) and \
+                not _cache_length(_cache_of(args)):
+            check_padding(mask)  # a prefill that cuts
         return CallInputs(image_of=image_of, mask=mask, block_ids=self.llm_block_ids(args))
 
     def llm_block_ids(self, args: dict[str, Any]) -> Tensor | None:
@@ -350,56 +447,204 @@ def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
     return named
 
 
-def _make_forward(state: PatchState, original: Callable[..., Any]) -> Callable[..., Any]:
-    sig = inspect.signature(original)
-
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        named = _bind(sig, args, kwargs)
-        if state.pre_llm and state.adapter.has_visual_inputs(named):
-            named = state.adapter.prepare(state, named, detect_align(named.get("attention_mask")))
-        elif state.llm is None:
-            return original(*args, **kwargs)
-        if state.llm is None:
-            return original(**named)
-        with state.llm.call(state.adapter.llm_inputs(named)):
-            return original(**named)
-
-    return forward
+#: Set while a patched ``generate`` runs the model's own on a shortened sequence: the
+#: forward calls it makes are already in the shortened sequence's columns.
+_SHORTENED: contextvars.ContextVar[bool] = contextvars.ContextVar("tokensieve_shortened",
+                                                                  default=False)
 
 
-def _make_generate(state: PatchState, original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def generate(inputs: Tensor | None = None, **kwargs: Any) -> Any:
-        named = dict(kwargs)
-        if inputs is not None:
-            if "input_ids" in named:
-                raise ValueError("generate: got both `inputs` and `input_ids`")
-            named["input_ids"] = inputs
-        if not state.pre_llm or not state.adapter.has_visual_inputs(named):
-            return original(inputs, **kwargs)
-        if named.get("past_key_values") is not None:
-            raise ValueError("generate: continuing from past_key_values with new images is not "
-                             "supported by a tokensieve-patched model; re-send the whole history")
-        ids = named.get("input_ids")
+def _cache_length(cache: Any) -> int:
+    """Tokens held by a KV cache (0 for none or an empty one)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return 1 if cache else 0
+
+
+def _new_tokens(named: dict[str, Any]) -> int | None:
+    """How many tokens a call brings (from ``input_ids`` or ``inputs_embeds``)."""
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(named.get(key), Tensor):
+            return int(named[key].shape[1])
+    return None
+
+
+def _returned_cache(out: Any) -> Any:
+    """The KV cache a model output carries (``cache`` or ``past_key_values``), or None."""
+    if isinstance(out, Tensor):
+        return None
+    cache = getattr(out, "cache", None)
+    return getattr(out, "past_key_values", None) if cache is None else cache
+
+
+def _remember(state: PatchState, out: Any, plan: SurgeryPlan) -> None:
+    cache = _returned_cache(out)
+    if cache is not None:
+        state.caches[cache] = plan
+
+
+def _continue_forward(state: PatchState, named: dict[str, Any], cache: Any,
+                      past: int) -> dict[str, Any]:
+    """A call without images on a non-empty KV cache. A cache a reduced call returned holds
+    the shortened prompt: the caller's 2D mask over the whole sequence (prompt, cached
+    tokens after it, this call's) and position ids are mapped onto it (a mask as long as
+    the cache plus this call is taken as already shortened, positions too). Other masks
+    longer than the cache plus this call are refused."""
+    plan = state.caches.get(cache)
+    mask = named.get("attention_mask")
+    q = _new_tokens(named)
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or q is None:
+        if plan is not None and isinstance(named.get("position_ids"), Tensor):
+            named = dict(named, position_ids=state.adapter.continue_positions(
+                named["position_ids"], plan))
+        return named
+    if plan is None:
+        if mask.shape[1] > past + q:
+            raise ValueError(
+                f"attention_mask: {mask.shape[1]} columns, but the KV cache holds {past} tokens "
+                f"and the call brings {q}; a cache that a tokensieve reduction shortened "
+                "continues only on the patched model whose call returned it (not a copy, not "
+                "after remove or apply again); re-send the whole history instead")
+        return named
+    cut = plan.keep.shape[1] - plan.new_length
+    if mask.shape[1] == past + q:
+        return named
+    if mask.shape[1] != past + q + cut:
+        raise ValueError(
+            f"attention_mask: shape {tuple(mask.shape)}; continuing a KV cache shortened by "
+            f"tokensieve needs the 2D mask of the whole sequence ({past + q + cut} columns: "
+            f"the {plan.keep.shape[1]}-column prompt, the tokens cached after it and the new "
+            "ones)")
+    named = dict(named, attention_mask=plan.extend(mask, 0))
+    if isinstance(named.get("position_ids"), Tensor):
+        named["position_ids"] = state.adapter.continue_positions(named["position_ids"], plan)
+    return named
+
+
+def _forward(state: PatchState, original: Callable[..., Any], args: tuple,
+             kwargs: dict[str, Any]) -> Any:
+    named = _bind(inspect.signature(original), args, kwargs)
+    adapter = state.adapter
+    cache = _cache_of(named)
+    past = _cache_length(cache)
+    plan = None
+    if state.pre_llm and adapter.has_visual_inputs(named):
+        if past:
+            raise ValueError(
+                "continuing a KV cache with new images is not supported by a tokensieve-patched "
+                "model; re-send the whole history (with its images) without the cache")
+        named = adapter.prepare(state, named, detect_align(named.get("attention_mask")))
+        plan = state.last_plan
+    elif state.pre_llm and past and not _SHORTENED.get():
+        named = _continue_forward(state, named, cache, past)
+    elif state.llm is None:
+        return original(*args, **kwargs)
+    if state.llm is None:
+        out = original(**named)
+    else:
+        with state.llm.call(adapter.llm_inputs(named)):
+            out = original(**named)
+    if plan is not None:
+        _remember(state, out, plan)
+    return out
+
+
+def _continue_generate(state: PatchState, named: dict[str, Any],
+                       plan: SurgeryPlan) -> dict[str, Any]:
+    """``generate`` continuing a cache a reduced call returned: the caller's whole sequence
+    (``input_ids``, mask) is mapped onto the shortened one the cache holds."""
+    ids = named.get("input_ids")
+    if ids is None:
+        raise ValueError("generate: continuing a KV cache shortened by tokensieve needs the "
+                         "input_ids of the whole sequence")
+    mask = named.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask: shape {tuple(mask.shape)}; continuing a KV cache "
+                         f"shortened by tokensieve needs the 2D mask of input_ids "
+                         f"{tuple(ids.shape)}")
+    if isinstance(named.get("position_ids"), Tensor):
+        raise ValueError("generate: position_ids are not supported when continuing a KV cache "
+                         "shortened by tokensieve")
+    return dict(named, input_ids=plan.extend(ids, state.adapter.filler_id()),
+                attention_mask=plan.extend(mask, 0))
+
+
+def _generate(state: PatchState, original: Callable[..., Any], inputs: Tensor | None,
+              kwargs: dict[str, Any]) -> Any:
+    named = dict(kwargs)
+    if inputs is not None:
+        if "input_ids" in named:
+            raise ValueError("generate: got both `inputs` and `input_ids`")
+        named["input_ids"] = inputs
+    cache = _cache_of(named)
+    plan = None if cache is None or not state.pre_llm else state.caches.get(cache)
+    if state.pre_llm and state.adapter.has_visual_inputs(named):
+        if _cache_length(cache):
+            raise ValueError("generate: continuing a KV cache with new images is not supported "
+                             "by a tokensieve-patched model; re-send the whole history")
         with torch.no_grad():  # as generate itself: no autograd graph for the images
             new = state.adapter.prepare(state, named, "right", generating=True)
-        cut = state.last_plan.keep.shape[1] - state.last_plan.new_length if state.last_plan else 0
-        if isinstance(new.get("max_length"), int):
-            new["max_length"] -= cut
+        plan = state.last_plan
+    elif plan is not None:
+        new = _continue_generate(state, named, plan)
+    else:
+        return original(inputs, **kwargs)
+    ids = named.get("input_ids")
+    if isinstance(new.get("max_length"), int):
+        new["max_length"] -= plan.keep.shape[1] - plan.new_length
+    token = _SHORTENED.set(True)
+    try:
         out = original(**new)
-        if ids is None:
-            return out
-        seq = out if isinstance(out, Tensor) else out.sequences
-        n_short = new["input_ids"].shape[1]
-        prompt = ids.to(seq.device).repeat_interleave(seq.shape[0] // ids.shape[0], dim=0)
-        full = torch.cat([prompt, seq[:, n_short:]], dim=1)
-        if isinstance(out, Tensor):
-            return full
-        out.sequences = full
+    finally:
+        _SHORTENED.reset(token)
+    _remember(state, out, plan)
+    if ids is None:
         return out
+    seq = out if isinstance(out, Tensor) else out.sequences
+    n_short = new["input_ids"].shape[1]
+    prompt = ids.to(seq.device).repeat_interleave(seq.shape[0] // ids.shape[0], dim=0)
+    full = torch.cat([prompt, seq[:, n_short:]], dim=1)
+    if isinstance(out, Tensor):
+        return full
+    out.sequences = full
+    return out
 
-    return generate
+
+class _Patched:
+    """A patched ``forward`` / ``generate`` (an instance attribute of the model).
+
+    It holds the model, not a closure over it: its state and the model's own method are
+    looked up at each call, so a deep copy or an unpickled copy of a patched model is an
+    independent patched model (its own modules, state and hooks).
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        self.model = model
+        self.name = name
+
+    def original(self) -> Callable[..., Any]:
+        """The model's own method (or the instance attribute that ``apply`` found)."""
+        state = get_state(self.model)
+        own, value = state.saved.get(self.name, (False, None)) if state else (False, None)
+        return value if own else getattr(type(self.model), self.name).__get__(self.model)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.original())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state = get_state(self.model)
+        original = self.original()
+        if state is None:
+            return original(*args, **kwargs)
+        if self.name == "forward":
+            return _forward(state, original, args, kwargs)
+        inputs = args[0] if args else kwargs.pop("inputs", None)
+        if len(args) > 1:
+            raise ValueError("tokensieve: pass generate's inputs by keyword")
+        return _generate(state, original, inputs, kwargs)
 
 
 # -- apply / remove -------------------------------------------------------------------------
@@ -510,9 +755,7 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
             continue
         own = name in model.__dict__
         state.saved[name] = (own, model.__dict__.get(name))
-        original = getattr(model, name)
-        maker = _make_forward if name == "forward" else _make_generate
-        object.__setattr__(model, name, maker(state, original))
+        object.__setattr__(model, name, _Patched(model, name))
     if stage is not None:
         stage.install()
     object.__setattr__(model, STATE_ATTR, state)

@@ -7,6 +7,10 @@ softmax attention are recomputed here in float32.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -107,5 +111,18 @@ def capture_projections(attns: dict[int, torch.nn.Module], names: list[str],
         for name in names:
             def hook(_m: object, _i: object, out: Tensor, i: int = i, name: str = name) -> None:
                 captured[i][name] = out.detach()
-            handles.append(getattr(attn, name).register_forward_hook(hook))
+            handles.append(getattr(attn, name).register_forward_hook(this_thread(hook)))
     return captured, handles
+
+
+def this_thread(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` run only in the thread that makes it: a per-call hook on a shared module
+    then ignores the calls other threads make on that module meanwhile."""
+    owner = threading.get_ident()
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == owner:
+            return hook(*args, **kwargs)
+        return None
+
+    return guarded

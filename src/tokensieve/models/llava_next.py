@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokensieve.core.reduction import Reduction
 from tokensieve.core.signals import Partitions
 from tokensieve.models._base import Encoded, register_adapter
 from tokensieve.models.llava import LlavaAdapter
@@ -58,6 +59,14 @@ class LlavaNextAdapter(LlavaAdapter):
         if self.spec.cls_token and self.config.options.get("has_cls"):
             raise ValueError(f"has_cls=True: LLaVA-NeXT's packed layout has no CLS token "
                              f"(method {self.spec.name!r} runs without it here)")
+        self.check_crop_layout()
+
+    def check_crop_layout(self) -> None:
+        """Methods that need whole partitions run on the crop layout, which only a subset
+        method can be packed back from."""
+        if "partitions" in self.required and self.spec.kind != "subset":
+            raise ValueError(f"method {self.spec.name!r} ({self.spec.kind}): the crop layout "
+                             f"of {self.family} needs a subset method")
 
     def use_cls(self) -> bool:
         return False
@@ -131,7 +140,7 @@ class LlavaNextAdapter(LlavaAdapter):
             local.float()[:, None, None].expand(-1, n, 1), crops, args, -1.0)]
         projector = self.inner.multi_modal_projector
         newline = self.inner.image_newline
-        if "partitions" in self.spec.signals:
+        if "partitions" in self.required:
             counts = [int(i.shape[0]) for i in ids]
             return self._encode_crops(args, placeholder, crops, projector(patches), tower,
                                       start, counts)
@@ -182,7 +191,9 @@ class LlavaNextAdapter(LlavaAdapter):
         each (``keep`` counts or is a fraction of those ``(P + 1) n`` tokens), as their
         official LLaVA-NeXT code selects before packing. The kept tokens are then packed
         by the model (stitched, unpadded) without image newlines, as HiRED's code does;
-        kept tokens the unpadding removes are dropped, so an image may keep fewer."""
+        kept tokens the unpadding removes are dropped, so an image may keep fewer. The
+        reductions recorded are what the LLM gets: the kept tokens, indexed in the packed
+        layout (with newlines) of the model's own image features."""
         n = projected.shape[1]
         sizes = args["image_sizes"]
         text = self.text_signal(args, placeholder, counts) if self.wants("text") else None
@@ -205,15 +216,16 @@ class LlavaNextAdapter(LlavaAdapter):
             if text is not None:
                 signals["text"], signals["text_mask"] = text[0][i:i + 1], text[1][i:i + 1]
             r = self.run_method(tokens, self.resolve_keep(c * n), signals, has_cls=False)
-            if r.indices is None or r.indices.shape[1] != r.tokens.shape[1]:
-                raise ValueError(f"method {self.spec.name!r}: the crop layout of "
-                                 f"{self.family} needs a subset method")
             mask = torch.zeros(c * n, device=projected.device)
             mask[r.indices[0]] = 1.0
             masks.append(mask.reshape(c, n, 1))
-            reductions.append((r, self.grid))
         packed_masks = self._pack(masks, args, None)
         packed = self._pack(list(torch.split(projected, crops)), args, None)
         features = [f[m[:, 0] > 0.5] for f, m in zip(packed, packed_masks, strict=True)]
+        # Where the kept tokens sit among the image's placeholders (newline slots: 0).
+        slots = self._pack(masks, args, torch.zeros(1, device=projected.device))
+        for f, slot in zip(features, slots, strict=True):
+            idx = torch.nonzero(slot[:, 0] > 0.5).squeeze(1)[None]
+            reductions.append((Reduction(tokens=f[None], indices=idx), None))
         return Encoded(features=features, counts=counts, reductions=reductions)
 

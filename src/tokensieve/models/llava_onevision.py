@@ -44,6 +44,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         self.resolve_keep(10**9)  # the format of keep; its size is checked per image
         if self.spec.cls_token and self.config.options.get("has_cls"):
             raise ValueError("has_cls=True: LLaVA-OneVision's packed layout has no CLS token")
+        self.check_crop_layout()
 
     def _patch_start(self, args: dict[str, Any]) -> int:
         return 1 if self._strategy(args) == "default" else 0

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from tokensieve.models._base import Adapter, Encoded, register_adapter
-from tokensieve.models._signals import received_sums
+from tokensieve.models._signals import received_sums, this_thread
 from tokensieve.models._surgery import SurgeryPlan
 
 ATTENTION_SIGNALS = ("attn_received", "keys", "values")
@@ -105,7 +105,7 @@ class QwenVLAdapter(Adapter):
         blocks = {self.signal_block, *(plan or [])} if want_attn else set()
         captured: dict[Any, Any] = {i: {} for i in blocks}
         handles = [visual.merger.register_forward_pre_hook(
-            lambda _m, a: captured.__setitem__("merger_in", a[0]))]
+            this_thread(lambda _m, a: captured.__setitem__("merger_in", a[0])))]
         for i in blocks:
             attn = visual.blocks[i].attn
 
@@ -116,8 +116,8 @@ class QwenVLAdapter(Adapter):
             def qkv_hook(_m: Any, _i: Any, out: Tensor, i: int = i) -> None:
                 captured[i]["qkv"] = out.detach()
 
-            handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(attn.qkv.register_forward_hook(qkv_hook))
+            handles.append(attn.register_forward_pre_hook(this_thread(pre), with_kwargs=True))
+            handles.append(attn.qkv.register_forward_hook(this_thread(qkv_hook)))
         try:
             out = visual(pixel_values.type(visual.dtype), grid_thw=thw)
         finally:
@@ -238,6 +238,14 @@ class QwenVLAdapter(Adapter):
             ids, mm_token_type_ids=types, image_grid_thw=args.get("image_grid_thw"),
             video_grid_thw=args.get("video_grid_thw"), attention_mask=args.get("attention_mask"),
             **extra)
+        return pos
+
+    def continue_positions(self, pos: Tensor, plan: SurgeryPlan) -> Tensor:
+        """Kept tokens keep their M-RoPE positions, so the caller's positions of later tokens
+        stand; only a leading text-position row (4 rows) is re-indexed contiguously."""
+        if pos.dim() == 3 and pos.shape[0] == 4:
+            return torch.cat([super().continue_positions(pos[0], plan).unsqueeze(0),
+                              pos[1:].expand(-1, max(pos.shape[1], plan.shift.shape[0]), -1)])
         return pos
 
     def fix_positions(self, args: dict[str, Any], new: dict[str, Any], plan: SurgeryPlan,
