@@ -73,7 +73,8 @@ def allowed(n: int, blocks: torch.Tensor | None, window: int | None) -> torch.Te
 @torch.no_grad()
 def by_hand(model, eager, rec: Recorded, image_cols: list[torch.Tensor], cuts: list[int],
             counts: list[list[int]], scores: str, positions: str, prompt_len: int | None = None,
-            blocks: torch.Tensor | None = None, fixed: list[list[torch.Tensor]] | None = None):
+            blocks: torch.Tensor | None = None, fixed: list[list[torch.Tensor]] | None = None,
+            query: str = "last"):
     """Logits ``[1, T, V]`` of the by-hand cut model and the kept indices per cut per image.
 
     Args:
@@ -84,6 +85,8 @@ def by_hand(model, eager, rec: Recorded, image_cols: list[torch.Tensor], cuts: l
             renumbering leaves their positions alone); default all.
         blocks: ``[T]`` Gemma 3 image blocks (-1 on text) or None.
         fixed: the kept indices per cut per image to use instead of scoring (decoding).
+        query: "last" (the last token's row ranks) or "image" (the mean of the image's own
+            rows over its columns ranks: attention received from the image itself).
     """
     lm, elm = find_text_model(model), find_text_model(eager)
     cfg = lm.config
@@ -124,7 +127,9 @@ def by_hand(model, eager, rec: Recorded, image_cols: list[torch.Tensor], cuts: l
                 here = torch.nonzero(torch.isin(cols, icol)).squeeze(1)
                 keep[here] = False
                 if fixed is None:
-                    top = torch.topk(score[here], counts[c][i]).indices.sort().values
+                    own = score[here] if query == "last" else \
+                        w[0].mean(0)[here][:, here].mean(0)
+                    top = torch.topk(own, counts[c][i]).indices.sort().values
                 else:
                     current = torch.searchsorted(icol, cols[here])
                     top = torch.nonzero(torch.isin(current, fixed[c][i])).squeeze(1)

@@ -6,6 +6,8 @@ layers run by hand on the hand-cut sequence, scores from eager attention weights
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from llm_refs import by_hand, eager_copy, record
@@ -529,3 +531,35 @@ def test_merging_method_in_llm_matches_hand_reference(model, eager, merge_method
             alone = model(**inputs([sample])).logits[0]
             torch.testing.assert_close(logits[sample, batch["attention_mask"][sample].bool()],
                                        alone, atol=ATOL, rtol=0)
+
+
+def test_image_query_rows_match_hand_reference(model, eager, monkeypatch):
+    """query="image": each image's own tokens are the query rows (attention received from
+    the image itself), [1, N, N] per image."""
+    from dataclasses import dataclass
+
+    from tokensieve.core import registry
+    from tokensieve.core.ops import select, topk_indices
+    from tokensieve.methods.fastv import FastVConfig
+
+    @dataclass(frozen=True)
+    class ImageRowsConfig(FastVConfig):
+        query: ClassVar[str] = "image"
+
+    def fn(tokens, k, signals, config, generator):
+        assert signals.query_attn.shape == (1, tokens.shape[1], tokens.shape[1])
+        return select(tokens, topk_indices(signals.query_attn.mean(1), k))
+
+    registry._load_builtin_methods()
+    monkeypatch.setitem(registry._REGISTRY, "test-image-rows", registry.MethodSpec(
+        name="test-image-rows", fn=fn, paper="test", stage="llm", kind="subset",
+        signals=("query_attn",), config=ImageRowsConfig))
+    kw = inputs([1])
+    rec = record(model, kw)
+    with torch.no_grad(), tm.applied(model, "test-image-rows", 8):
+        out = model(**kw).logits
+        kept = stage_kept(model)
+    ref, ref_kept = by_hand(model, eager, rec, image_cols(kw["input_ids"]), [2], [[8, 8]],
+                            "previous", "keep", query="image")
+    assert [k.tolist() for k in kept[0]] == [k.tolist() for k in ref_kept[0]]
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)

@@ -25,7 +25,7 @@ from torch import Tensor
 from tokensieve.core.budget import resolve_keep
 
 ScoreSource = Literal["previous", "own", "none"]
-QueryRows = Literal["last", "text"]
+QueryRows = Literal["last", "text", "image"]
 Positions = Literal["keep", "renumber"]
 
 
@@ -48,8 +48,9 @@ class LlmSchedule:
         scores: where the attention rows a cut needs come from: ``"previous"`` (the layer
             before the cut, as it runs: FastV), ``"own"`` (the cut layer's own norm and q/k
             projections applied to its input: PyramidDrop), ``"none"``.
-        query: which query rows: ``"last"`` (each row's last prompt token) or ``"text"``
-            (the text tokens after the image that :meth:`raters` picks).
+        query: which query rows: ``"last"`` (each row's last prompt token), ``"text"``
+            (the text tokens after the image that :meth:`raters` picks; ``query_attn``
+            ``[1, R, N]``) or ``"image"`` (the image's own tokens: ``[1, N, N]``).
     """
 
     scores: ClassVar[ScoreSource] = "previous"

@@ -432,13 +432,15 @@ class LlmStage:
 
     def _query_cols(self, seg: _Segment) -> Tensor:
         """``[B, Q]`` the query columns: each row's last real column (the last prompt token)
-        or, for ``query="text"``, every real text column of the row (rows with fewer repeat
-        their last one; :meth:`_rater_rows` picks an image's raters among them)."""
+        or every real text column (``query="text"``; :meth:`_rater_rows` picks an image's
+        raters among them) or image column (``query="image"``) of the row; rows with fewer
+        repeat their last column."""
         t = seg.valid.shape[1]
         last = (t - 1 - torch.flip(seg.valid.long(), dims=[1]).argmax(dim=1)).unsqueeze(1)
         if self.schedule.query == "last":
             return last
-        text = seg.valid & (seg.image_of < 0)
+        text = seg.valid & ((seg.image_of < 0) if self.schedule.query == "text"
+                            else (seg.image_of >= 0))
         q = max(int(text.sum(dim=1).max()), 1)
         cols = torch.arange(t, device=text.device).expand_as(text)
         order = torch.sort(torch.where(text, cols, t + cols), dim=1).values[:, :q]
@@ -504,6 +506,11 @@ class LlmStage:
             def by_attention(row: int, cols: Tensor, img: int) -> tuple[Tensor, dict[str, Tensor]]:
                 if self.schedule.query == "last":
                     attn = probs[row, 0, cols][None]
+                elif self.schedule.query == "image":  # the image's own tokens as queries
+                    real = int((seg.valid[row] & (seg.image_of[row] >= 0)).sum())
+                    own = torch.isin(query_cols[row], cols)
+                    own &= torch.arange(own.shape[0], device=own.device) < real
+                    attn = probs[row][own][:, cols][None]
                 else:
                     attn = probs[row][self._rater_rows(run, row, img, query_cols)][:, cols][None]
                 return hidden[row, cols].unsqueeze(0), {"query_attn": attn}
