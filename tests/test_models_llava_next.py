@@ -165,7 +165,11 @@ def test_batch_generate_equals_single(model):
 
 def test_errors(model, lengths):
     kw = inputs(model, [0])
-    checks.call_refused(model, inputs(model, [1]), "uniform", 20, "grid")  # packed: no grid
+    for method, opts in [("uniform", {}), ("pool", {}), ("dct", {}), ("hiprune", {}),
+                         ("fopru", {"mode": "row"})]:  # packed: no grid, refused at apply
+        checks.apply_refused(model, method, 20, "grid", **opts)
+    with tm.applied(model, "fopru", 20), torch.no_grad():  # its rank mode needs no grid
+        model(**inputs(model, [1]))
     checks.call_refused(model, kw, "fastervlm", 1000, rf"keep=1000.*{lengths[0]} visual")
     checks.call_refused(model, {k: v for k, v in kw.items() if k != "image_sizes"},
                         "fastervlm", 10, "image_sizes")
@@ -174,34 +178,27 @@ def test_errors(model, lengths):
 @pytest.mark.parametrize("method", ["hired", "globalcom2"])
 def test_partition_methods_select_on_whole_crops(model, lengths, method):
     """HiRED / GlobalCom2 see [overview | crops] with n tokens each; the kept tokens are
-    packed by the model (stitched, unpadded) without newlines."""
+    packed by the model (stitched, unpadded) without newlines. What they keep is laid out
+    by the model's own packing of a mask over the crops, and ``last_reductions`` reports
+    exactly what the LLM gets: the kept tokens, indexed in the packed layout."""
     kw = inputs(model, [0, 1, 2])
     with tm.applied(model, method, 0.3), torch.no_grad():
         out = model(**kw).logits
         reds = [r for r, _ in tm.last_reductions(model)]
     crops = [crops_of(SIZES[j]) for j in (0, 1, 2)]
-    # official rounding floors every partition's share: at most one token lost per partition
-    for r, c in zip(reds, crops, strict=True):
-        assert round(0.3 * c * 49) - c <= r.indices.shape[1] <= round(0.3 * c * 49)
-    with torch.no_grad():  # the test's own packing of masks and features
-        pv = torch.cat([p[:c] for p, c in zip(kw["pixel_values"], crops, strict=True)])
-        hidden = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[-2]
-        per_crop = torch.split(model.model.multi_modal_projector(hidden[:, 1:]), crops)
-        masks = []
-        for r, c in zip(reds, crops, strict=True):
-            m = torch.zeros(c * 49)
-            m[r.indices[0]] = 1
-            masks.append(m.reshape(c, 49, 1))
-        sizes = kw["image_sizes"]
-        packed_m, _ = model.model.pack_image_features(masks, sizes, "default", None)
-        packed_f, _ = model.model.pack_image_features(list(per_crop), sizes, "default", None)
-    kept_feats = [f[m[:, 0] > 0.5] for f, m in zip(packed_f, packed_m, strict=True)]
-    assert all(len(f) <= r.indices.shape[1] for f, r in zip(kept_feats, reds, strict=True))
-    ids, mask = kw["input_ids"], kw["attention_mask"]
-    emb = model.get_input_embeddings()(ids)
-    embeds, hmask, _ = splice_left_padded(ids, mask, emb, IMG, kept_feats, lengths)
     with torch.no_grad():
-        ref = model(inputs_embeds=embeds.detach(), attention_mask=hmask).logits
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out[hmask.bool()], ref[hmask.bool()], atol=checks.ATOL, rtol=0)
+        feats = list(model.model.get_image_features(kw["pixel_values"], kw["image_sizes"])
+                     .pooler_output)
+    for r, c, f, n in zip(reds, crops, feats, lengths, strict=True):
+        # official rounding floors every partition's share; unpadding may drop more
+        assert r.indices.shape[1] <= round(0.3 * c * 49)
+        assert bool((r.indices[0] < n).all()) and bool((torch.diff(r.indices[0]) > 0).all())
+        assert not bool(torch.isclose(f[r.indices[0]], model.model.image_newline).all(-1).any())
+        torch.testing.assert_close(r.tokens[0], f[r.indices[0]], atol=checks.ATOL, rtol=0)
+    ref = hand_pruned(model, kw, [r.indices[0] for r in reds])
+    hmask = ref["attention_mask"].bool()
+    with torch.no_grad():
+        expect = model(**ref).logits
+    assert out.shape == expect.shape
+    torch.testing.assert_close(out[hmask], expect[hmask], atol=checks.ATOL, rtol=0)
 
