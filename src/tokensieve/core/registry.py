@@ -42,6 +42,9 @@ class MethodSpec:
         features: which features the official method reads: "vision" (encoder layer
             output, before the projector) or "projected" (the LLM's visual tokens).
         cls_token: whether the method can take a leading CLS token (option ``has_cls``).
+        llm_stage: for a multi-stage method whose first stage acts before the LLM, the
+            registered in-LLM method holding its later stages (``tokensieve.apply`` runs
+            both unless told otherwise).
     """
 
     name: str
@@ -54,6 +57,7 @@ class MethodSpec:
     config: type = field(default=type(None))
     features: Literal["vision", "projected"] = "projected"
     cls_token: bool = False
+    llm_stage: str | None = None
 
     def required_signals(self, config: Any) -> tuple[str, ...]:
         """The signals the method needs with ``config``: ``config.required_signals()`` when
@@ -102,6 +106,7 @@ def register(
     config: type | None = None,
     features: Literal["vision", "projected"] = "projected",
     cls_token: bool = False,
+    llm_stage: str | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering a method function under ``name``."""
     for s in (*signals, *optional_signals):
@@ -122,7 +127,7 @@ def register(
         _REGISTRY[key] = MethodSpec(
             name=key, fn=fn, paper=paper, stage=stage, kind=kind, signals=signals,
             optional_signals=optional_signals, config=config or type(None),
-            features=features, cls_token=cls_token,
+            features=features, cls_token=cls_token, llm_stage=llm_stage,
         )
         return fn
 

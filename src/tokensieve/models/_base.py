@@ -49,6 +49,8 @@ DEFAULT_SIGNAL_LAYERS: dict[str, Any] = {
     "hiprune": {"llava": (9, "feature"), "qwen2-vl": (16, "feature")},  # object, deep layer
 }
 SignalLayers = str | tuple[int | str, ...] | list[int | str] | None
+#: ``apply(..., llm=OFFICIAL)``: a multi-stage method runs its own in-LLM stages.
+OFFICIAL = "official"
 
 
 @dataclass
@@ -688,7 +690,7 @@ def get_state(model: object) -> PatchState | None:
 
 
 def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, *, seed: int = 0,
-          signal_layers: SignalLayers = None, llm: str | ReduceConfig | None = None,
+          signal_layers: SignalLayers = None, llm: str | ReduceConfig | None = OFFICIAL,
           **options: Any) -> torch.nn.Module:
     """Patch ``model`` in place so that every call with images reduces its visual tokens.
 
@@ -708,6 +710,8 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
         llm: an in-LLM method run after a pre-LLM ``method`` (a two-step pipeline): its name
             (official budget and options) or a ``ReduceConfig(method, keep, options)``; its
             ``keep`` counts the tokens each image brings into the LLM after ``method``.
+            Default ``"official"``: a multi-stage method's own in-LLM stages (e.g.
+            VisionDrop's), none for single-stage methods; ``None``: no in-LLM step.
         **options: the method's options (``tokensieve.describe(method).defaults()``).
 
     Returns:
@@ -742,12 +746,14 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
         if signal_layers is not None:
             raise ValueError("signal_layers: in-LLM methods read their scores at their own "
                              "decoder layers (options `layer` / `layers`)")
-        if llm is not None:
+        if llm is not None and llm != OFFICIAL:
             raise ValueError(f"llm={llm!r}: {spec.name!r} already acts inside the LLM; a "
                              "pipeline is a pre-LLM method followed by an in-LLM one")
         stage = LlmStage(model, spec, config)
     else:
         adapter.check()
+        if llm == OFFICIAL:  # the method's own later stages, if it has any
+            llm = spec.llm_stage
         stage = None if llm is None else _llm_step(model, llm, seed)
     state = PatchState(config=config, spec=spec, adapter=adapter, llm=stage)
     for name in PATCHED_ATTRS:
