@@ -29,7 +29,12 @@ Contract of a patched model:
   positions as usual) and returns sequences that start with the caller's original
   prompt ids, so ``out[:, input_ids.shape[1]:]`` are the new tokens; ``max_length``
   counts the caller's prompt. A follow-up turn re-sends the whole history (with its
-  images); continuing from ``past_key_values`` with new images is refused.
+  images); continuing a cache with new images is refused.
+- A KV cache a reduced call returned (``out.cache``, ``generate(...,
+  return_dict_in_generate=True).cache``) holds the shortened prompt; a later call on it
+  (``cache=`` or ``past_key_values=``) gives the mask and position ids of the caller's
+  whole sequence, which are mapped onto the shortened one (``generate``: the whole
+  ``input_ids``). Other masks longer than the cache plus the call are refused.
 - All state lives in ``model._tokensieve``; ``remove`` restores the instance exactly.
   Applying to a patched model raises ``ValueError`` (remove first).
 """
