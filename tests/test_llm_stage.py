@@ -563,3 +563,31 @@ def test_image_query_rows_match_hand_reference(model, eager, monkeypatch):
                             "previous", "keep", query="image")
     assert [k.tolist() for k in kept[0]] == [k.tolist() for k in ref_kept[0]]
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_a_stage_can_drop_an_image_whole(model, eager, monkeypatch):
+    """A count of 0 removes the image from the cut layer on (the method is not called)."""
+    from dataclasses import dataclass
+
+    from tokensieve.core import registry
+    from tokensieve.methods.pdrop import PDropConfig
+
+    @dataclass(frozen=True)
+    class DropAllConfig(PDropConfig):
+        def counts(self, n, keep, depth):
+            return [0]
+
+    def fn(tokens, k, signals, config, generator):
+        raise AssertionError("not called for a count of 0")
+
+    registry._load_builtin_methods()
+    monkeypatch.setitem(registry._REGISTRY, "test-drop-all", registry.MethodSpec(
+        name="test-drop-all", fn=fn, paper="test", stage="llm", kind="subset",
+        signals=("query_attn",), config=DropAllConfig))
+    kw = inputs([1])
+    rec = record(model, kw)
+    with torch.no_grad(), tm.applied(model, "test-drop-all", layers=(2,), positions="keep"):
+        out = model(**kw).logits
+    ref, _ = by_hand(model, eager, rec, image_cols(kw["input_ids"]), [2], None, "own", "keep",
+                     fixed=[[torch.zeros(0, dtype=torch.long)] * 2])
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)

@@ -61,7 +61,8 @@ class LlmSchedule:
         raise NotImplementedError
 
     def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
-        """Image tokens kept from each cut on, for an image of ``n`` tokens."""
+        """Image tokens kept from each cut on, for an image of ``n`` tokens (0: the image
+        is dropped whole at that cut; adaptive methods may keep fewer than the count)."""
         raise NotImplementedError
 
     @property

@@ -554,6 +554,9 @@ class LlmStage:
                 kept.append(torch.zeros(0, dtype=torch.long, device=hidden.device))
                 continue
             row = int(b[0])
+            if target == 0:  # a stage may drop an image whole (ToDRE's later stage)
+                kept.append(torch.zeros(0, dtype=torch.long, device=hidden.device))
+                continue
             if target > cols.numel():
                 raise ValueError(f"{self.spec.name}: stage {stage} keeps {target} tokens of an "
                                  f"image that has {cols.numel()} left")
