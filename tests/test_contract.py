@@ -17,6 +17,9 @@ PER_SAMPLE_OPTIONS = {"cdpruner": {"relevance_norm": "sample"}}
 # Methods whose official rounding floors shares may keep fewer than ``keep`` tokens
 # (``exact_budget=True`` keeps exactly ``keep``).
 AT_MOST_KEEP = {"dart", "globalcom2", "hired"}
+# Methods that keep ``keep`` tokens and add merged ones on top (SparseVLM's recycled
+# clusters): ``indices`` holds the ``keep`` kept tokens, ``tokens`` has more.
+ADDS_MERGED = {"sparsevlm"}
 
 
 def _inputs_for(method: str, **kw) -> dict:
@@ -53,7 +56,9 @@ def test_contract_shapes_and_order(method):
     assert r.tokens.dim() == 3 and r.tokens.shape[0] == 2 and r.tokens.shape[2] == 64
     assert r.tokens.dtype == inputs["tokens"].dtype
     assert torch.isfinite(r.tokens).all()
-    if r.mask is None and method not in AT_MOST_KEEP:
+    if method in ADDS_MERGED:
+        assert r.indices.shape[1] == 64 and r.tokens.shape[1] > 64
+    elif r.mask is None and method not in AT_MOST_KEEP:
         assert r.tokens.shape[1] == 64
     else:
         assert r.tokens.shape[1] <= 64
