@@ -45,7 +45,7 @@ class ToDREConfig:
     paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
           "Vision-Language Models (Li et al., 2025), stage 1",
     stage="pre-llm", kind="subset", optional_signals=("cls_attn",), config=ToDREConfig,
-    features="vision",
+    features="vision", llm_stage="todre-llm",
 )
 def todre(tokens: Tensor, k: int, signals: Signals, config: ToDREConfig,
           generator: torch.Generator | None) -> Reduction:
@@ -58,7 +58,9 @@ def todre(tokens: Tensor, k: int, signals: Signals, config: ToDREConfig,
     replaces the step by max-sum diversification); by default this uses DivPrune's seed and
     cosine distance, so ``todre`` with default options equals ``divprune`` (the paper selects
     right after the vision encoder, hence ``features="vision"``). Stage 2 (dropping
-    all visual tokens from a middle LLM layer on) belongs to a model adapter, not here.
+    all visual tokens late in the LLM when the text no longer attends to them) is the
+    registered in-LLM method ``todre-llm`` (``tokensieve.apply(model, "todre", keep)`` runs
+    both).
     """
     seeds = None
     if config.start == "cls_attn":

@@ -51,7 +51,7 @@ class VisionDropConfig:
           "(VisionDrop, AAAI 2026)",
     stage="pre-llm", kind="subset+merge", signals=("keys", "attn_received"),
     optional_signals=("cls_attn",), config=VisionDropConfig,
-    features="vision", cls_token=True,
+    features="vision", cls_token=True, llm_stage="visiondrop-llm",
 )
 def visiondrop(tokens: Tensor, k: int, signals: Signals, config: VisionDropConfig,
                generator: torch.Generator | None) -> Reduction:
@@ -61,7 +61,8 @@ def visiondrop(tokens: Tensor, k: int, signals: Signals, config: VisionDropConfi
     tokens are ranked by intra-visual attention: ``attn_received`` ``[B, N]`` (or the last
     layer of ``[B, L, N]``), the attention every token receives from all visual tokens,
     averaged over heads and queries. ``keys`` ``[B, N, Dk]`` drive the contextual merge.
-    The LLM-side stages of VisionDrop are not part of this function.
+    The LLM-side stages of VisionDrop are the registered in-LLM method ``visiondrop-llm``
+    (``tokensieve.apply(model, "visiondrop", keep)`` runs both).
     """
     if config.score not in SCORES:
         raise ValueError(f"visiondrop: score={config.score!r}; expected one of {SCORES}")
