@@ -18,10 +18,18 @@ from tokensieve.bench.flops import (
     fastv_layer_flops,
 )
 from tokensieve.bench.protocol import BenchConfig, BenchResult, load_results, run_protocol
-from tokensieve.bench.timing import PeakMemory, Timing, measure_generation
+from tokensieve.bench.timing import (
+    LARGE_SPREAD,
+    PeakMemory,
+    Spread,
+    Timing,
+    Variant,
+    measure_generation,
+    measure_interleaved,
+)
 
 __all__ = [
-    "BenchConfig", "BenchResult", "Cost", "PeakMemory", "Plan", "StackDims", "Timing",
-    "VLMDims", "account", "decode_macs", "fastv_layer_flops", "load_results",
-    "measure_generation", "run_protocol",
+    "LARGE_SPREAD", "BenchConfig", "BenchResult", "Cost", "PeakMemory", "Plan", "Spread",
+    "StackDims", "Timing", "VLMDims", "Variant", "account", "decode_macs", "fastv_layer_flops",
+    "load_results", "measure_generation", "measure_interleaved", "run_protocol",
 ]
