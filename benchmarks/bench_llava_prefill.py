@@ -31,55 +31,14 @@ import time
 from typing import Any
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from _common import CPU_TIMES, IMAGE_TOKEN, build, inputs, timed
 
 import tokensieve as ts
 from tokensieve.bench.flops import Plan, VLMDims, account
 from tokensieve.models._signals import cls_attention
 from tokensieve.models._surgery import plan_surgery
 
-IMAGE_TOKEN = 32000
 PREFIX, SUFFIX = 35, 30  # LLaVA-1.5: the image starts at position 35; a short question
-
-
-def build(llm_layers: int, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                              num_attention_heads=16, image_size=336, patch_size=14,
-                              projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=llm_layers, num_attention_heads=32,
-                       num_key_value_heads=32, max_position_embeddings=4096, pad_token_id=0)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      image_seq_length=576, projector_hidden_act="gelu")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = LlavaForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(dtype).eval()
-
-
-def inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(3, 31000, (PREFIX + SUFFIX,), generator=g)
-    ids = torch.cat([text[:PREFIX], torch.full((576,), IMAGE_TOKEN), text[PREFIX:]])[None]
-    pixel_values = torch.randn(1, 3, 336, 336, generator=g).to(dtype)
-    return {"input_ids": ids, "pixel_values": pixel_values}
-
-
-CPU_TIMES: list[float] = []  # process CPU seconds of every timed() call, in order
-
-
-def timed(fn: Any) -> float:
-    """Wall seconds of ``fn()``; its process CPU seconds go to ``CPU_TIMES`` (with one
-    thread, CPU time is the compute cost, robust to other jobs on a shared machine)."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    t1, c1 = time.perf_counter(), time.process_time()
-    CPU_TIMES.append(c1 - c0)
-    return t1 - t0
 
 
 def main() -> None:
@@ -101,7 +60,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     model = build(args.llm_layers, dtype)
-    batch = inputs(dtype)
+    batch = inputs(dtype, PREFIX, SUFFIX)
     print(f"built in {time.perf_counter() - t0:.0f}s; attention: "
           f"{model.config.text_config._attn_implementation}, threads {torch.get_num_threads()}")
 
