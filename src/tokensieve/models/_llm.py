@@ -43,6 +43,7 @@ from tokensieve.core.api import ReduceConfig, reduce
 from tokensieve.core.registry import MethodSpec
 from tokensieve.core.schedule import LlmSchedule
 from tokensieve.models._llm_scores import attention_rows, rotated_keys, visible_keys
+from tokensieve.models._surgery import pack
 
 #: The current call's inputs, set by the patched ``forward`` around the model's own.
 _CALL: contextvars.ContextVar[CallInputs | None] = contextvars.ContextVar(
@@ -136,23 +137,6 @@ def image_runs(placeholder: Tensor) -> Tensor:
     start = placeholder & ~prev
     run = torch.cumsum(start.reshape(-1).long(), 0).reshape(placeholder.shape) - 1
     return torch.where(placeholder, run, -1)
-
-
-def pack(keep: Tensor, align: str) -> tuple[Tensor, Tensor]:
-    """Gather index ``[B, T']`` and validity of the kept columns ``keep`` ``[B, T]``, packed
-    to the right (``align="right"``, padding on the left) or to the left."""
-    length = keep.sum(dim=1)
-    b = keep.shape[0]
-    new_t = int(length.max()) if b else 0
-    rows, cols = torch.nonzero(keep, as_tuple=True)
-    pos = torch.cumsum(keep.long(), dim=1) - 1
-    offset = (new_t - length) if align == "right" else torch.zeros_like(length)
-    new_cols = pos[rows, cols] + offset[rows]
-    gather = torch.zeros(b, new_t, dtype=torch.long, device=keep.device)
-    valid = torch.zeros(b, new_t, dtype=torch.bool, device=keep.device)
-    gather[rows, new_cols] = cols
-    valid[rows, new_cols] = True
-    return gather, valid
 
 
 def _take(x: Tensor, gather: Tensor) -> Tensor:

@@ -142,8 +142,20 @@ def plan_surgery(placeholder: Tensor, counts: list[int], kept: list[int], align:
     keep = ~placeholder | (rank < kept_t[image_of.clamp(min=0)])
     if attention_mask is not None:
         keep = keep & (attention_mask != 0)
+    gather, valid = pack(keep, align)
     length = keep.sum(dim=1)
-    b, t = keep.shape
+    real = torch.ones_like(keep) if attention_mask is None else attention_mask != 0
+    dropped_before = torch.cumsum((~keep & real).long(), dim=1)
+    return SurgeryPlan(gather=gather, valid=valid, keep=keep, dropped_before=dropped_before,
+                       image_of=image_of, rank=rank, length=length)
+
+
+def pack(keep: Tensor, align: Align) -> tuple[Tensor, Tensor]:
+    """Gather index ``[B, T']`` and validity of the kept columns ``keep`` ``[B, T]``, packed
+    to the right (``align="right"``, padding on the left) or to the left; ``T'`` is the
+    longest row."""
+    length = keep.sum(dim=1)
+    b = keep.shape[0]
     new_t = int(length.max()) if b else 0
     rows, cols = torch.nonzero(keep, as_tuple=True)
     pos = torch.cumsum(keep.long(), dim=1) - 1
@@ -153,10 +165,7 @@ def plan_surgery(placeholder: Tensor, counts: list[int], kept: list[int], align:
     valid = torch.zeros(b, new_t, dtype=torch.bool, device=keep.device)
     gather[rows, new_cols] = cols
     valid[rows, new_cols] = True
-    real = torch.ones_like(keep) if attention_mask is None else attention_mask != 0
-    dropped_before = torch.cumsum((~keep & real).long(), dim=1)
-    return SurgeryPlan(gather=gather, valid=valid, keep=keep, dropped_before=dropped_before,
-                       image_of=image_of, rank=rank, length=length)
+    return gather, valid
 
 
 def check_padding(attention_mask: Tensor | None) -> None:
