@@ -51,10 +51,13 @@ class LlmSchedule:
         query: which query rows: ``"last"`` (each row's last prompt token), ``"text"``
             (the text tokens after the image that :meth:`raters` picks; ``query_attn``
             ``[1, R, N]``) or ``"image"`` (the image's own tokens: ``[1, N, N]``).
+        adaptive: the counts are caps (the method decides how many stay); a cut whose cap
+            exceeds the tokens an image has left keeps at most those.
     """
 
     scores: ClassVar[ScoreSource] = "previous"
     query: ClassVar[QueryRows] = "last"
+    adaptive: ClassVar[bool] = False
 
     def cut_layers(self, depth: int) -> tuple[int, ...]:
         """Decoder layers (ascending) before which image tokens are cut."""

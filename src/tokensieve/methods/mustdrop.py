@@ -88,6 +88,7 @@ class MustDropConfig(LlmSchedule):
 
     scores: ClassVar[ScoreSource] = "previous"
     query: ClassVar[QueryRows] = "text"
+    adaptive: ClassVar[bool] = True
 
     layers: tuple[int, ...] | None = None
     global_thr: Share = 0.011

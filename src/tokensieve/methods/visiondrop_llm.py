@@ -138,10 +138,10 @@ def visiondrop_llm(tokens: Tensor, k: int, signals: Signals, config: VisionDropL
             layer's own q/k (its input norm and rotary embedding), averaged over heads, as
             the official code computes it; the score of a token is the mean over the rows
             (the official ``attention_avg_image``). ``[B, N]``: already averaged.
-        keys: ``[B, N, Dk]`` optional, the similarity metric of the contextual merge. The
-            official code uses the stage layer's rotary-embedded keys averaged over heads;
-            the in-LLM stage does not pass keys yet, and without them the image's hidden
-            states (``tokens``) are the metric (a documented difference, see the README).
+        keys: ``[B, N, Dk]`` optional, the similarity metric of the contextual merge: the
+            stage layer's rotary-embedded keys averaged over heads, as the official code
+            uses them (the in-LLM stage passes them); without them the image's hidden
+            states (``tokens``) are the metric.
 
     Returns:
         ``[B, D + C, D]`` tokens: the dominant ones in their order, then the contextual ones

@@ -66,6 +66,7 @@ class ZipVLConfig(LlmSchedule):
 
     scores: ClassVar[ScoreSource] = "own"
     query: ClassVar[QueryRows] = "text"
+    adaptive: ClassVar[bool] = True
 
     tau: Annotated[float, Range(0.0, 1.0, lo_open=True)] = DEFAULT_TAU
     layers: tuple[int, ...] | None = None

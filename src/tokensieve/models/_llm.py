@@ -477,6 +477,7 @@ class LlmStage:
         attn = self.text.layers[source].self_attn
         window = self.window if self.layer_types[source] == "sliding_attention" else None
         visible = visible_keys(cols, seg.valid, window)
+        run.captured["score_keys"] = (attn, k, cos, sin)
         return attention_rows(attn, q, k, cos, sin, cols, visible), cols
 
     def _signal_source(self, run: _Prefill, layer_idx: int, hidden: Tensor, kwargs: dict,
@@ -486,6 +487,10 @@ class LlmStage:
         seg = run.seg
         if self.schedule.scores in ("previous", "own"):
             probs, query_cols = self._scores(run, layer_idx, hidden, kwargs)
+            keys = None
+            if "keys" in self.spec.signals or "keys" in self.spec.optional_signals:
+                # the scoring layer's keys as attention sees them, head-mean (VisionDrop)
+                keys = rotated_keys(*run.captured["score_keys"]).mean(dim=1)
 
             def by_attention(row: int, cols: Tensor, img: int) -> tuple[Tensor, dict[str, Tensor]]:
                 if self.schedule.query == "last":
@@ -497,17 +502,22 @@ class LlmStage:
                     attn = probs[row][own][:, cols][None]
                 else:
                     attn = probs[row][self._rater_rows(run, row, img, query_cols)][:, cols][None]
-                return hidden[row, cols].unsqueeze(0), {"query_attn": attn}
+                signals = {"query_attn": attn}
+                if keys is not None:
+                    signals["keys"] = keys[row, cols][None]
+                return hidden[row, cols].unsqueeze(0), signals
 
             return by_attention
         if self.schedule.scores != "keys":
             return lambda row, cols, img: (hidden[row, cols].unsqueeze(0), {})
-        # DART: keys of the layer before the cut (as attention sees them, heads side by
+        # DART: keys of the layer before the cut (as attention sees them, key heads side by
         # side), the cut layer's input normed by the LLM's final norm; the text is what
         # follows the image in its row.
         cap = run.captured
         cos, sin = cap["pos_emb"]
         attn = self.text.layers[layer_idx - 1].self_attn
+        # The official code concatenates the keys expanded to the query heads; each key head
+        # then appears g times, which scales every L1 norm by g: the same ranking.
         keys = rotated_keys(attn, cap["k"], cos, sin).transpose(1, 2).flatten(2)
         normed = self.text.norm(hidden)
 
@@ -541,6 +551,8 @@ class LlmStage:
             if target == 0:  # a stage may drop an image whole (ToDRE's later stage)
                 kept.append(torch.zeros(0, dtype=torch.long, device=hidden.device))
                 continue
+            if self.schedule.adaptive:  # a cap: earlier cuts may have kept fewer
+                target = min(target, cols.numel())
             if target > cols.numel():
                 raise ValueError(f"{self.spec.name}: stage {stage} keeps {target} tokens of an "
                                  f"image that has {cols.numel()} left")

@@ -11,21 +11,22 @@ window). Cost: ``Q x T`` logits per head, for a handful of query rows.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 
-def _rope_fn(attn: torch.nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
-    """The rotary function of the attention module's own modeling file."""
-    module = sys.modules[type(attn).__module__]
-    fn = getattr(module, "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise ValueError(f"{type(attn).__name__}: no apply_rotary_pos_emb in {module.__name__}; "
-                         "the in-LLM stage cannot recompute its attention rows")
-    return fn
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotary embedding as the supported decoders apply it (``rotate_half`` form) on
+    ``x`` ``[B, H, S, hd]`` with ``cos`` / ``sin`` ``[B, S, hd]``; once, in place of the
+    model's ``apply_rotary_pos_emb`` (which rotates q and k together)."""
+    if cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"rotary embedding of width {cos.shape[-1]} on heads of width "
+                         f"{x.shape[-1]}: partial rotary embeddings are not supported by the "
+                         "in-LLM stage")
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 def _heads(attn: torch.nn.Module, x: Tensor, norm: str) -> Tensor:
@@ -49,13 +50,11 @@ def visible_keys(query_cols: Tensor, key_valid: Tensor, window: int | None) -> T
 
 
 def rotated_keys(attn: torch.nn.Module, k_proj: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """The layer's keys as attention sees them: ``[B, Hq, T, hd]`` after its k norm and
-    rotary embedding, grouped-query heads expanded to the query heads."""
+    """The layer's keys as attention sees them: ``[B, Hkv, T, hd]`` after its k norm and
+    rotary embedding (grouped-query heads not expanded)."""
     k = _heads(attn, k_proj, "k_norm")
     b = k.shape[0]
-    k = _rope_fn(attn)(k, k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))[0]
-    heads = attn.config.num_attention_heads if hasattr(attn, "config") else k.shape[1]
-    return k.repeat_interleave(heads // k.shape[1], dim=1)
+    return _rotate(k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
 
 
 def attention_rows(attn: torch.nn.Module, q_proj: Tensor, k_proj: Tensor,
@@ -76,14 +75,17 @@ def attention_rows(attn: torch.nn.Module, q_proj: Tensor, k_proj: Tensor,
         (the softmax of the layer's attention logits), averaged over heads; rows that see
         no key are 0.
     """
-    b = q_proj.shape[0]
+    b, nq = q_proj.shape[:2]
     q = _heads(attn, q_proj, "q_norm")
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     idx = query_cols.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
-    q = _rope_fn(attn)(q, q, torch.gather(cos, 1, idx), torch.gather(sin, 1, idx))[0]
+    q = _rotate(q, torch.gather(cos, 1, idx), torch.gather(sin, 1, idx))
     k = rotated_keys(attn, k_proj, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+    # Grouped-query heads: query head h reads key head h // g; fold the g query heads of a
+    # key head into its rows instead of expanding the keys.
+    hq, hkv = q.shape[1], k.shape[1]
+    q = q.reshape(b, hkv, (hq // hkv) * nq, q.shape[-1])
+    logits = (q.float() @ k.float().transpose(-1, -2)).view(b, hq, nq, -1) * attn.scaling
     cap = getattr(attn, "attn_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
