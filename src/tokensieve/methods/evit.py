@@ -11,15 +11,23 @@ renormalised over the dropped tokens (they sum to the dropped attention mass, < 
 fused token is shrunk towards zero; ``fuse_normalize=True`` divides by ``sum_j a_j``
 (a proper weighted mean). The official code keeps the tokens in attention order; here they
 keep their original order (project policy).
+
+Inside a vision encoder (``ts.apply(model, "evit")``, :class:`EViTSchedule`): at layers
+3, 6 and 9 of 12 (0-based, scaled to the depth), between the attention and the MLP, each
+image keeps CLS + ``ceil(0.7 (T - 1))`` patch tokens (a fused token of an earlier layer
+counts as a patch) and fuses the rest, as the official ``Block``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from tokensieve.core.encoder_schedule import EncoderSchedule, LayerStep, register_encoder_schedule
 from tokensieve.core.ops import gather_tokens, topk_indices
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
@@ -124,3 +132,80 @@ def evit_reduce(tokens: Tensor, k: int, signals: Signals, config: EViTConfig,
     """
     return evit_select(tokens, k, signals.layer("cls_attn", "evit"), has_cls=config.has_cls,
                        fuse=config.fuse, fuse_normalize=config.fuse_normalize)
+
+
+# -- inside the encoder ------------------------------------------------------------------------
+#: EViT's official reduction layers (0-based blocks of a 12-layer ViT) and keep rate.
+OFFICIAL_LAYERS = (3, 6, 9)
+OFFICIAL_DEPTH = 12
+
+
+@register_encoder_schedule("evit")
+@dataclass(frozen=True)
+class EViTSchedule(EncoderSchedule):
+    """In-encoder options of ``evit`` (official defaults: ``drop_loc`` (3, 6, 9) of 12
+    blocks, ``base_keep_rate`` 0.7, inattentive token fusion).
+
+    Attributes:
+        keep_rate: share of the patch tokens (CLS excluded, an earlier fused token
+            included) kept at each reduction layer: ``ceil(keep_rate * (T - 1))``.
+        layers: 0-based encoder layers that reduce; ``None``: (3, 6, 9) scaled to the depth
+            (``l * depth // 12``; 6, 12, 18 of 24 layers).
+        fuse: add the fused token of the dropped ones (official default of EViT's runs).
+        fuse_normalize: corrected variant of the fused token (a weighted mean).
+    """
+
+    keep_rate: float = 0.7
+    layers: tuple[int, ...] | None = None
+    fuse: bool = True
+    fuse_normalize: bool = False
+
+    signals: ClassVar[tuple[str, ...]] = ("cls_attn",)
+    needs_cls: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        rate = self.keep_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise ValueError(f"evit: keep_rate={rate!r}: expected a float in (0, 1]")
+        if self.layers is not None:
+            ok = isinstance(self.layers, (tuple, list)) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.layers)
+            if not ok:
+                raise ValueError(f"evit: layers={self.layers!r}: expected a tuple of 0-based "
+                                 "encoder layer indices")
+        for name in ("fuse", "fuse_normalize"):
+            check_flag(getattr(self, name), name, "evit")
+
+    def plan(self, depth: int) -> dict[int, Any]:
+        layers = self.layers
+        if layers is None:
+            layers = tuple(sorted({lay * depth // OFFICIAL_DEPTH for lay in OFFICIAL_LAYERS}))
+        bad = [v for v in layers if v >= depth]
+        if bad:
+            raise ValueError(f"evit: layers={tuple(layers)}: {bad} are not layers of this "
+                             f"{depth}-layer encoder")
+        return {} if self.keep_rate >= 1 else {int(v): self.keep_rate for v in layers}
+
+    def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
+             param: Any, has_cls: bool) -> LayerStep | None:
+        """One EViT layer on ``tokens`` ``[B, T, D]`` (token 0: CLS) with the layer's CLS
+        attention ``signals["cls_attn"]`` ``[B, T]``: :func:`evit_select` keeps CLS + the
+        ``ceil(param * (T - 1))`` most attended tokens and fuses the rest."""
+        b, t, _ = tokens.shape
+        left = math.ceil(float(param) * (t - 1))
+        if left >= t - 1:
+            return None
+        k = 1 + left + int(self.fuse)
+        r = evit_select(tokens, k, signals["cls_attn"], has_cls=True, fuse=self.fuse,
+                        fuse_normalize=self.fuse_normalize)
+        dev = tokens.device
+        if r.assignment is not None:
+            slot = r.assignment
+        else:
+            slot = torch.full((b, t), -1, dtype=torch.long, device=dev).scatter(
+                1, r.indices, torch.arange(k, device=dev).expand(b, -1))
+        kept = r.positions if r.positions is not None else r.indices
+        prior = torch.ones(b, t, device=dev) if sizes is None else sizes.float()
+        new_sizes = torch.zeros(b, k + 1, device=dev).scatter_add_(
+            1, torch.where(slot < 0, k, slot), prior)[:, :k]
+        return LayerStep(tokens=r.tokens, sizes=new_sizes, slot=slot, kept=kept)

@@ -1,0 +1,108 @@
+"""Schedules of in-encoder methods: at which vision-encoder layers tokens are reduced, how.
+
+An in-encoder method (ToMe, EViT, ...) reduces the token set *inside* the layers of a
+vision transformer, between the attention and the MLP of some layers. Its in-model
+options (``r`` per layer, a keep rate, the layers, proportional attention) live in a frozen
+dataclass deriving from :class:`EncoderSchedule`, registered under the method's name with
+:func:`register_encoder_schedule`. The schedule says where the method acts
+(:meth:`EncoderSchedule.plan`) and what one layer does (:meth:`EncoderSchedule.step`, a
+pure function over tensors that reuses the method's token-set functions); the model layer
+(``tokensieve.models._encoder``) runs it inside the layers of any supported tower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """What one layer's reduction did to ``T`` tokens (``T'`` come out).
+
+    Attributes:
+        tokens: ``[B, T', D]`` the reduced tokens (the layer's MLP runs on them).
+        sizes: ``[B, T']`` float32, how many original tokens each output token stands for.
+        slot: ``[B, T]`` long, the output slot of every input token (-1: dropped).
+        kept: ``[B, T']`` long, the input index that represents each output token (the
+            surviving token of a merged group; a fused token's most attended member).
+    """
+
+    tokens: Tensor
+    sizes: Tensor
+    slot: Tensor
+    kept: Tensor
+
+
+@dataclass(frozen=True)
+class EncoderSchedule:
+    """Base of in-encoder method schedules (frozen dataclasses of the in-model options).
+
+    Class attributes (not options):
+        signals: what :meth:`step` reads besides the tokens, computed by the model layer
+            from the layer's own q / k projections (no eager attention): ``"keys"``
+            (``[B, T, Dh]`` head-mean keys, float32) and / or ``"cls_attn"`` (``[B, T]``
+            head-mean softmax attention row of token 0, float32).
+        needs_cls: the method cannot run on a tower without a CLS token (e.g. EViT).
+    """
+
+    signals: ClassVar[tuple[str, ...]] = ()
+    needs_cls: ClassVar[bool] = False
+
+    @property
+    def proportional(self) -> bool:
+        """Whether attention logits get ``log(size)`` of each key (ToMe's proportional
+        attention), as an additive float mask ``[B, 1, 1, T]``."""
+        return False
+
+    def plan(self, depth: int) -> dict[int, Any]:
+        """Layer index (0-based) -> the layer's parameter (e.g. ``r``) for the layers
+        that reduce, in a tower of ``depth`` layers."""
+        raise NotImplementedError
+
+    def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
+             param: Any, has_cls: bool) -> LayerStep | None:
+        """Reduce ``tokens`` ``[B, T, D]`` (after the layer's attention residual) with
+        ``param`` from :meth:`plan`; ``sizes`` ``[B, T]`` float32 or ``None`` (all ones);
+        ``has_cls``: token 0 is a CLS token (never merged or dropped, stays first).
+        Returns ``None`` when nothing is reduced at this size."""
+        raise NotImplementedError
+
+
+_SCHEDULES: dict[str, type[EncoderSchedule]] = {}
+
+
+def register_encoder_schedule(name: str) -> Any:
+    """Class decorator: ``cls`` holds the in-encoder options of method ``name``."""
+
+    def wrap(cls: type[EncoderSchedule]) -> type[EncoderSchedule]:
+        _SCHEDULES[name] = cls
+        return cls
+
+    return wrap
+
+
+def encoder_schedule_class(name: str) -> type[EncoderSchedule] | None:
+    """The registered schedule class of method ``name`` (None: it has no in-model patch)."""
+    from tokensieve.core.registry import get_method
+
+    get_method(name)  # loads the methods (and their schedules); unknown names fail here
+    return _SCHEDULES.get(name)
+
+
+def make_encoder_schedule(name: str, options: dict[str, Any]) -> EncoderSchedule:
+    """Build method ``name``'s schedule from keyword options (unknown names and bad
+    values raise ``ValueError``)."""
+    cls = encoder_schedule_class(name)
+    if cls is None:
+        raise ValueError(f"method {name!r} has no in-encoder patch yet (tokensieve.reduce runs "
+                         "it on token sets)")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ValueError(f"method {name!r} inside the encoder got unknown option(s) {unknown}; "
+                         f"its in-encoder options are {sorted(names)}")
+    return cls(**options)
