@@ -100,6 +100,8 @@ class PatchState:
     adapter: Adapter
     saved: dict[str, tuple[bool, Any]] = field(default_factory=dict)
     llm: LlmStage | None = None
+    #: The in-encoder stage (layer wrappers in the vision tower) of an encoder method.
+    encoder: Any = None
     caches: weakref.WeakKeyDictionary[Any, SurgeryPlan] = field(
         default_factory=weakref.WeakKeyDictionary, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
@@ -135,7 +137,7 @@ class PatchState:
     @property
     def pre_llm(self) -> bool:
         """Whether the method acts on the visual tokens before the LLM."""
-        return self.spec.stage == "pre-llm"
+        return self.spec.stage == "pre-llm" or bool(getattr(self.encoder, "feeds_llm", False))
 
     def to_dict(self) -> dict[str, Any]:
         """What runs, as plain data (for results files): the method config, the model
@@ -672,6 +674,7 @@ def _load_adapters() -> None:
     import tokensieve.models.llava_next  # noqa: F401
     import tokensieve.models.llava_onevision  # noqa: F401
     import tokensieve.models.qwen_vl  # noqa: F401
+    import tokensieve.models.vision  # noqa: F401
 
 
 def find_adapter(model: object) -> type[Adapter]:
@@ -722,6 +725,11 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
         raise ValueError(f"model is already patched by tokensieve ({st.config.method}, "
                          f"keep={st.config.keep}); call tokensieve.remove(model) first")
     adapter_cls = find_adapter(model)
+    if get_method(method).stage == "encoder" or adapter_cls.family == "vision":  # in the tower
+        from tokensieve.models._encoder import apply_encoder
+
+        return apply_encoder(model, adapter_cls, method, keep, seed=seed,
+                             signal_layers=signal_layers, llm=llm, options=options)
     if "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters:
         import transformers
 
@@ -756,14 +764,23 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
             llm = spec.llm_stage
         stage = None if llm is None else _llm_step(model, llm, seed)
     state = PatchState(config=config, spec=spec, adapter=adapter, llm=stage)
-    for name in PATCHED_ATTRS:
+    return install_state(model, state)
+
+
+def install_state(model: torch.nn.Module, state: PatchState,
+                  patch_calls: bool = True) -> torch.nn.Module:
+    """Patch ``forward`` / ``generate`` (unless ``patch_calls`` is False), install the
+    state's stages and attach the state; returns the model."""
+    for name in PATCHED_ATTRS if patch_calls else ():
         if not hasattr(model, name):
             continue
         own = name in model.__dict__
         state.saved[name] = (own, model.__dict__.get(name))
         object.__setattr__(model, name, _Patched(model, name))
-    if stage is not None:
-        stage.install()
+    if state.encoder is not None:
+        state.encoder.install()
+    if state.llm is not None:
+        state.llm.install()
     object.__setattr__(model, STATE_ATTR, state)
     return model
 
@@ -804,5 +821,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
             del model.__dict__[name]
     if state.llm is not None:
         state.llm.remove()
+    if state.encoder is not None:
+        state.encoder.remove()
     del model.__dict__[STATE_ATTR]
     return model

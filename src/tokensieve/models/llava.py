@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokensieve.models._base import Adapter, Encoded, register_adapter
+from tokensieve.core.reduction import Reduction
+from tokensieve.models._base import Adapter, Encoded, get_state, register_adapter
+from tokensieve.models._encoder import tower_has_cls
 from tokensieve.models._signals import (
     attention_received,
     capture_projections,
@@ -133,10 +135,51 @@ class LlavaAdapter(Adapter):
                 signals["values"] = mean_keys(captured[idx]["v_proj"], heads)
         return out.hidden_states[layer], signals
 
+    # -- in-encoder methods ------------------------------------------------------------------
+    def encoder_tower(self) -> tuple[torch.nn.ModuleList, bool, int]:
+        """``(layers, has_cls, until)`` for the in-encoder stage: the tower's layers, whether
+        token 0 is CLS, and the layer whose output is the feature (``vision_feature_layer``
+        -2: layer L-2; later layers' reductions would be wasted, so none happen there)."""
+        layers = self._layers()
+        until = self._attention_layer(self._feature_layer({}))
+        self._strategy({})
+        return layers, tower_has_cls(self.inner.vision_tower), until
+
+    def _encode_in_tower(self, args: dict[str, Any]) -> Encoded:
+        """Images through the tower reduced by the in-encoder stage: the feature layer's
+        output has ``T' < 1 + N`` tokens (CLS first); the "default" strategy drops it, the
+        projector maps the rest, and each image's placeholders are cut to that count. The
+        LLM gets the surviving tokens in their original order (a merged token at the place
+        of its surviving member). Per image: a ``Reduction`` over the ``N`` LLM tokens
+        (``positions``, ``sizes``, ``assignment``; ``indices=None``)."""
+        layer = self._feature_layer(args)
+        start = 0 if self._strategy(args) == "full" else 1
+        out = self.inner.vision_tower(args["pixel_values"], output_hidden_states=[layer],
+                                      return_dict=True)
+        hidden = out.hidden_states[layer]  # [I, T', Dv]
+        stage = get_state(self.model).encoder
+        trace = stage.last.at(self._attention_layer(layer))
+        feats = self.inner.multi_modal_projector(hidden[:, start:])  # [I, T' - start, D]
+        n_llm = self.tokens_per_image(args)
+        per = []
+        for i in range(feats.shape[0]):
+            if trace.sizes is None:
+                r = Reduction(tokens=feats[i:i + 1], indices=torch.arange(
+                    feats.shape[1], device=feats.device).unsqueeze(0))
+            else:
+                src = trace.source[i:i + 1, start:]
+                r = Reduction(tokens=feats[i:i + 1], positions=trace.positions[i:i + 1, start:]
+                              - start, sizes=trace.sizes[i:i + 1, start:],
+                              assignment=torch.where(src >= 0, src - start, -1))
+            per.append((r, self.grid if trace.sizes is None and start == 1 else None))
+        return Encoded(features=list(feats), counts=[n_llm] * feats.shape[0], reductions=per)
+
     def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
         if args.get("image_sizes") is not None:
             raise ValueError("image_sizes: the llava adapter supports fixed-size (LLaVA-1.5) "
                              "images")
+        if self.spec.stage == "encoder":
+            return self._encode_in_tower(args)
         hidden, tower_signals = self.run_tower(args, args["pixel_values"])  # [I, 1 + N, Dv]
         full = self._strategy(args) == "full"
         start = 0 if (full or self.use_cls()) else 1

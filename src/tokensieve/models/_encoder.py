@@ -1,0 +1,406 @@
+"""The in-encoder stage: reduce tokens inside the layers of a ViT encoder.
+
+Family-agnostic: it needs the encoder's layers (transformers 5.x pre-norm blocks: CLIP,
+SigLIP, ViT, Dinov2 encoder layers), whether token 0 is a CLS token, and an in-encoder
+schedule (:mod:`tokensieve.core.encoder_schedule`: ToMe, EViT). It changes no module,
+config or attention implementation of the model:
+
+- Every layer gets an instance attribute ``forward`` (a partial of this stage) in place of
+  its class's forward; ``remove`` restores exactly what was there (the instance attribute
+  a layer had, or none). The layers have no seam between attention and MLP, so a layer
+  that reduces runs its own submodules in the layer's order (norm, attention, residual,
+  *reduction*, norm, MLP, residual); the other layers run their own forward. At install,
+  one layer of each class is checked to give bit-identical outputs when run that way.
+- The reduction of a layer sees the tokens after the attention residual (``[B, T, D]``)
+  and the signals its schedule names, recomputed from the layer's own q / k projections
+  (forward hooks on ``q_proj`` / ``k_proj``; SDPA / flash kernels stay): head-mean keys
+  (ToMe's metric) or the head-mean CLS attention row (EViT). Every image of a batch
+  reduces by the same count, so shapes stay rectangular.
+- Sizes (how many original tokens each token stands for) are tracked from the first
+  reduction on; with proportional attention (ToMe) every later layer gets the additive
+  float mask ``log(size)`` ``[B, 1, 1, T]`` as its ``attention_mask`` (SDPA takes it).
+- A pass starts at layer 0; its trace (sizes, where each original token went, which
+  original token represents each output token) is kept per thread (:attr:`last`).
+- The layers' outputs are the reduced tensors, so ``output_hidden_states`` shows what
+  each layer produced (``hidden_states[i + 1]``: the output of layer ``i``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.encoder_schedule import EncoderSchedule, LayerStep
+from tokensieve.core.registry import MethodSpec
+from tokensieve.models._signals import mean_keys
+
+#: Why a family's later steps cannot take a reduced tower output (refused at apply).
+REFUSED: dict[str, str] = {
+    "llava-next": "anyres packing lays out every crop's whole patch grid (with newline "
+                  "tokens per row) after the tower",
+    "llava-onevision": "anyres packing and the bilinear pooling of its features need every "
+                       "image's whole patch grid",
+    "qwen2-vl": "the 2x2 patch merger needs the whole patch grid (merge units of 4 patches)",
+    "gemma3": "the 4x4 average pooling of the SigLIP grid into 256 soft tokens needs the "
+              "whole patch grid",
+    "idefics3": "the pixel shuffle (space-to-depth) of each crop needs the whole patch grid",
+}
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Submodule names of a pre-norm encoder layer:
+    ``x = x + post1(attn(norm1(x)))``, then ``x = x + post2(mlp(norm2(x)))``."""
+
+    norm1: str
+    attn: str
+    post1: tuple[str, ...]
+    norm2: str
+    mlp: str
+    post2: tuple[str, ...]
+
+
+ANATOMIES: tuple[Anatomy, ...] = (
+    Anatomy("layer_norm1", "self_attn", (), "layer_norm2", "mlp", ()),  # CLIP, SigLIP
+    Anatomy("layernorm_before", "attention", ("dropout",), "layernorm_after", "mlp",
+            ("dropout",)),  # ViT
+    Anatomy("norm1", "attention", ("layer_scale1", "drop_path"), "norm2", "mlp",
+            ("layer_scale2", "drop_path")),  # Dinov2
+)
+
+
+def find_anatomy(layer: torch.nn.Module) -> Anatomy:
+    """The :class:`Anatomy` of ``layer`` (ValueError when none fits)."""
+    for a in ANATOMIES:
+        names = (a.norm1, a.attn, *a.post1, a.norm2, a.mlp, *a.post2)
+        if all(hasattr(layer, n) for n in names) and all(
+                hasattr(getattr(layer, a.attn), p) for p in ("q_proj", "k_proj")):
+            return a
+    raise ValueError(f"the in-encoder stage supports CLIP / SigLIP / ViT / Dinov2 encoder "
+                     f"layers (pre-norm attention + MLP with q_proj / k_proj); got a "
+                     f"{type(layer).__name__}")
+
+
+def attention_geometry(attn: torch.nn.Module) -> tuple[int, float]:
+    """``(heads, scale)`` of a transformers attention module."""
+    heads = getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads", None)
+    scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None)
+    if heads is None or scale is None:
+        raise ValueError(f"{type(attn).__name__}: found no head count / scale")
+    return int(heads), float(scale)
+
+
+def cls_attention_row(q: Tensor, k: Tensor, heads: int, scale: float,
+                      bias: Tensor | None = None) -> Tensor:
+    """Head-mean softmax attention of token 0 over all keys, ``[B, T]`` float32, from the
+    projections ``q``, ``k`` ``[B, T, H*Dh]`` and an optional additive mask ``bias``
+    broadcastable to ``[B, 1, 1, T]`` (the layer's proportional-attention bias)."""
+    b, t, _ = k.shape
+    qh = q[:, :1].float().reshape(b, 1, heads, -1).transpose(1, 2)  # [B, H, 1, Dh]
+    kh = k.float().reshape(b, t, heads, -1).transpose(1, 2)  # [B, H, T, Dh]
+    logits = (qh @ kh.transpose(-1, -2)) * scale  # [B, H, 1, T]
+    if bias is not None:
+        logits = logits + bias.float()[..., -1:, :]
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+@dataclass(frozen=True)
+class EncoderTrace:
+    """What the stage did to the tokens of one pass, up to some layer.
+
+    Attributes:
+        tokens_in: ``N``, the tokens entering layer 0.
+        layer: the last layer that reduced (-1: none did).
+        sizes: ``[B, T]`` float32 original tokens per current token (None: no reduction).
+        source: ``[B, N]`` long, the current token each original token went into (-1:
+            dropped, e.g. EViT without fusion).
+        positions: ``[B, T]`` long, the original token representing each current token.
+    """
+
+    tokens_in: int
+    layer: int = -1
+    sizes: Tensor | None = None
+    source: Tensor | None = None
+    positions: Tensor | None = None
+
+
+@dataclass
+class EncoderRun:
+    """One pass through the encoder (per thread): the traces after each reducing layer."""
+
+    tokens_in: int
+    traces: list[EncoderTrace] = field(default_factory=list)
+    capture: int | None = None  # layer whose q / k projections the hooks keep
+    captured: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def current(self) -> EncoderTrace:
+        return self.traces[-1] if self.traces else EncoderTrace(self.tokens_in)
+
+    def at(self, layer: int) -> EncoderTrace:
+        """The trace after encoder layer ``layer`` (the last reduction at or before it)."""
+        done = [t for t in self.traces if t.layer <= layer]
+        return done[-1] if done else EncoderTrace(self.tokens_in)
+
+    def record(self, step: LayerStep, layer: int) -> None:
+        cur = self.current
+        b = step.slot.shape[0]
+        dev = step.slot.device
+        if cur.source is None:
+            source = torch.arange(self.tokens_in, device=dev).expand(b, -1)
+            positions = source
+        else:
+            source, positions = cur.source, cur.positions
+        moved = step.slot.gather(1, source.clamp(min=0))
+        source = torch.where(source >= 0, moved, -1)
+        positions = positions.gather(1, step.kept)
+        self.traces.append(EncoderTrace(self.tokens_in, layer, step.sizes, source, positions))
+
+
+class EncoderStage:
+    """Per-instance layer wrappers that reduce tokens inside a ViT encoder.
+
+    Args:
+        layers: the encoder's layers (a ``ModuleList``), in order.
+        spec: the method's registry entry (stage "encoder").
+        schedule: the method's in-encoder options (:class:`EncoderSchedule`).
+        has_cls: token 0 is a CLS token (never merged or dropped; stays first).
+        until: reduce only at layers ``<= until`` (e.g. a VLM's feature layer: later
+            reductions would be wasted); ``None``: every layer of the schedule.
+        feeds_llm: the tower's output goes to an LLM (the VLM's call is cut to the reduced
+            count by the pre-LLM surgery); False for a plain backbone.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], spec: MethodSpec,
+                 schedule: EncoderSchedule, has_cls: bool, until: int | None = None,
+                 feeds_llm: bool = False) -> None:
+        if len(layers) == 0:
+            raise ValueError("the in-encoder stage needs an encoder with layers")
+        if schedule.needs_cls and not has_cls:
+            raise ValueError(f"method {spec.name!r} inside the encoder needs a CLS token (its "
+                             "CLS attention ranks the tokens); this tower has none")
+        self.layers = layers
+        self.spec = spec
+        self.schedule = schedule
+        self.has_cls = has_cls
+        self.feeds_llm = feeds_llm
+        self.anatomy = find_anatomy(layers[0])
+        depth = len(layers)
+        plan = schedule.plan(depth)
+        self.plan = {i: p for i, p in plan.items() if until is None or i <= until}
+        self.heads, self.scale = attention_geometry(getattr(layers[0], self.anatomy.attn))
+        self._saved: dict[int, tuple[bool, Any]] = {}
+        self._handles: list[Any] = []
+        self._run: contextvars.ContextVar[EncoderRun | None] = contextvars.ContextVar(
+            "tokensieve_encoder_run", default=None)
+        self._verify()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_run"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._run = contextvars.ContextVar("tokensieve_encoder_run", default=None)
+
+    @property
+    def last(self) -> EncoderRun | None:
+        """The calling thread's last pass through the encoder (None before any)."""
+        return self._run.get()
+
+    # -- install / remove ---------------------------------------------------------------------
+    def install(self) -> None:
+        for i, layer in enumerate(self.layers):
+            self._saved[i] = ("forward" in layer.__dict__, layer.__dict__.get("forward"))
+            object.__setattr__(layer, "forward", functools.partial(self._layer_forward, i))
+        names = {"keys": ("k_proj",), "cls_attn": ("q_proj", "k_proj")}
+        wanted = sorted({n for s in self.schedule.signals for n in names[s]})
+        for i in self.plan:
+            attn = getattr(self.layers[i], self.anatomy.attn)
+            for name in wanted:
+                hook = functools.partial(self._capture, i, name)
+                self._handles.append(getattr(attn, name).register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for i, (own, value) in self._saved.items():
+            layer = self.layers[i]
+            if own:
+                object.__setattr__(layer, "forward", value)
+            else:
+                layer.__dict__.pop("forward", None)
+        self._saved.clear()
+
+    # -- per call -----------------------------------------------------------------------------
+    def _original(self, i: int) -> Any:
+        layer = self.layers[i]
+        own, value = self._saved.get(i, (False, None))
+        return value if own else type(layer).forward.__get__(layer)
+
+    def _capture(self, i: int, name: str, module: torch.nn.Module, args: tuple,
+                 out: Tensor) -> None:
+        run = self._run.get()
+        if run is not None and run.capture == i:
+            run.captured[name] = out.detach()
+
+    def _mask(self, run: EncoderRun, mask: Any, hidden: Tensor) -> Any:
+        """The attention mask of a layer: the caller's before any reduction; after one,
+        the proportional-attention bias ``log(size)`` ``[B, 1, 1, T]`` (or None)."""
+        trace = run.current
+        if trace.sizes is None:
+            return mask
+        if mask is not None:
+            raise ValueError("the tokensieve in-encoder stage takes no attention_mask for the "
+                             "encoder once tokens are reduced (padding masks are not merged)")
+        if not self.schedule.proportional:
+            return None
+        return trace.sizes.log()[:, None, None, :].to(hidden.dtype)
+
+    def _layer_forward(self, i: int, hidden_states: Tensor, attention_mask: Any = None,
+                       *args: Any, **kwargs: Any) -> Tensor:
+        if i == 0:
+            self._run.set(EncoderRun(tokens_in=int(hidden_states.shape[1])))
+        run = self._run.get()
+        if run is None or run.current.sizes is not None and \
+                run.current.sizes.shape[1] != hidden_states.shape[1]:
+            # A layer run on its own (outside a pass from layer 0): untouched.
+            return self._original(i)(hidden_states, attention_mask, *args, **kwargs)
+        mask = self._mask(run, attention_mask, hidden_states)
+        param = self.plan.get(i)
+        if param is None:
+            return self._original(i)(hidden_states, mask, *args, **kwargs)
+        layer = self.layers[i]
+        a = self.anatomy
+        x, signals = self._attention_half(run, i, layer, hidden_states, mask, args, kwargs)
+        step = self.schedule.step(x, run.current.sizes, signals, param, self.has_cls)
+        if step is not None:
+            x = step.tokens
+            run.record(step, i)
+        h = getattr(layer, a.mlp)(getattr(layer, a.norm2)(x))
+        for name in a.post2:
+            h = getattr(layer, name)(h)
+        return x + h
+
+    def _attention_half(self, run: EncoderRun, i: int, layer: torch.nn.Module, x: Tensor,
+                        mask: Any, args: tuple, kwargs: dict[str, Any],
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``x + post1(attn(norm1(x)))`` and the signals of the layer's q / k."""
+        a = self.anatomy
+        run.capture, run.captured = i, {}
+        try:
+            h, *_ = getattr(layer, a.attn)(getattr(layer, a.norm1)(x), mask, *args, **kwargs)
+        finally:
+            run.capture = None
+        for name in a.post1:
+            h = getattr(layer, name)(h)
+        signals: dict[str, Tensor] = {}
+        if "keys" in self.schedule.signals:
+            signals["keys"] = mean_keys(run.captured["k_proj"], self.heads)
+        if "cls_attn" in self.schedule.signals:
+            bias = mask if isinstance(mask, Tensor) and mask.is_floating_point() else None
+            signals["cls_attn"] = cls_attention_row(run.captured["q_proj"],
+                                                    run.captured["k_proj"], self.heads,
+                                                    self.scale, bias)
+        run.captured = {}
+        return x + h, signals
+
+    # -- checks -------------------------------------------------------------------------------
+    def _verify(self) -> None:
+        """Each layer class, run as its submodules in :class:`Anatomy` order, must give its
+        own forward's output bit for bit (on a small random input, in eval mode)."""
+        seen: set[type] = set()
+        gen = torch.Generator().manual_seed(0)
+        for layer in self.layers:
+            if type(layer) in seen or layer.training:
+                continue
+            seen.add(type(layer))
+            param = next(layer.parameters(), None)
+            if param is None or param.device.type == "meta":
+                continue
+            a = self.anatomy
+            width = getattr(layer, a.norm1).weight.shape[0]
+            x = torch.randn(1, 5, width, generator=gen).to(param.device, param.dtype)
+            with torch.no_grad():
+                ref = type(layer).forward(layer, x, None)
+                h, *_ = getattr(layer, a.attn)(getattr(layer, a.norm1)(x), None)
+                for name in a.post1:
+                    h = getattr(layer, name)(h)
+                mid = x + h
+                h = getattr(layer, a.mlp)(getattr(layer, a.norm2)(mid))
+                for name in a.post2:
+                    h = getattr(layer, name)(h)
+                mine = mid + h
+            if not torch.equal(ref, mine):
+                raise ValueError(f"{type(layer).__name__}: its forward is not the pre-norm "
+                                 "attention + MLP form the in-encoder stage re-runs (outputs "
+                                 "differ); this transformers release is not supported")
+
+
+# -- apply ------------------------------------------------------------------------------------
+def tower_has_cls(tower: torch.nn.Module) -> bool:
+    """Whether a vision tower prepends a CLS token (CLIP ``class_embedding``, ViT / Dinov2
+    ``cls_token``); SigLIP has none."""
+    inner = getattr(tower, "vision_model", tower)
+    emb = getattr(inner, "embeddings", None)
+    return any(getattr(emb, n, None) is not None for n in ("class_embedding", "cls_token"))
+
+
+def apply_encoder(model: torch.nn.Module, adapter_cls: type, method: str,
+                  keep: int | float | None, *, seed: int, signal_layers: Any, llm: Any,
+                  options: dict[str, Any]) -> torch.nn.Module:
+    """``tokensieve.apply`` for a method acting inside the vision encoder (ToMe, EViT).
+
+    The adapter says where the tower is (``encoder_tower()``: its layers, CLS, the last
+    layer whose output is used); families whose later steps need the whole patch grid are
+    refused (:data:`REFUSED`). On a VLM the tower's reduced output reaches the LLM through
+    the pre-LLM surgery (the prompt's placeholders are cut to the tokens that come out); a
+    plain backbone's ``forward`` is not wrapped at all (its layers are).
+    """
+    from tokensieve.core.api import ReduceConfig
+    from tokensieve.core.encoder_schedule import make_encoder_schedule
+    from tokensieve.core.registry import get_method
+    from tokensieve.models._base import OFFICIAL, PatchState, _llm_step, install_state
+
+    spec = get_method(method)
+    family = adapter_cls.family
+    if spec.stage != "encoder":
+        raise ValueError(f"a {type(model).__name__} is a vision backbone without an LLM: method "
+                         f"{spec.name!r} acts at stage {spec.stage!r}; tokensieve.apply runs "
+                         "in-encoder methods (tome, evit) on backbones")
+    if family in REFUSED or not hasattr(adapter_cls, "encoder_tower"):
+        why = REFUSED.get(family, "its adapter does not expose the vision tower")
+        raise ValueError(f"method {spec.name!r} reduces tokens inside the vision tower, which "
+                         f"the {family} family cannot take yet: {why}; tokensieve.apply runs "
+                         "in-encoder methods on LLaVA-1.5 and on plain CLIP / SigLIP / ViT / "
+                         "Dinov2 backbones")
+    schedule = make_encoder_schedule(spec.name, dict(options))
+    if keep is not None:
+        raise ValueError(f"keep={keep!r}: {spec.name!r} inside the encoder is set by its own "
+                         f"options ({', '.join(sorted(schedule.__dataclass_fields__))}); "
+                         "leave keep unset")
+    if signal_layers is not None:
+        raise ValueError("signal_layers: in-encoder methods read their signals at the layers "
+                         "that reduce")
+    config = ReduceConfig(method=spec.name, keep=None, options=dict(options), seed=seed)
+    # The adapter holds no token-set options (the schedule has the in-encoder ones).
+    adapter = adapter_cls(model, spec, ReduceConfig(method=spec.name, keep=None, seed=seed))
+    layers, has_cls, until = adapter.encoder_tower()
+    feeds_llm = family != "vision"
+    stage = EncoderStage(layers, spec, schedule, has_cls, until=until, feeds_llm=feeds_llm)
+    llm_stage = None
+    if llm is not None and llm != OFFICIAL:
+        if not feeds_llm:
+            raise ValueError(f"llm={llm!r}: a plain vision backbone has no LLM")
+        llm_stage = _llm_step(model, llm, seed)
+    state = PatchState(config=config, spec=spec, adapter=adapter, llm=llm_stage,
+                       encoder=stage)
+    return install_state(model, state, patch_calls=feeds_llm)
