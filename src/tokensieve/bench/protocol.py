@@ -527,8 +527,9 @@ def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any],
             spec.config, LlmSchedule):
         # the method's own schedule: its cut layers and the tokens kept from each on
         sched = spec.make_config(options)
-        counts = sched.counts(n_tokens, keep, llm_layers)
-        return Plan.llm_schedule(zip(sched.cut_layers(llm_layers), counts, strict=True))
+        tokens = sched.image_tokens(n_tokens, sched.counts(n_tokens, keep, llm_layers))
+        steps = dict(zip(sched.cut_layers(llm_layers), tokens, strict=True))  # last wins
+        return Plan.llm_schedule(sorted(steps.items()))
     layer = _layer_option(method, options)
     if spec.stage == "encoder" and layer is None:
         # progressive in-encoder schedules (ToMe: r per layer) are not known here: count the

@@ -68,6 +68,12 @@ class LlmSchedule:
         is dropped whole at that cut; adaptive methods may keep fewer than the count)."""
         raise NotImplementedError
 
+    def image_tokens(self, n: int, counts: list[int]) -> list[int]:
+        """The image's tokens from each cut on, when ``n`` enter and the cuts keep
+        ``counts`` (default: the counts; methods that add merged tokens add them). What the
+        FLOPs accounting counts."""
+        return list(counts)
+
     @property
     def position_mode(self) -> Positions:
         return getattr(self, "positions", "keep")
