@@ -98,8 +98,9 @@ def make_encoder_schedule(name: str, options: dict[str, Any]) -> EncoderSchedule
     values raise ``ValueError``)."""
     cls = encoder_schedule_class(name)
     if cls is None:
-        raise ValueError(f"method {name!r} has no in-encoder patch yet (tokensieve.reduce runs "
-                         "it on token sets)")
+        raise ValueError(f"method {name!r} acts at stage 'encoder'; its in-encoder patch is "
+                         "not built yet (tokensieve.reduce runs it on token sets; "
+                         "tokensieve.apply runs tome and evit inside the encoder)")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - names)
     if unknown:
