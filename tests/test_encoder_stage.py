@@ -428,3 +428,19 @@ def test_llava_batch_equals_single():
             one = model(**{k: v[i:i + 1] for k, v in inputs.items()}).logits
             torch.testing.assert_close(both[i:i + 1], one, atol=ATOL, rtol=0)
     ts.remove(model)
+
+
+def test_llava_encoder_then_in_llm_pipeline():
+    """tome in the tower, then fastv inside the LLM (one apply, recorded in to_dict)."""
+    model = tiny_llava()
+    inputs = llava_inputs()
+    ts.apply(model, "tome", r=4, llm=ts.ReduceConfig("fastv", keep=10, options={"layer": 1}))
+    with torch.no_grad():
+        out = model(**inputs)
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    state = tm.get_state(model)
+    assert out.logits.shape[1] == 6 + 41 and gen.shape == (2, inputs["input_ids"].shape[1] + 3)
+    assert [c.shape[0] for c in state.llm.last[0].kept] == [10, 10]  # per image
+    assert state.to_dict()["llm"]["method"] == "fastv"
+    ts.remove(model)
+    assert all("forward" not in vars(la) for la in model.model.vision_tower.encoder.layers)
