@@ -28,10 +28,12 @@ documents between the processes.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
@@ -137,14 +139,20 @@ class TokenSieveLMM(lmms):
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
         self.default_max_new_tokens = max_new_tokens
 
+        # lmms-eval's entry point builds an Accelerator first; on CPU it leaves accelerate's
+        # state single-process but starts torch.distributed (gloo) under torchrun, so the
+        # ranks come from torch.distributed when it runs
         self.accelerator = Accelerator()
-        self._rank = self.accelerator.process_index
-        self._world_size = self.accelerator.num_processes
+        if dist.is_available() and dist.is_initialized():
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+        local_rank = int(os.environ.get("LOCAL_RANK", self.accelerator.local_process_index))
         if _none(device) is None:
-            device = (f"cuda:{self.accelerator.local_process_index}"
-                      if torch.cuda.is_available() else "cpu")
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and self._world_size > 1:
-            device = f"cuda:{self.accelerator.local_process_index}"
+            device = f"cuda:{local_rank}"
         self._device = parse_device(str(device))
         if _none(dtype) is None:
             dtype = "float16" if self._device.type == "cuda" else "float32"
