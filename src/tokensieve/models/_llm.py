@@ -175,10 +175,7 @@ class LlmStage:
             isinstance(getattr(rope, "rope_type", None), dict)
             or any(hasattr(rope, f"{t}_inv_freq") for t in self.layer_types))
         self.positions = "keep" if self.mrope else self.schedule.position_mode
-        self.records: weakref.WeakKeyDictionary[Any, _Record] = weakref.WeakKeyDictionary()
-        self.last: list[Cut] = []
-        self._run: contextvars.ContextVar[_Prefill | _Continue | None] = contextvars.ContextVar(
-            "tokensieve_llm_run", default=None)
+        self._new_context()
         self._handles: list[Any] = []
         self._check_counts()
 
@@ -186,13 +183,27 @@ class LlmStage:
         """Copies and pickles keep the hooks (bound to the copy) but no per-call state: the
         copy continues no cache of the original (it refuses a cut one)."""
         state = dict(self.__dict__)
-        del state["_run"], state["records"]
+        del state["_run"], state["_last"], state["records"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.records = weakref.WeakKeyDictionary()
-        self._run = contextvars.ContextVar("tokensieve_llm_run", default=None)
+        self._new_context()
+
+    def _new_context(self) -> None:
+        """Per-call state: the cache records of this stage, and per thread the running call
+        and the cuts of the last prefill."""
+        self.records: weakref.WeakKeyDictionary[Any, _Record] = weakref.WeakKeyDictionary()
+        self._run: contextvars.ContextVar[_Prefill | _Continue | None] = contextvars.ContextVar(
+            "tokensieve_llm_run", default=None)
+        self._last: contextvars.ContextVar[list[Cut] | None] = contextvars.ContextVar(
+            "tokensieve_llm_last", default=None)
+
+    @property
+    def last(self) -> list[Cut]:
+        """The cuts of this thread's last prefill: per cut layer, each image's kept indices
+        into its original tokens (what each output token stands for, for merging methods)."""
+        return list(self._last.get() or [])
 
     def _check_counts(self) -> None:
         """Validate the budget at apply time (types; on an image as large as an int keep)."""
@@ -603,7 +614,7 @@ class LlmStage:
             if cache is not None:
                 self.records[cache] = run.record
         run.record.segments.append((layer_idx, valid.long()))
-        self.last = run.cuts
+        self._last.set(run.cuts)
         return out
 
     def _norm_pre(self, module: torch.nn.Module, args: tuple) -> Any:
