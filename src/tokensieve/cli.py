@@ -134,8 +134,9 @@ def bench_command(
     """Accuracy, FLOPs, latency and memory of methods x budgets; JSON, CSV and a Pareto plot.
 
     With no arguments: the embedded tiny VLM, 280 scene-QA test samples, 6 methods (random,
-    pool, fastervlm, visionzip, divprune, cdpruner) at 192/128/64 of 576 tokens, sized to
-    finish within about 4 minutes on 2 CPU cores.
+    pool, fastervlm, visionzip, divprune, cdpruner) at 192/128/64 of 576 tokens, 9 timed
+    rounds: about 16 CPU-minutes (measured 31 min wall on 2 CPU cores shared with other jobs;
+    less on an idle machine).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -64,7 +64,7 @@ REFERENCE_KEEPS = (192, 128, 64)
 #: merging, diversity, text-conditioned diversity; then the rest.
 DEFAULT_METHODS = ("random", "pool", "fastervlm", "visionzip", "divprune", "cdpruner",
                    "uniform", "vtc-cls", "mmtok", "hiprune", "dart", "fastv")
-#: Default methods at most (keeps ``tokensieve bench`` within about 5 minutes on 2 CPU cores).
+#: Default methods at most (a default ``tokensieve bench``: about 16 CPU-minutes).
 DEFAULT_MAX_METHODS = 6
 DEFAULT_LIMIT = 280  # 40 per question family
 #: Timed rounds by default (every cell once per round, in alternation): enough for quartiles.
