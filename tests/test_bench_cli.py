@@ -46,8 +46,9 @@ def test_list_marks_where_methods_run():
     assert rows["fastervlm"] == ["pre-llm", "subset", "yes", "yes", "yes"]
     assert rows["fastv"] == ["llm", "subset", "yes", "yes", "-"]
     assert rows["pdrop"][2:] == ["yes", "yes", "-"]
-    assert rows["tome"] == ["encoder", "merge", "-", "-", "-"]
-    assert "ts.reduce only: ats, evit" in " ".join(res.output.split())
+    assert rows["tome"][:2] == ["encoder", "merge"] and rows["tome"][3:] == ["-", "-"]
+    assert rows["ats"] == ["encoder", "subset", "-", "-", "-"]  # no in-encoder patch
+    assert "ts.reduce only: ats," in " ".join(res.output.split())
 
 
 def test_bench_all_fractions_and_signal_layers_reach_the_run(tmp_path, monkeypatch):

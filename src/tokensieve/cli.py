@@ -33,15 +33,17 @@ def list_command() -> None:
                       ", ".join(spec.signals) or "-", ", ".join(spec.optional_signals) or "-",
                       spec.paper)
     Console(width=220).print(table)
-    in_llm = [m for m in list_methods() if method_runs(m)["apply"]
-              and get_method(m).stage == "llm"]
-    reduce_only = [m for m in list_methods() if not method_runs(m)["apply"]]
+    def names(stage: str, key: str, value: bool) -> str:
+        return ", ".join(m for m in list_methods() if method_runs(m)[key] is value
+                         and (not stage or get_method(m).stage == stage)) or "none"
+
     Console(width=120).print(
         "acts: encoder = inside the vision tower, pre-llm = on the tokens given to the LLM, "
-        "llm = inside the LLM. apply / bench: `ts.apply` patches the pre-LLM methods and the "
-        f"in-LLM ones with a layer schedule ({', '.join(in_llm) or 'none'}); "
-        f"ts.reduce only: {', '.join(reduce_only) or 'none'}. viz: pre-LLM methods.",
-        highlight=False)
+        "llm = inside the LLM. apply: `ts.apply` patches the pre-LLM methods, the in-LLM "
+        f"ones with a layer schedule ({names('llm', 'apply', True)}) and the in-encoder "
+        f"ones ({names('encoder', 'apply', True)}: set by their own options); bench: "
+        "pre-LLM and in-LLM methods (its grid sets keep); ts.reduce only: "
+        f"{names('', 'apply', False)}. viz: pre-LLM methods.", highlight=False)
 
 
 def _split(values: list[str] | None) -> list[str] | None:

@@ -251,15 +251,28 @@ def check_keeps(keeps: Sequence[int | float], n_tokens: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _in_encoder_patch(name: str) -> bool:
+    """Whether ``tokensieve.apply`` has an in-encoder patch for ``name`` (its schedule is
+    registered in ``tokensieve.core.encoder_schedule``)."""
+    try:
+        from tokensieve.core.encoder_schedule import encoder_schedule_class
+    except ImportError:  # pragma: no cover - older cores without the encoder stage
+        return False
+    return encoder_schedule_class(name) is not None
+
+
 def method_runs(name: str) -> dict[str, bool]:
     """Where a registered method runs: ``apply`` (tokensieve.apply patches it: pre-LLM
-    methods and in-LLM ones with a layer schedule), ``bench`` (the protocol runs what
-    ``apply`` patches) and ``viz`` (the token picture needs a pre-LLM reduction)."""
+    methods, in-LLM ones with a layer schedule, encoder ones with an in-encoder schedule),
+    ``bench`` (the protocol's grid of budgets: pre-LLM and in-LLM methods; in-encoder
+    methods are set by their own options, not by ``keep``) and ``viz`` (the token picture
+    needs a pre-LLM reduction)."""
     spec = get_method(name)
     in_llm = spec.stage == "llm" and isinstance(spec.config, type) and issubclass(
         spec.config, LlmSchedule)
-    patched = spec.stage == "pre-llm" or in_llm
-    return {"apply": patched, "bench": patched, "viz": spec.stage == "pre-llm"}
+    by_keep = spec.stage == "pre-llm" or in_llm
+    in_encoder = spec.stage == "encoder" and _in_encoder_patch(spec.name)
+    return {"apply": by_keep or in_encoder, "bench": by_keep, "viz": spec.stage == "pre-llm"}
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -275,10 +288,10 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
             continue
         spec = get_method(m)
         if not method_runs(spec.name)["bench"]:
-            raise ValueError(f"method {spec.name!r} acts at stage {spec.stage!r}, which "
-                             "tokensieve.apply does not patch (it runs on token sets with "
-                             "tokensieve.reduce); bench runs pre-LLM and in-LLM methods "
-                             "(`tokensieve list`, column bench)")
+            raise ValueError(f"method {spec.name!r} acts at stage {spec.stage!r}, which the "
+                             "benchmark's budget grid does not run (no in-model patch, or one "
+                             "set by the method's own options instead of keep); bench runs "
+                             "pre-LLM and in-LLM methods (`tokensieve list`, column bench)")
         names.append(spec.name)
     if not names and not methods:
         raise ValueError("methods=[]: expected at least one method name")
