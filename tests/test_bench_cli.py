@@ -44,8 +44,8 @@ def test_list_marks_where_methods_run():
     rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:7]]
             for ln in res.output.splitlines() if ln.count("│") > 8 and ln.split("│")[1].strip()}
     assert rows["fastervlm"] == ["pre-llm", "subset", "yes", "yes", "yes"]
-    assert rows["fastv"] == ["llm", "subset", "yes", "yes", "-"]
-    assert rows["pdrop"][2:] == ["yes", "yes", "-"]
+    assert rows["fastv"] == ["llm", "subset", "yes", "yes", "yes"]
+    assert rows["pdrop"][2:] == ["yes", "yes", "yes"]
     assert rows["tome"][:2] == ["encoder", "merge"] and rows["tome"][3:] == ["-", "-"]
     assert rows["ats"] == ["encoder", "subset", "-", "-", "-"]  # no in-encoder patch
     assert "ts.reduce only: ats," in " ".join(res.output.split())
@@ -175,8 +175,6 @@ def test_viz_bad_inputs(no_long_work, tmp_path):
     assert res.exit_code == 2 and "expected a .png" in res.output
     res = _invoke("viz", str(good), "--method", "pool", "--keep", "1.5")
     assert res.exit_code == 2 and "--keep 1.5" in res.output
-    res = _invoke("viz", str(good), "--method", "fastv", "--keep", "64")
-    assert res.exit_code == 2 and "viz draws pre-LLM reductions" in res.output
     res = _invoke("viz", str(good), "--method", "tome", "--keep", "64")
     assert res.exit_code == 2 and "stage 'encoder'" in res.output
 
@@ -218,6 +216,31 @@ def test_viz_runs_on_random_tiny(tmp_path):
     res = _invoke("viz", str(img), "--method", "fastervlm", "--keep", "8", "--model",
                   "random-tiny", "--out", str(out))
     assert res.exit_code == 0 and "8 tokens (8 kept, 0 merged groups)" in res.output
+
+
+def test_viz_draws_each_cut_of_an_in_llm_method(tmp_path):
+    """An in-LLM method: one panel per cut layer, the tokens that survive from it on."""
+    from tokensieve.zoo import scene_qa
+
+    img = tmp_path / "scene.png"
+    scene_qa("test", 1)[0].image.save(img)
+    out = tmp_path / "pdrop.png"
+    res = _invoke("viz", str(img), "--method", "pdrop", "--keep", "0.75", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert "from layer 1" in res.output and "from layer 2" in res.output
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > im.height  # panels side by side
+
+
+def test_stage_maps_mark_the_survivors():
+    from tokensieve.bench.viz import stage_maps
+    from tokensieve.models._llm import Cut
+
+    cuts = [Cut(layer=2, kept=[torch.tensor([0, 5, 8])]), Cut(layer=4, kept=[torch.tensor([5])])]
+    (name0, first), (name1, second) = stage_maps(cuts, 0, (3, 3))
+    assert name0 == "from LLM layer 2 on" and name1 == "from LLM layer 4 on"
+    assert first.kept.reshape(-1).nonzero()[0].tolist() == [0, 5, 8]
+    assert second.kept.reshape(-1).nonzero()[0].tolist() == [5] and second.dropped.sum() == 8
 
 
 def test_token_map_subset_merge_and_cls():

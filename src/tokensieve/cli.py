@@ -43,7 +43,7 @@ def list_command() -> None:
         f"ones with a layer schedule ({names('llm', 'apply', True)}) and the in-encoder "
         f"ones ({names('encoder', 'apply', True)}: set by their own options); bench: "
         "pre-LLM and in-LLM methods (its grid sets keep); ts.reduce only: "
-        f"{names('', 'apply', False)}. viz: pre-LLM methods.", highlight=False)
+        f"{names('', 'apply', False)}. viz: pre-LLM and in-LLM methods.", highlight=False)
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -252,7 +252,7 @@ def viz_command(
         spec = get_method(method)
         if not method_runs(spec.name)["viz"]:
             raise ValueError(f"method {spec.name!r} acts at stage {spec.stage!r}; viz draws "
-                             "pre-LLM reductions (`tokensieve list`, column viz)")
+                             "pre-LLM and in-LLM reductions (`tokensieve list`, column viz)")
         k: int | float = int(keep) if float(keep).is_integer() and keep >= 1 else keep
         if isinstance(k, float) and not 0.0 < k < 1.0:
             raise ValueError(f"--keep {keep}: expected a count >= 1 or a fraction in (0, 1)")
@@ -273,9 +273,14 @@ def viz_command(
         info = visualize(vlm, processor, img, spec.name, k, target, question=question)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(console, err) from None
-    console.print(f"{spec.name} keep={keep:g}: {info['tokens']} tokens "
-                  f"({info['kept']} kept, {info['merged_groups']} merged groups); "
-                  f"answer: {info['answer']!r}")
+    if "layers" in info:  # in-LLM: the tokens left from each cut layer on
+        stages = ", ".join(f"{n} from layer {layer}"
+                           for n, layer in zip(info["kept"], info["layers"], strict=True))
+        console.print(f"{spec.name} keep={keep:g}: {stages}; answer: {info['answer']!r}")
+    else:
+        console.print(f"{spec.name} keep={keep:g}: {info['tokens']} tokens "
+                      f"({info['kept']} kept, {info['merged_groups']} merged groups); "
+                      f"answer: {info['answer']!r}")
     console.print(f"wrote {info['path']}")
 
 

@@ -265,14 +265,14 @@ def method_runs(name: str) -> dict[str, bool]:
     """Where a registered method runs: ``apply`` (tokensieve.apply patches it: pre-LLM
     methods, in-LLM ones with a layer schedule, encoder ones with an in-encoder schedule),
     ``bench`` (the protocol's grid of budgets: pre-LLM and in-LLM methods; in-encoder
-    methods are set by their own options, not by ``keep``) and ``viz`` (the token picture
-    needs a pre-LLM reduction)."""
+    methods are set by their own options, not by ``keep``) and ``viz`` (a pre-LLM
+    reduction's picture, or an in-LLM one's panel per cut)."""
     spec = get_method(name)
     in_llm = spec.stage == "llm" and isinstance(spec.config, type) and issubclass(
         spec.config, LlmSchedule)
     by_keep = spec.stage == "pre-llm" or in_llm
     in_encoder = spec.stage == "encoder" and _in_encoder_patch(spec.name)
-    return {"apply": by_keep or in_encoder, "bench": by_keep, "viz": spec.stage == "pre-llm"}
+    return {"apply": by_keep or in_encoder, "bench": by_keep, "viz": by_keep}
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:

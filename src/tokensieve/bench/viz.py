@@ -107,12 +107,9 @@ def _group_edges(group: np.ndarray) -> dict[int, list[tuple[tuple[float, float],
     return edges
 
 
-def draw_token_map(image: np.ndarray, tmap: TokenMap, path: str | os.PathLike[str],
-                   title: str = "") -> None:
-    """Write a PNG: ``image`` (``[S, S, 3]`` floats in [0, 1] or uint8) with ``tmap``."""
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        img = (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+def _draw_panel(ax: Any, img: np.ndarray, tmap: TokenMap, title: str) -> None:
+    """One token map on ``ax``: dropped dimmed, merged groups tinted and outlined, kept
+    tokens outlined in white, group centres dotted."""
     h, w = tmap.kept.shape
     overlay = np.zeros((h, w, 4), dtype=np.float32)
     overlay[tmap.dropped] = (0.0, 0.0, 0.0, 0.72)
@@ -121,7 +118,6 @@ def draw_token_map(image: np.ndarray, tmap: TokenMap, path: str | os.PathLike[st
     colour = {g: cmap(i % 20) for i, g in enumerate(groups)}
     for g in groups:
         overlay[tmap.group == g] = (*colour[g][:3], 0.35)
-    fig, ax = plt.subplots(figsize=(6, 6.4), dpi=100)
     ax.imshow(img, extent=(0, w, h, 0), interpolation="bilinear")
     ax.imshow(overlay, extent=(0, w, h, 0), interpolation="nearest")
     for g, segs in _group_edges(tmap.group).items():
@@ -141,9 +137,55 @@ def draw_token_map(image: np.ndarray, tmap: TokenMap, path: str | os.PathLike[st
     legend = f"{kept} kept (white outline), {merged} merged groups (tinted), " \
              f"{int(tmap.dropped.sum())} dropped (dark) of {h * w}"
     ax.set_title(f"{title}\n{legend}" if title else legend, fontsize=8)
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        img = (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+    return img
+
+
+def draw_token_map(image: np.ndarray, tmap: TokenMap, path: str | os.PathLike[str],
+                   title: str = "") -> None:
+    """Write a PNG: ``image`` (``[S, S, 3]`` floats in [0, 1] or uint8) with ``tmap``."""
+    fig, ax = plt.subplots(figsize=(6, 6.4), dpi=100)
+    _draw_panel(ax, _as_uint8(image), tmap, title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def draw_stages(image: np.ndarray, panels: list[tuple[str, TokenMap]],
+                path: str | os.PathLike[str], title: str = "") -> None:
+    """Write a PNG with one panel per stage of a multi-stage (in-LLM) reduction: the tokens
+    that survive from each cut layer on."""
+    img = _as_uint8(image)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 5.2), dpi=100,
+                             squeeze=False)
+    for ax, (name, tmap) in zip(axes[0], panels, strict=True):
+        _draw_panel(ax, img, tmap, name)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def stage_maps(cuts: list[Any], image: int, grid: tuple[int, int]) -> list[tuple[str, TokenMap]]:
+    """Per cut of an in-LLM reduction, the token map of image ``image``: the tokens that
+    survive from that decoder layer on (for merging methods, the source position each
+    output token stands for)."""
+    h, w = grid
+    panels = []
+    for cut in cuts:
+        kept = np.zeros(h * w, dtype=bool)
+        idx = cut.kept[image].detach().cpu().long().numpy()
+        kept[idx[(idx >= 0) & (idx < h * w)]] = True
+        tmap = TokenMap(kept=kept.reshape(h, w), group=np.full((h, w), -1, dtype=np.int64),
+                        centres=[])
+        panels.append((f"from LLM layer {cut.layer} on", tmap))
+    return panels
 
 
 def is_scene_image(image: Any) -> bool:
@@ -180,11 +222,19 @@ def model_view(pixel_values: torch.Tensor, processor: Any) -> np.ndarray:
     return np.clip(x * std + mean, 0.0, 1.0)
 
 
+def _view(pixels: torch.Tensor, processor: Any, image: Any) -> np.ndarray:
+    if pixels.dim() == 4:  # [1, 3, S, S]: the image exactly as the model sees it
+        return model_view(pixels, processor)
+    # flattened patches (Qwen2-VL): the input image, which keeps its aspect
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
 def visualize(model: Any, processor: Any, image: Any, method: str, keep: int | float,
               out: str | os.PathLike[str], question: str = "Describe the image.",
               **options: Any) -> dict[str, Any]:
     """Run ``model`` once on ``image`` and ``question`` with ``method`` at ``keep`` and draw
-    which visual tokens it kept and merged. Returns the answer, counts and the PNG path."""
+    which visual tokens it kept and merged (an in-LLM method: one panel per cut layer, the
+    tokens that survive from it on). Returns the answer, counts and the PNG path."""
     from tokensieve import models
     from tokensieve.bench.protocol import model_dims
     from tokensieve.zoo import build_prompt
@@ -200,9 +250,26 @@ def visualize(model: Any, processor: Any, image: Any, method: str, keep: int | f
     try:
         with torch.inference_mode():
             gen = model.generate(**enc, max_new_tokens=8, do_sample=False)
-        reductions = models.last_reductions(model)
+        state = models.get_state(model)
+        cuts = state.llm.last if state.llm is not None and not state.pre_llm else None
+        reductions = [] if cuts is not None else models.last_reductions(model)
     finally:
         models.remove(model)
+    answer = processor.tokenizer.decode(gen[0, enc["input_ids"].shape[1]:],
+                                        skip_special_tokens=True).strip()
+    view = _view(enc["pixel_values"], processor, image)
+    if cuts is not None:  # an in-LLM method: one panel per cut
+        if not cuts:
+            raise ValueError(f"method {method!r} made no cut for this image")
+        side = int(round(dims.image_tokens ** 0.5))
+        if side * side != dims.image_tokens:
+            raise ValueError(f"{dims.image_tokens} image tokens are not a square grid; viz "
+                             "draws in-LLM cuts on square grids")
+        panels = stage_maps(cuts, 0, (side, side))
+        draw_stages(view, panels, out, f"{method} keep={keep}  Q: {question}  A: {answer}")
+        return {"answer": answer, "kept": [int(t.kept.sum()) for _, t in panels],
+                "layers": [c.layer for c in cuts], "tokens": int(panels[-1][1].kept.sum()),
+                "path": str(out)}
     if not reductions:
         raise ValueError(f"method {method!r} recorded no reduction for this image")
     r, r_grid = reductions[0]
@@ -214,13 +281,6 @@ def visualize(model: Any, processor: Any, image: Any, method: str, keep: int | f
     patches = grid[0] * grid[1]
     offset = (n_src - patches) if n_src is not None else (0 if r_grid is not None else 1)
     tmap = token_map(r, grid, offset)
-    pixels = enc["pixel_values"]
-    if pixels.dim() == 4:  # [1, 3, S, S]: the image exactly as the model sees it
-        view = model_view(pixels, processor)
-    else:  # flattened patches (Qwen2-VL): the input image, which keeps its aspect
-        view = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    answer = processor.tokenizer.decode(gen[0, enc["input_ids"].shape[1]:],
-                                        skip_special_tokens=True).strip()
     title = f"{method} keep={keep} ({r.num_tokens} of {dims.image_tokens} tokens)  " \
             f"Q: {question}  A: {answer}"
     draw_token_map(view, tmap, out, title)
