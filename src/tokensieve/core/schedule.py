@@ -40,6 +40,28 @@ def check_layer(name: str, value: object, minimum: int = 0) -> None:
         raise ValueError(f"{name}={value!r}: expected an int decoder layer index >= {minimum}")
 
 
+def check_layer_list(layers: object, minimum: int = 1, name: str = "layers") -> None:
+    """Validate an optional ``layers`` option: ``None`` or a non-empty, strictly ascending
+    tuple of decoder layer indices ``>= minimum``."""
+    if layers is None:
+        return
+    if not isinstance(layers, (tuple, list)) or not layers:
+        raise ValueError(f"{name}={layers!r}: expected a non-empty tuple of ascending decoder "
+                         "layer indices")
+    for layer in layers:
+        check_layer(name, layer, minimum=minimum)
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"{name}={layers!r}: expected strictly ascending layers")
+
+
+def check_depth(layers: tuple[int, ...], depth: int, name: str = "layers") -> tuple[int, ...]:
+    """``layers`` if all lie inside a ``depth``-layer LLM, else a ValueError."""
+    if layers[-1] >= depth:
+        raise ValueError(f"{name}={tuple(layers)}: the LLM has {depth} decoder layers; "
+                         f"expected layers below {depth}")
+    return tuple(layers)
+
+
 @dataclass(frozen=True)
 class LlmSchedule:
     """Base of in-LLM method configs.

@@ -26,7 +26,7 @@ from tokensieve.core.schedule import (
     LlmSchedule,
     QueryRows,
     ScoreSource,
-    check_layer,
+    check_layer_list,
     scaled_layers,
 )
 from tokensieve.core.signals import Signals
@@ -97,14 +97,7 @@ class MustDropConfig(LlmSchedule):
     positions: Literal["keep", "renumber"] = "renumber"
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not self.layers:
-                raise ValueError(f"layers={self.layers!r}: expected a non-empty tuple of "
-                                 "ascending decoder layer indices")
-            for layer in self.layers:
-                check_layer("layers", layer, minimum=0)
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers={self.layers!r}: expected strictly ascending layers")
+        check_layer_list(self.layers, minimum=0)
         for name in ("global_thr", "individual_thr"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:

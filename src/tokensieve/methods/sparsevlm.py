@@ -21,7 +21,7 @@ from tokensieve.core.schedule import (
     LlmSchedule,
     QueryRows,
     ScoreSource,
-    check_layer,
+    check_layer_list,
     layer_average,
     scaled_layers,
 )
@@ -106,14 +106,7 @@ class SparseVLMConfig(LlmSchedule):
     cluster_ratio: Share = 0.1
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not self.layers:
-                raise ValueError(f"layers={self.layers!r}: expected a non-empty tuple of "
-                                 "ascending decoder layer indices")
-            for layer in self.layers:
-                check_layer("layers", layer, minimum=0)
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers={self.layers!r}: expected strictly ascending layers")
+        check_layer_list(self.layers, minimum=0)
         sched = self.schedule
         if (not isinstance(sched, (tuple, list)) or not sched or any(
                 isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in sched)):

@@ -22,7 +22,8 @@ from tokensieve.core.schedule import (
     LlmSchedule,
     QueryRows,
     ScoreSource,
-    check_layer,
+    check_depth,
+    check_layer_list,
     check_positions,
     geometric_counts,
     scaled_layers,
@@ -77,23 +78,13 @@ class VisionDropLlmConfig(LlmSchedule):
     contextual_merge: Literal["target+mean", "mean"] = "target+mean"
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not self.layers:
-                raise ValueError(f"layers={self.layers!r}: expected a non-empty tuple of "
-                                 "ascending decoder layer indices")
-            for layer in self.layers:
-                check_layer("layers", layer, minimum=1)
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers={self.layers!r}: expected strictly ascending layers")
+        check_layer_list(self.layers, minimum=1)
         check_positions(self.positions)
 
     def cut_layers(self, depth: int) -> tuple[int, ...]:
         if self.layers is None:
             return scaled_layers(OFFICIAL_FRACTIONS, depth)
-        if self.layers[-1] >= depth:
-            raise ValueError(f"layers={tuple(self.layers)}: the LLM has {depth} decoder layers; "
-                             f"expected layers in [1, {depth})")
-        return tuple(self.layers)
+        return check_depth(self.layers, depth)
 
     def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
         layers = self.cut_layers(depth)

@@ -20,7 +20,13 @@ from tokensieve.core.ops import select_mask
 from tokensieve.core.options import Range
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
-from tokensieve.core.schedule import LlmSchedule, QueryRows, ScoreSource, check_layer
+from tokensieve.core.schedule import (
+    LlmSchedule,
+    QueryRows,
+    ScoreSource,
+    check_depth,
+    check_layer_list,
+)
 from tokensieve.core.signals import Signals
 from tokensieve.methods._adaptive import capped, rater_rows, uniform_cap
 
@@ -76,14 +82,7 @@ class ZipVLConfig(LlmSchedule):
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not (
                 0 < self.tau <= 1):
             raise ValueError(f"tau={self.tau!r}: expected a float in (0, 1]")
-        if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not self.layers:
-                raise ValueError(f"layers={self.layers!r}: expected a non-empty tuple of "
-                                 "ascending decoder layer indices")
-            for layer in self.layers:
-                check_layer("layers", layer, minimum=1)
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers={self.layers!r}: expected strictly ascending layers")
+        check_layer_list(self.layers, minimum=1)
         if self.positions not in ("keep", "renumber"):
             raise ValueError(f"positions={self.positions!r}: expected 'keep' or 'renumber'")
 
@@ -93,10 +92,7 @@ class ZipVLConfig(LlmSchedule):
                 raise ValueError(f"zipvl: an LLM of {depth} decoder layer(s) has no layer to "
                                  "cut before; expected at least 2")
             return tuple(range(1, depth))
-        if self.layers[-1] >= depth:
-            raise ValueError(f"layers={tuple(self.layers)}: the LLM has {depth} decoder layers; "
-                             f"expected layers in [1, {depth})")
-        return tuple(self.layers)
+        return check_depth(self.layers, depth)
 
     def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
         """The most image tokens each cut keeps (tau may keep fewer): ``n`` without
