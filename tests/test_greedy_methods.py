@@ -89,6 +89,41 @@ def test_lazy_rows_compute_fewer_rows_than_full_matrix():
     assert int(cache.cached.sum()) < 600
 
 
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("n,d,k,dup", [(5, 3, 5, False), (64, 8, 20, True), (300, 16, 40, False),
+                                       (576, 64, 64, False), (576, 32, 300, True)])
+def test_max_min_dense_and_lazy_paths_pick_the_same(distance, n, d, k, dup):
+    """The dense path (one N x N matrix, batched loop) and the lazy-row path agree, with the
+    DivPrune seed and with given seeds, on duplicates too (never a re-pick). With exact
+    duplicates every nearest-neighbour distance ties at 0, and ``cdist`` rounds the zeros
+    differently per row block, so the euclidean DivPrune seed is only compared without them."""
+    x, _ = _data(3, n, d, seed=n + k)
+    if dup:
+        x[:, 1::2] = x[:, 0::2][:, : x[:, 1::2].shape[1]]
+    g = torch.Generator().manual_seed(k)
+    given = torch.randint(0, n, (3,), generator=g)
+    for seeds in ((given,) if dup and distance == "euclidean" else (None, given)):
+        dense = _greedy.max_min_indices(x, k, distance, seeds, dense=True)
+        lazy = _greedy.max_min_indices(x, k, distance, seeds, dense=False)
+        assert torch.equal(dense, lazy)
+        assert all(len(set(row)) == k for row in dense.tolist())
+
+
+def test_max_min_takes_the_dense_path_by_size(monkeypatch):
+    """LLaVA-1.5's 576 tokens (and small N, or k >= N / 4 up to twice the limit) take the
+    dense path; large N with a small k computes rows lazily."""
+    calls = []
+    real = _greedy.dense_distances
+    monkeypatch.setattr(_greedy, "dense_distances",
+                        lambda t, dist: calls.append(t.shape[1]) or real(t, dist))
+    ts.reduce(torch.randn(2, 576, 16), "divprune", 64)
+    assert calls == [576]
+    n = 2 * _greedy.DENSE_MAX_N
+    _greedy.max_min_indices(torch.randn(1, n, 4), n // 4)
+    _greedy.max_min_indices(torch.randn(1, n, 4), 8)
+    assert calls == [576, n]
+
+
 def test_todre_default_equals_divprune_and_seed_options():
     x, _ = _data(3, 36, 5, seed=11)
     k = 9

@@ -282,8 +282,86 @@ def distance_rows(x: Tensor, distance: str) -> RowFn:
     raise ValueError(f"distance={distance!r}: expected 'cosine' or 'euclidean'")
 
 
+#: Up to this many tokens :func:`max_min_indices` takes the dense path
+#: (:func:`max_min_dense`): one symmetric ``N x N`` distance matrix and a loop of two
+#: fused kernels per pick beat lazily fetched row blocks (whose small GEMMs re-read all the
+#: tokens) and the per-step bookkeeping of :class:`LazyRows`. Above it, the lazy path
+#: computes only the rows it needs (about ``k`` plus a few blocks), which wins as ``N`` grows
+#: (measured on one CPU thread: dense 1.5x faster at N=576, even at 2,048, 1.6x slower at
+#: 4,096 with k = N / 9), unless ``k >= N / 4`` and ``N <= 2 * DENSE_MAX_N``.
+DENSE_MAX_N = 2048
+
+#: The dense path's distance matrices of a batch are built this many bytes at a time.
+DENSE_CHUNK_BYTES = 1 << 26
+
+
+def dense_distances(tokens: Tensor, distance: str) -> Tensor:
+    """All pairwise distances ``[B, N, N]`` (float32) of ``tokens`` ``[B, N, D]``.
+
+    "cosine": ``1 - cos`` from :func:`symmetric_gram` (half the multiply-adds of a full
+    GEMM, exactly symmetric); "euclidean": :func:`torch.cdist` in the power-of-two units of
+    :func:`euclidean_distance_rows`. The same values, up to float32 rounding of the GEMM,
+    as the rows :func:`distance_rows` gives.
+    """
+    b, n = tokens.shape[:2]
+    out = torch.empty(b, n, n, device=tokens.device)
+    for i in range(b):
+        if distance == "cosine":
+            symmetric_gram(normalize(tokens[i]), out=out[i],
+                           transform=lambda blk, rows, cols: blk.neg_().add_(1.0))
+        elif distance == "euclidean":
+            xf = pow2_rescale(tokens[i], dim=(0, 1)).float()
+            out[i] = torch.cdist(xf, xf)
+        else:
+            raise ValueError(f"distance={distance!r}: expected 'cosine' or 'euclidean'")
+    return out
+
+
+def max_min_dense(dist: Tensor, k: int, seeds: Tensor | None = None) -> Tensor:
+    """Farthest-first traversal of every sample of a batch on dense distances.
+
+    The same recurrence and tie-breaking as :func:`farthest_isolated` and
+    :func:`max_min_select` (first index on ties), vectorised over the batch: per pick one
+    ``argmax`` and one fused running-minimum update (``torch.minimum(..., out=)``), with the
+    diagonal set to ``-inf`` so that a pick's own row excludes it from later picks.
+
+    Args:
+        dist: ``[B, N, N]`` float32 distances; its diagonal is overwritten.
+        k: picks per sample.
+        seeds: ``[B]`` first picks; ``None``: per sample ``argmax_j min_{i != j} D[j, i]``.
+
+    Returns:
+        ``[B, k]`` long, in pick order.
+    """
+    b = dist.shape[0]
+    diag = torch.diagonal(dist, dim1=1, dim2=2)
+    if seeds is None:
+        diag.fill_(math.inf)
+        seeds = dist.amin(dim=2).argmax(dim=1)
+    diag.fill_(-math.inf)
+    seeds = seeds.to(dist.device)
+    if b == 1:
+        rows = dist[0]
+        j = int(seeds[0])
+        picks = [j]
+        mind = rows[j].clone()
+        for _ in range(1, k):
+            j = int(torch.argmax(mind))
+            picks.append(j)
+            torch.minimum(mind, rows[j], out=mind)
+        return torch.tensor(picks, device=dist.device).unsqueeze(0)
+    ar = torch.arange(b, device=dist.device)
+    cols = [seeds]
+    mind = dist[ar, seeds]
+    for _ in range(1, k):
+        j = torch.argmax(mind, dim=1)
+        cols.append(j)
+        torch.minimum(mind, dist[ar, j], out=mind)
+    return torch.stack(cols, dim=1)
+
+
 def max_min_indices(tokens: Tensor, k: int, distance: str = "cosine",
-                    seeds: Tensor | None = None) -> Tensor:
+                    seeds: Tensor | None = None, dense: bool | None = None) -> Tensor:
     """Max-min diversity (farthest-first / greedy k-centre) subset of each sample.
 
     Args:
@@ -292,10 +370,25 @@ def max_min_indices(tokens: Tensor, k: int, distance: str = "cosine",
         distance: "cosine" (``1 - cos``) or "euclidean".
         seeds: ``[B]`` first pick per sample; ``None``: the token whose nearest neighbour
             is farthest (:func:`farthest_isolated`, DivPrune's rule).
+        dense: ``True``: the dense path (:func:`dense_distances` + :func:`max_min_dense`),
+            ``False``: the lazy-row path (:func:`farthest_isolated` +
+            :func:`max_min_select`), ``None``: by size (see :data:`DENSE_MAX_N`). Both
+            pick the same tokens (up to float32 rounding in exact near-ties).
 
     Returns:
         ``[B, k]`` long, in pick order (not sorted).
     """
+    if distance not in ("cosine", "euclidean"):
+        raise ValueError(f"distance={distance!r}: expected 'cosine' or 'euclidean'")
+    b, n = tokens.shape[:2]
+    if dense is None:
+        dense = n <= DENSE_MAX_N or (n <= 2 * DENSE_MAX_N and 4 * k >= n)
+    if dense:
+        step = max(1, DENSE_CHUNK_BYTES // max(1, 4 * n * n))
+        return torch.cat([
+            max_min_dense(dense_distances(tokens[s:s + step], distance), k,
+                          None if seeds is None else seeds[s:s + step])
+            for s in range(0, b, step)])
     out = []
     for b in range(tokens.shape[0]):
         cache = LazyRows(distance_rows(tokens[b], distance), tokens.shape[1], tokens.device)
