@@ -47,16 +47,17 @@ def pow2_rescale(x: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
     return torch.ldexp(x, -exponent.to(x.dtype if x.is_floating_point() else torch.float32))
 
 
-def select_mask(tokens: Tensor, keep: Tensor) -> Reduction:
+def select_mask(tokens: Tensor, keep: Tensor, always_mask: bool = False) -> Reduction:
     """A subset reduction from a keep mask ``[B, N]`` whose counts may differ per sample.
 
-    Equal counts: a plain :func:`select`. Otherwise real tokens come first in original
-    order, padded to the largest count with zero tokens whose ``indices`` repeat the row's
-    last real index, and ``mask`` ``[B, K']`` is False on the padding.
+    Equal counts: a plain :func:`select` (``mask`` None unless ``always_mask``). Otherwise
+    real tokens come first in original order, padded to the largest count with zero tokens
+    whose ``indices`` repeat the row's last real index, and ``mask`` ``[B, K']`` is False on
+    the padding.
     """
     b, n = keep.shape
     counts = keep.sum(dim=1)
-    if bool((counts == counts[0]).all()):
+    if bool((counts == counts[0]).all()) and not always_mask:
         return select(tokens, torch.nonzero(keep)[:, 1].reshape(b, -1))
     width = int(counts.max())
     pos = torch.arange(n, device=keep.device).unsqueeze(0)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokensieve.core.ops import gather_tokens, pow2_rescale
+from tokensieve.core.ops import pow2_rescale, select_mask
 from tokensieve.core.options import PositiveCount
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
@@ -125,25 +125,6 @@ def inverse_transform_sample(significance: Tensor, m: int) -> Tensor:
     return torch.zeros_like(chosen_sorted).scatter(1, order, chosen_sorted)
 
 
-def pad_selection(tokens: Tensor, keep: Tensor) -> Reduction:
-    """A subset reduction from a per-sample keep mask ``[B, N]`` with differing counts.
-
-    Real tokens first in original order, then padding up to the largest count: zero tokens,
-    ``indices`` repeating the row's last real index, ``mask`` False.
-    """
-    b, n = keep.shape
-    counts = keep.sum(dim=1)
-    width = int(counts.max())
-    pos = torch.arange(n, device=keep.device).unsqueeze(0)
-    order = torch.sort(torch.where(keep, pos, pos + n), dim=1).values[:, :width]
-    mask = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
-    last = order.gather(1, (counts - 1).clamp(min=0).unsqueeze(1))
-    indices = torch.where(mask, order, last)
-    kept = gather_tokens(tokens, indices)
-    kept = torch.where(mask.unsqueeze(-1), kept, torch.zeros_like(kept))
-    return Reduction(tokens=kept, indices=indices, mask=mask)
-
-
 def ats_select(tokens: Tensor, k: int, cls_attn: Tensor, values: Tensor | None, *,
                has_cls: bool = False) -> Reduction:
     """Adaptive token sampling of at most ``k`` tokens (CLS included) per sample.
@@ -164,13 +145,13 @@ def ats_select(tokens: Tensor, k: int, cls_attn: Tensor, values: Tensor | None, 
     dev = tokens.device
     if k >= n:  # keeping every token: no sampling (the contract of every subset method)
         keep = torch.ones(b, n, dtype=torch.bool, device=dev)
-        return pad_selection(tokens, keep)
+        return select_mask(tokens, keep, always_mask=True)
     keep = torch.zeros(b, n, dtype=torch.bool, device=dev)
     keep[:, :c] = True
     if k - c > 0:
         sig = ats_significance(cls_attn[:, c:], None if values is None else values[:, c:])
         keep[:, c:] = inverse_transform_sample(sig, k - c)
-    return pad_selection(tokens, keep)
+    return select_mask(tokens, keep, always_mask=True)
 
 
 @register(
