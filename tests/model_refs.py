@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 import tokensieve.models as tm
+
+
+def _cache_name(model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache under: ``cache`` (transformers
+    5.24 on, where ``past_key_values`` is deprecated) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else \
+        "past_key_values"
 
 
 def splice_left_padded(ids: torch.Tensor, mask: torch.Tensor, emb: torch.Tensor,
@@ -65,8 +74,10 @@ def greedy(model, steps: int, *, inputs_embeds: torch.Tensor, attention_mask: to
         tokens.append(nxt)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         pos = pos[:, -1:] + 1
+        cache = getattr(out, "cache", None)
+        cache = out.past_key_values if cache is None else cache
         out = model(input_ids=nxt, attention_mask=mask, position_ids=pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    **{_cache_name(model): cache}, use_cache=True)
     return torch.cat(tokens, dim=1)
 
 

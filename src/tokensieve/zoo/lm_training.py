@@ -38,10 +38,12 @@ those symbolic tokens, then projector and LM are fine-tuned on real features.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -322,7 +324,7 @@ def lm_answer_logits(model, codec: PromptCodec, image_embeds: torch.Tensor,
     prefix_ids = torch.tensor(codec.prefix, device=dev)
     prefix = torch.cat([embed(prefix_ids)[None].expand(b, -1, -1).to(image_embeds.dtype),
                         image_embeds], dim=1)
-    cache = lm(inputs_embeds=prefix, use_cache=True).past_key_values
+    cache = _output_cache(lm(inputs_embeds=prefix, use_cache=True))
     if repeat > 1:
         cache.batch_repeat_interleave(repeat)
     lens = [len(s) for s in suffixes]
@@ -331,10 +333,24 @@ def lm_answer_logits(model, codec: PromptCodec, image_embeds: torch.Tensor,
         ids[r, : len(s)] = torch.tensor(s)
     ids = ids.to(dev)
     pos = (prefix.shape[1] + torch.arange(ids.shape[1], device=dev))[None].expand(len(ids), -1)
-    out = lm(inputs_embeds=embed(ids), past_key_values=cache, position_ids=pos, use_cache=False,
+    out = lm(inputs_embeds=embed(ids), **{_cache_name(lm): cache}, position_ids=pos,
+             use_cache=False,
              output_hidden_states=hidden)
     logits = model.lm_head(out.last_hidden_state)
     return (logits, lens, out.hidden_states[1]) if hidden else (logits, lens)
+
+
+def _cache_name(module: nn.Module) -> str:
+    """The keyword a transformers forward takes the KV cache under: ``cache`` (transformers
+    5.24 on; ``past_key_values`` is deprecated there) or ``past_key_values`` (earlier)."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    """The KV cache a model output carries (``cache`` or ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return getattr(out, "past_key_values", None) if cache is None else cache
 
 
 class AttentionCapture:
@@ -366,7 +382,7 @@ class AttentionCapture:
         self.active = False
 
     def _hook(self, module, args, kwargs, output) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         h = kwargs["hidden_states"]
         if not self.active or cache is None or h.shape[1] == 0:
             return
