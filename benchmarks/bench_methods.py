@@ -6,7 +6,16 @@ anyres layout for the methods that need one), once to warm up, then takes the me
 ``--repeats`` calls. Per-sample targets: < 5 ms at N=576, k=64 and < 2 s at N=10,000,
 k=1,000 (D=1,024).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_methods.py
+Next to each method with a re-statement of its official code (``_official.py``: divprune,
+todre, cdpruner, mmtok, visionzip, fastervlm) the same repeats time that re-statement on the
+same inputs, interleaved with the method's calls (``official`` and ``x off``: tokensieve's
+time over the official one; ``same``: whether both give the same selection); for the greedy
+selections also the similarity matmul they cannot avoid (``matmul``: L2-normalise and
+``X X^T``, ``x mm``: tokensieve over it). Medians; ``spread`` is tokensieve's
+``(max - min) / median`` over the repeats (``!`` above 25 %: a noisy cell). On a shared
+machine use one thread and the CPU clock:
+
+    python benchmarks/bench_methods.py --threads 1 --clock cpu --sizes 576:64,2880:320
     python benchmarks/bench_methods.py --methods divprune,mmtok --sizes 576:64 --batches 1,8
 """
 
@@ -21,6 +30,7 @@ import time
 from typing import Any
 
 import torch
+from _official import OFFICIAL, similarity_matmul
 
 import tokensieve as ts
 
@@ -72,27 +82,54 @@ def signals_for(method: str, inputs: dict[str, Any], n: int, b: int) -> dict[str
     return out
 
 
-def time_cell(method: str, tokens: torch.Tensor, keep: int, signals: dict[str, Any],
-              repeats: int, max_seconds: float, clock: str = "wall") -> tuple[float, int]:
-    """Median seconds per call (after one warm-up call) and the number of timed calls.
+def _agree(ours: ts.Reduction, official: torch.Tensor) -> bool:
+    """Whether a re-statement's output (sorted indices, or output tokens) matches ours."""
+    if official.dtype == torch.long:
+        return torch.equal(ours.indices.sort(dim=1).values.cpu(), official.cpu())
+    return ours.tokens.shape == official.shape and bool(
+        torch.allclose(ours.tokens.float().cpu(), official.float().cpu(), atol=1e-5))
 
-    ``clock="cpu"`` measures this process's CPU time instead of wall time: on a shared
-    machine with one torch thread it approximates the wall time of an idle one.
+
+def time_cell(method: str, tokens: torch.Tensor, keep: int, signals: dict[str, Any],
+              repeats: int, max_seconds: float, clock: str = "wall",
+              compare: bool = True) -> dict[str, Any]:
+    """Time ``method`` (after one warm-up call), interleaved with its official re-statement
+    and, for greedy selections, the similarity matmul (when ``compare`` and one exists).
+
+    Returns ``ms`` (median per call), ``spread`` ((max - min) / median), ``runs``, and where
+    measured ``official_ms``, ``same`` and ``matmul_ms``. ``clock="cpu"`` measures this
+    process's CPU time instead of wall time: on a shared machine with one torch thread it
+    approximates the wall time of an idle one.
     """
     now = time.perf_counter if clock == "wall" else time.process_time
     sync = torch.cuda.synchronize if tokens.is_cuda else (lambda: None)
+    calls: dict[str, Any] = {"ours": lambda: ts.reduce(tokens, method, keep, **signals)}
+    if compare and method in OFFICIAL and not tokens.is_cuda:
+        official, greedy = OFFICIAL[method]
+        calls["official"] = lambda: official(tokens, keep, signals)
+        if greedy:
+            calls["matmul"] = lambda: similarity_matmul(tokens)
     start = now()
-    ts.reduce(tokens, method, keep, **signals)
+    first = {name: fn() for name, fn in calls.items()}   # warm-up (and the outputs to compare)
     sync()
     warm = now() - start
     runs = max(1, min(repeats, int(max_seconds / max(warm, 1e-9))))
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
-        start = now()
-        ts.reduce(tokens, method, keep, **signals)
-        sync()
-        times.append(now() - start)
-    return statistics.median(times), runs
+        for name, fn in calls.items():
+            start = now()
+            fn()
+            sync()
+            times[name].append(now() - start)
+    med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    ours = times["ours"]
+    out: dict[str, Any] = {"ms": med["ours"], "runs": runs,
+                           "spread": (max(ours) - min(ours)) / max(statistics.median(ours), 1e-12)}
+    if "official" in calls:
+        out.update(official_ms=med["official"], same=_agree(first["ours"], first["official"]))
+    if "matmul" in calls:
+        out["matmul_ms"] = med["matmul"]
+    return out
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -106,6 +143,22 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
             raise SystemExit(f"--sizes: {part!r}: expected 1 <= K <= N")
         sizes.append((n, k))
     return sizes
+
+
+def format_row(row: dict[str, Any], tgt: str) -> str:
+    """One table line of a timed cell (``-`` where nothing was compared)."""
+    target = row["target_ms_per_sample"]
+    met = "-" if target is None else ("yes" if row["ms_per_sample"] < target else "NO")
+    spread = f"{row['spread']:.0%}" + ("!" if row["spread"] > 0.25 else " ")
+    ms = row["ms_per_call"]
+    off = row.get("official_ms")
+    mm = row.get("matmul_ms")
+    same = "-" if "same" not in row else ("yes" if row["same"] else "NO")
+    return (f"{row['method']:<12} {row['n']:>6} {row['k']:>5} {row['b']:>3} {ms:>10.2f} "
+            f"{spread:>7} {row['ms_per_sample']:>10.2f} {tgt:>7} {met:>3} "
+            + (f"{off:>9.2f} {ms / off:>6.2f} " if off else f"{'-':>9} {'-':>6} ")
+            + f"{same:>4} "
+            + (f"{mm:>8.2f} {ms / mm:>5.2f}" if mm else f"{'-':>8} {'-':>5}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (for shared machines; "
                              "use with --threads 1)")
+    parser.add_argument("--no-official", action="store_true",
+                        help="skip the official re-statements and the similarity matmul")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
@@ -136,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
           f"D={args.dim}, {args.clock} clock, median of up to {args.repeats} calls after "
           "1 warm-up")
-    header = f"{'method':<12} {'N':>6} {'k':>5} {'B':>3} {'ms/call':>10} {'ms/sample':>10} " \
-             f"{'target':>8}  met"
+    header = f"{'method':<12} {'N':>6} {'k':>5} {'B':>3} {'ms/call':>10} {'spread':>7} " \
+             f"{'ms/sample':>10} {'target':>7} {'met':>3} {'official':>9} {'x off':>6} " \
+             f"{'same':>4} {'matmul':>8} {'x mm':>5}"
     print(header)
     print("-" * len(header))
     rows = []
@@ -155,22 +211,23 @@ def main(argv: list[str] | None = None) -> int:
                     row["error"] = signals
                 else:
                     try:
-                        sec, runs = time_cell(method, inputs["tokens"], k, signals,
-                                              args.repeats, args.max_seconds, args.clock)
-                        row.update(ms_per_call=sec * 1e3, ms_per_sample=sec * 1e3 / b,
-                                   runs=runs)
+                        cell = time_cell(method, inputs["tokens"], k, signals, args.repeats,
+                                         args.max_seconds, args.clock,
+                                         compare=not args.no_official)
+                        row.update(ms_per_call=cell["ms"], ms_per_sample=cell["ms"] / b,
+                                   runs=cell["runs"], spread=cell["spread"])
+                        for key in ("official_ms", "same", "matmul_ms"):
+                            if key in cell:
+                                row[key] = cell[key]
                     except ValueError as err:
                         row["error"] = str(err)
                 rows.append(row)
                 tgt = "-" if target is None else f"{target:g}"
                 if "error" in row:
-                    print(f"{method:<12} {n:>6} {k:>5} {b:>3} {'n/a':>10} {'n/a':>10} "
-                          f"{tgt:>8}  {row['error'][:60]}")
+                    print(f"{method:<12} {n:>6} {k:>5} {b:>3} {'n/a':>10} {'':>7} {'n/a':>10} "
+                          f"{tgt:>7}  {row['error'][:60]}")
                 else:
-                    met = "-" if target is None else ("yes" if row["ms_per_sample"] < target
-                                                      else "NO")
-                    print(f"{method:<12} {n:>6} {k:>5} {b:>3} {row['ms_per_call']:>10.2f} "
-                          f"{row['ms_per_sample']:>10.2f} {tgt:>8}  {met}")
+                    print(format_row(row, tgt))
                 sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:
