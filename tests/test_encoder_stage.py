@@ -298,7 +298,7 @@ def test_evit_official_layers_scale_with_depth():
     ("clip", "tome", {}, "needs r"),
     ("clip", "tome", {"r": -1}, "r=-1"),
     ("clip", "tome", {"r": 4, "ratio": 2}, "unknown option"),
-    ("clip", "tome", {"r": 4, "keep": 10}, "leave keep unset"),
+    ("clip", "tome", {"r": 4, "keep": 10}, "keep and r both set"),
     ("clip", "evit", {"keep_rate": 0.0}, "keep_rate=0.0"),
     ("clip", "evit", {"layers": (7,)}, "not layers of this 4-layer"),
     ("siglip", "evit", {}, "needs a CLS token"),

@@ -41,9 +41,10 @@ def list_command() -> None:
         "acts: encoder = inside the vision tower, pre-llm = on the tokens given to the LLM, "
         "llm = inside the LLM. apply: `ts.apply` patches the pre-LLM methods, the in-LLM "
         f"ones with a layer schedule ({names('llm', 'apply', True)}) and the in-encoder "
-        f"ones ({names('encoder', 'apply', True)}: set by their own options); bench: "
-        "pre-LLM and in-LLM methods (its grid sets keep); ts.reduce only: "
-        f"{names('', 'apply', False)}. viz: pre-LLM and in-LLM methods.", highlight=False)
+        f"ones ({names('encoder', 'apply', True)}: their own options, or keep); bench: "
+        "pre-LLM and in-LLM methods and the in-encoder ones whose keep maps to their options "
+        f"({names('encoder', 'bench', True)}; its grid sets keep); ts.reduce only: "
+        f"{names('', 'apply', False)}. viz: the methods bench runs.", highlight=False)
 
 
 def _split(values: list[str] | None) -> list[str] | None:

@@ -30,7 +30,10 @@ Where a reduction acts (``Plan``):
   of ``N``; the projector runs on ``N`` (methods on projected tokens: FasterVLM, DivPrune)
   or, with ``before_projector``, on ``k`` (methods on the tower's features: VisionZip).
 * ``encoder``: encoder layers ``>= layer`` run on ``k`` patch tokens (plus CLS if the tower has
-  one); projector and LLM see ``k`` (ToMe-style schedules: pass ``schedule``).
+  one); projector and LLM see ``k``. Progressive in-encoder methods (ToMe's ``r`` per layer,
+  EViT's stages) give every tower layer's tokens (``Plan.in_encoder_layers``): a layer that
+  reduces runs its attention on the tokens it gets and its MLP on the ones it leaves. The
+  methods' own matching / ranking (ToMe's similarity matrix, EViT's CLS row) is not counted.
 * ``llm``: decoder layers ``< layer`` see all ``N`` visual tokens, layers ``>= layer`` see ``k``
   (FastV ``K``); their KV cache holds ``k`` visual tokens.
 
@@ -128,13 +131,16 @@ class StackDims:
         return cls(layers=layers, hidden=hidden, heads=heads, kv_heads=int(kv),
                    head_dim=int(head_dim), intermediate=inter, gated=bool(gated))
 
-    def layer_macs(self, n: int, context: int | None = None) -> int:
-        """MACs of one layer for ``n`` query tokens attending to ``context`` keys (default n)."""
+    def layer_macs(self, n: int, context: int | None = None, mlp_tokens: int | None = None,
+                   ) -> int:
+        """MACs of one layer for ``n`` query tokens attending to ``context`` keys (default
+        n); ``mlp_tokens``: tokens the MLP runs on when the layer reduces between its
+        attention and its MLP (ToMe, EViT; default n)."""
         c = n if context is None else context
         d, dh, h, hkv, m = self.hidden, self.head_dim, self.heads, self.kv_heads, self.intermediate
         proj = n * d * (h + 2 * hkv) * dh + n * h * dh * d
         attn = 2 * n * c * h * dh
-        mlp = (3 if self.gated else 2) * n * d * m
+        mlp = (3 if self.gated else 2) * (n if mlp_tokens is None else mlp_tokens) * d * m
         return proj + attn + mlp
 
     def kv_bytes_per_token(self, bytes_per_element: int) -> int:
@@ -306,6 +312,9 @@ class Plan:
     stage: Stage = "none"
     schedule: tuple[tuple[int, int], ...] = field(default_factory=tuple)
     before_projector: bool = False
+    #: An in-encoder method's tower, layer by layer: ``(attention tokens, MLP tokens)`` of
+    #: every tower layer, CLS included (``in_encoder_layers``); empty: from ``schedule``.
+    vision_tokens: tuple[tuple[int, int], ...] = field(default_factory=tuple)
 
     @classmethod
     def full(cls) -> Plan:
@@ -322,6 +331,15 @@ class Plan:
         return cls("encoder", ((layer, keep),))
 
     @classmethod
+    def in_encoder_layers(cls, tokens: Sequence[tuple[int, int]], keep: int) -> Plan:
+        """An in-encoder method whose tower runs ``tokens[i] = (attention, MLP)`` tokens in
+        layer ``i`` (CLS included; ToMe's ``r`` per layer, EViT's stages), ``keep`` visual
+        tokens reaching the projector and the LLM."""
+        steps = tuple((int(a), int(b)) for a, b in tokens)
+        first = next((i for i, (a, b) in enumerate(steps) if b < steps[0][0]), 0)
+        return cls("encoder", ((first, int(keep)),), vision_tokens=steps)
+
+    @classmethod
     def in_llm(cls, layer: int, keep: int) -> Plan:
         return cls("llm", ((layer, keep),))
 
@@ -335,8 +353,11 @@ class Plan:
         return self.schedule[-1][1] if self.schedule else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "schedule": [list(s) for s in self.schedule],
-                "before_projector": self.before_projector}
+        out = {"stage": self.stage, "schedule": [list(s) for s in self.schedule],
+               "before_projector": self.before_projector}
+        if self.vision_tokens:
+            out["vision_tokens"] = [list(s) for s in self.vision_tokens]
+        return out
 
 
 def _per_layer(layers: int, full: int, schedule: Sequence[tuple[int, int]], what: str) -> list[int]:
@@ -443,11 +464,18 @@ def account(dims: VLMDims, plan: Plan | None = None, *, text_tokens: int = 0,
         patches = dims.vision_tokens - dims.cls_tokens
         per = dims.merge ** 2  # patches per LLM token
         steps = tuple((a, b * per) for a, b in plan.schedule) if plan.stage == "encoder" else ()
-        vis_patches = _per_layer(dims.vision_layers, patches, steps, "encoder")
-        vis_counts = [p + dims.cls_tokens for p in vis_patches]
+        if plan.vision_tokens:
+            if len(plan.vision_tokens) != dims.vision_layers:
+                raise ValueError(f"plan: {len(plan.vision_tokens)} tower layers given; the "
+                                 f"tower runs {dims.vision_layers}")
+            halves = list(plan.vision_tokens)
+        else:
+            vis_patches = _per_layer(dims.vision_layers, patches, steps, "encoder")
+            halves = [(p + dims.cls_tokens,) * 2 for p in vis_patches]
+        vis_counts = [a for a, _ in halves]
         vision_macs = dims.patch_macs + sum(
-            dims.vision.layer_macs(n, _vision_context(dims, i, n))
-            for i, n in enumerate(vis_counts))
+            dims.vision.layer_macs(a, _vision_context(dims, i, a), mlp_tokens=b)
+            for i, (a, b) in enumerate(halves))
         vision_macs *= images
         if plan.stage == "encoder" or (plan.stage == "pre-llm" and plan.before_projector):
             into_projector = plan.final_tokens or n_img

@@ -261,18 +261,29 @@ def _in_encoder_patch(name: str) -> bool:
     return encoder_schedule_class(name) is not None
 
 
+def _encoder_keep(name: str) -> bool:
+    """Whether ``name``'s in-encoder schedule maps ``keep`` to its options
+    (``EncoderSchedule.for_keep``: ToMe's ``r`` per layer, EViT's keep rate)."""
+    from tokensieve.core.encoder_schedule import EncoderSchedule, encoder_schedule_class
+
+    cls = encoder_schedule_class(name)
+    return cls is not None and cls.for_keep.__func__ is not EncoderSchedule.for_keep.__func__
+
+
 def method_runs(name: str) -> dict[str, bool]:
     """Where a registered method runs: ``apply`` (tokensieve.apply patches it: pre-LLM
     methods, in-LLM ones with a layer schedule, encoder ones with an in-encoder schedule),
-    ``bench`` (the protocol's grid of budgets: pre-LLM and in-LLM methods; in-encoder
-    methods are set by their own options, not by ``keep``) and ``viz`` (a pre-LLM
-    reduction's picture, or an in-LLM one's panel per cut)."""
+    ``bench`` (the protocol's grid of budgets: pre-LLM and in-LLM methods, and in-encoder
+    ones whose schedule maps ``keep`` to its options: ToMe, EViT) and ``viz`` (a pre-LLM
+    or in-encoder reduction's picture, or an in-LLM one's panel per cut)."""
     spec = get_method(name)
     in_llm = spec.stage == "llm" and isinstance(spec.config, type) and issubclass(
         spec.config, LlmSchedule)
     by_keep = spec.stage == "pre-llm" or in_llm
     in_encoder = spec.stage == "encoder" and _in_encoder_patch(spec.name)
-    return {"apply": by_keep or in_encoder, "bench": by_keep, "viz": by_keep}
+    encoder_keep = in_encoder and _encoder_keep(spec.name)
+    return {"apply": by_keep or in_encoder, "bench": by_keep or encoder_keep,
+            "viz": by_keep or encoder_keep}
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -532,10 +543,15 @@ def _layer_option(method: str, options: dict[str, Any]) -> int | None:
 
 
 def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any],
-          llm_layers: int | None = None) -> Plan:
+          llm_layers: int | None = None,
+          tower: Sequence[tuple[int, int]] | None = None) -> Plan:
+    """The accounting plan of a cell; ``tower``: an in-encoder method's tokens per tower
+    layer (attention, MLP), read from the patched model's stage."""
     if method == FULL or keep >= n_tokens:
         return Plan.full()
     spec = get_method(method)
+    if tower:
+        return Plan.in_encoder_layers(tower, keep)
     if llm_layers is not None and isinstance(spec.config, type) and issubclass(
             spec.config, LlmSchedule):
         # the method's own schedule: its cut layers and the tokens kept from each on
@@ -805,15 +821,18 @@ def _run_cell(prepared: Prepared, method: str, keep: int, samples: Sequence[Any]
         eval_s = time.perf_counter() - t0
         calls = capture_reduce_calls(model, timing_inputs) if patched else []
         state = models.get_state(model) if patched else None
+        tower = None
         if state is not None:
             rc = state.config
+            if getattr(state, "encoder", None) is not None:
+                tower = state.encoder.layer_tokens(prepared.dims.vision_tokens)
     finally:
         leave()
     acc = accuracy_by_family(samples, preds)
     ref = acc if method == FULL else full_acc
     retention = {f: (a / ref[f] if ref.get(f) else float("nan")) for f, a in acc.items()}
     n = prepared.dims.image_tokens
-    plan = _plan(method, keep, n, dict(rc.options), prepared.dims.llm.layers)
+    plan = _plan(method, keep, n, dict(rc.options), prepared.dims.llm.layers, tower)
     cost: Cost = account(prepared.dims, plan, text_tokens=text_tokens,
                          bytes_per_element=torch.finfo(prepared.dtype).bits // 8)
     row = Row(

@@ -71,6 +71,40 @@ class EncoderSchedule:
         Returns ``None`` when nothing is reduced at this size."""
         raise NotImplementedError
 
+    def count(self, param: Any, tokens: int, has_cls: bool) -> int:
+        """Tokens that :meth:`step` with ``param`` leaves of ``tokens`` (the accounting and
+        the budget solver use it; it must agree with :meth:`step`). Default: unchanged."""
+        return tokens
+
+    @classmethod
+    def for_keep(cls, keep: int, tokens: int, has_cls: bool, depth: int, until: int,
+                 options: dict[str, Any]) -> EncoderSchedule:
+        """The schedule whose reductions leave ``keep`` patch tokens (CLS not counted) of
+        ``tokens`` entering layer 0 of a ``depth``-layer encoder, reducing only at layers
+        ``<= until`` (those whose output is used: up to a VLM's feature layer), with the
+        other ``options`` as given.
+        ValueError when the method has no budget mapping or cannot reach ``keep``."""
+        raise ValueError(f"keep: this in-encoder method is set by its own options "
+                         f"({', '.join(f.name for f in dataclasses.fields(cls))}), not by keep")
+
+
+def layer_tokens(schedule: EncoderSchedule, plan: dict[int, Any], depth: int, tokens: int,
+                 has_cls: bool) -> list[tuple[int, int]]:
+    """Per encoder layer, ``(attention tokens, MLP tokens)``: what each half of the layer
+    runs on when ``tokens`` enter layer 0 and the layers of ``plan`` reduce to
+    :meth:`EncoderSchedule.count` tokens, where the schedule's ``position`` puts the step
+    (``"mid"``, the default: between the attention and the MLP; ``"post"``: after the MLP;
+    ``"pre"``: before the layer)."""
+    position = getattr(schedule, "position", "mid")
+    out = []
+    t = tokens
+    for i in range(depth):
+        before = t
+        if i in plan:
+            t = schedule.count(plan[i], t, has_cls)
+        out.append({"pre": (t, t), "post": (before, before)}.get(position, (before, t)))
+    return out
+
 
 _SCHEDULES: dict[str, type[EncoderSchedule]] = {}
 

@@ -41,14 +41,16 @@ class CDPrunerConfig:
 
 
 def relevance(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
-              config: CDPrunerConfig) -> Tensor:
+              config: CDPrunerConfig, normalized: Tensor | None = None) -> Tensor:
     """CDPruner's per-token relevance ``[B, N]`` in ``[~0, 1]`` (float32).
 
     ``r_i = mean over real text tokens of (-/+) cos(x_i, t_m)``, then
     ``(r - min + 1e-6) / (max - min)`` over the batch (official) or each sample. A constant
-    ``r`` (zero range) becomes all ones.
+    ``r`` (zero range) becomes all ones. ``normalized``: ``normalize(tokens)`` if the caller
+    has it already.
     """
-    sim = normalize(tokens) @ normalize(text).transpose(1, 2)           # [B, N, M]
+    xn = normalize(tokens) if normalized is None else normalized
+    sim = xn @ normalize(text).transpose(1, 2)                          # [B, N, M]
     if config.relevance_sign == "negative":
         sim = -sim
     if text_mask is None:
@@ -90,14 +92,15 @@ def cdpruner(tokens: Tensor, k: int, signals: Signals, config: CDPrunerConfig,
     text = signals.require("text", "cdpruner")
     assert isinstance(text, Tensor)
     text_dim_check(tokens, text, "cdpruner")
-    r = relevance(tokens, text, signals.text_mask, config)
     xn = normalize(tokens)
+    r = relevance(tokens, text, signals.text_mask, config, normalized=xn)
     picks = []
     for b in range(tokens.shape[0]):
         xb, rb = xn[b], r[b]
 
         def rows(idx: Tensor, xb: Tensor = xb, rb: Tensor = rb) -> Tensor:
             return rb[idx].unsqueeze(1) * (xb[idx] @ xb.T) * rb.unsqueeze(0)
+
 
         diag = rb * rb * (xb * xb).sum(dim=-1)
         picks.append(dpp_greedy(rows, diag, k))

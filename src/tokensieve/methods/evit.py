@@ -176,10 +176,15 @@ class EViTSchedule(EncoderSchedule):
         for name in ("fuse", "fuse_normalize"):
             check_flag(getattr(self, name), name, "evit")
 
+    def plan_layers(self, depth: int) -> tuple[int, ...]:
+        """The layers that reduce in a ``depth``-layer encoder (the option, or the official
+        ones scaled)."""
+        if self.layers is None:
+            return tuple(sorted({lay * depth // OFFICIAL_DEPTH for lay in OFFICIAL_LAYERS}))
+        return tuple(self.layers)
+
     def plan(self, depth: int) -> dict[int, Any]:
-        layers = self.layers
-        if layers is None:
-            layers = tuple(sorted({lay * depth // OFFICIAL_DEPTH for lay in OFFICIAL_LAYERS}))
+        layers = self.plan_layers(depth)
         bad = [v for v in layers if v >= depth]
         if bad:
             raise ValueError(f"evit: layers={tuple(layers)}: {bad} are not layers of this "
@@ -209,3 +214,42 @@ class EViTSchedule(EncoderSchedule):
         new_sizes = torch.zeros(b, k + 1, device=dev).scatter_add_(
             1, torch.where(slot < 0, k, slot), prior)[:, :k]
         return LayerStep(tokens=r.tokens, sizes=new_sizes, slot=slot, kept=kept)
+
+    def count(self, param: Any, tokens: int, has_cls: bool) -> int:
+        left = math.ceil(float(param) * (tokens - 1))
+        return tokens if left >= tokens - 1 else 1 + left + int(self.fuse)
+
+    @classmethod
+    def for_keep(cls, keep: int, tokens: int, has_cls: bool, depth: int, until: int,
+                 options: dict[str, Any]) -> EViTSchedule:
+        """The keep rate leaving ``keep`` patch tokens (the fused token counted) after the
+        schedule's layers among ``layers``: the smallest rate that reaches ``keep``, found
+        by bisection (every count between the smallest and ``tokens - 1`` is reachable: a
+        rate step moves each layer's count by at most one)."""
+        if "keep_rate" in options:
+            raise ValueError("evit: keep and keep_rate both set; keep solves the keep rate")
+        where = [i for i in cls(**options).plan_layers(depth) if i <= until]
+
+        def patches(rate: float) -> int:
+            sched = cls(keep_rate=rate, **options)
+            t = tokens
+            for _ in where:
+                t = sched.count(rate, t, True)
+            return t - 1
+
+        if keep >= tokens - 1:
+            return cls(keep_rate=1.0, **options)
+        if not where or patches(1e-9) > keep:
+            raise ValueError(f"evit: keep={keep} is out of reach: its {len(where)} reducing "
+                             f"layer(s) leave at least {patches(1e-9) if where else tokens - 1} "
+                             "patch tokens")
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if mid > 0 and patches(mid) >= keep:
+                hi = mid
+            else:
+                lo = mid
+        if patches(hi) != keep:  # pragma: no cover - see the docstring
+            raise ValueError(f"evit: no keep rate leaves exactly {keep} patch tokens")
+        return cls(keep_rate=hi, **options)

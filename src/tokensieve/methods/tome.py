@@ -180,3 +180,42 @@ class ToMeSchedule(EncoderSchedule):
         match = bipartite_soft_matching(metric, r, protect_first=has_cls)
         merged, new_sizes = match.merge_wavg(tokens, sizes)
         return LayerStep(tokens=merged, sizes=new_sizes, slot=match.slot, kept=match.kept)
+
+    def count(self, param: Any, tokens: int, has_cls: bool) -> int:
+        return tokens - max(min(int(param), (tokens - int(has_cls)) // 2), 0)
+
+    @classmethod
+    def for_keep(cls, keep: int, tokens: int, has_cls: bool, depth: int, until: int,
+                 options: dict[str, Any]) -> ToMeSchedule:
+        """``r`` per layer leaving ``keep`` patch tokens: the ``tokens - has_cls - keep``
+        merges spread evenly over ``layers`` (each layer ``floor`` or ``ceil`` of the mean,
+        the larger ones first; a constant ``r`` where it divides) over layers ``0..until``,
+        each capped at half the layer's tokens as ToMe's code caps it; where the later
+        layers' caps could not absorb their share, earlier layers merge more. ValueError
+        when the caps cannot reach ``keep``."""
+        if "r" in options:
+            raise ValueError("tome: keep and r both set; keep solves r (a per-layer list)")
+        c = int(has_cls)
+        todo = tokens - c - keep
+        layers = list(range(min(until, depth - 1) + 1))
+        rs = [0] * len(layers)
+
+        def fewest(t: int, n: int) -> int:  # patch tokens left when n layers merge all they can
+            for _ in range(n):
+                t -= (t - c) // 2
+            return t - c
+
+        t = tokens
+        for j in layers:
+            left = len(layers) - j
+            r = min(-(-todo // left), (t - c) // 2, todo)
+            while r < min((t - c) // 2, todo) and fewest(t - r, left - 1) > keep:
+                r += 1  # the later layers' caps cannot absorb the rest: merge more now
+            rs[j] = r
+            t -= r
+            todo -= r
+        if todo > 0:
+            raise ValueError(f"tome: keep={keep} is out of reach: {len(layers)} reducing layers "
+                             f"merging at most half their tokens each leave "
+                             f"{fewest(tokens, len(layers))} of {tokens - c} patch tokens")
+        return cls(r=rs, **options)

@@ -215,6 +215,13 @@ class EncoderStage:
         """The calling thread's last pass through the encoder (None before any)."""
         return self._run.get()
 
+    def layer_tokens(self, tokens: int) -> list[tuple[int, int]]:
+        """Per layer, the tokens its attention and its MLP run on when ``tokens`` (CLS
+        included) enter layer 0 (for the compute accounting)."""
+        from tokensieve.core.encoder_schedule import layer_tokens
+
+        return layer_tokens(self.schedule, self.plan, len(self.layers), tokens, self.has_cls)
+
     # -- install / remove ---------------------------------------------------------------------
     def install(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -354,6 +361,39 @@ def tower_has_cls(tower: torch.nn.Module) -> bool:
     return any(getattr(emb, n, None) is not None for n in ("class_embedding", "cls_token"))
 
 
+def tower_patches(model: torch.nn.Module) -> int:
+    """Patch tokens one image (or crop) puts into the vision tower, from the config
+    (``vision_config`` of a VLM, the config of a backbone): ``(image_size / patch_size)^2``."""
+    cfg = getattr(model.config, "vision_config", None) or model.config
+    size, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+    if not size or not patch:
+        raise ValueError(f"{type(model).__name__}: its config gives no image_size / "
+                         "patch_size; pass the method's own options instead of keep")
+    size = int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+    patch = int(patch[0]) if isinstance(patch, (tuple, list)) else int(patch)
+    return (size // patch) ** 2
+
+
+def schedule_for_keep(model: torch.nn.Module, method: str, keep: int | float,
+                      layers: Sequence[torch.nn.Module], has_cls: bool, until: int | None,
+                      options: dict[str, Any]) -> EncoderSchedule:
+    """The in-encoder schedule of ``method`` that leaves ``keep`` patch tokens (a count,
+    or a fraction of the tower's patches; the CLS token not counted) at the last layer
+    whose output is used (``EncoderSchedule.for_keep``: ToMe's ``r`` per layer, EViT's
+    keep rate)."""
+    from tokensieve.core.budget import resolve_keep
+    from tokensieve.core.encoder_schedule import encoder_schedule_class, make_encoder_schedule
+
+    cls = encoder_schedule_class(method)
+    if cls is None:
+        make_encoder_schedule(method, dict(options))  # raises: no in-encoder patch
+    patches = tower_patches(model)
+    k = resolve_keep(keep, patches)
+    depth = len(layers)
+    last = depth - 1 if until is None else until
+    return cls.for_keep(k, patches + int(has_cls), has_cls, depth, last, dict(options))
+
+
 def apply_encoder(model: torch.nn.Module, adapter_cls: type, method: str,
                   keep: int | float | None, *, seed: int, signal_layers: Any, llm: Any,
                   options: dict[str, Any]) -> torch.nn.Module:
@@ -382,18 +422,17 @@ def apply_encoder(model: torch.nn.Module, adapter_cls: type, method: str,
                          f"the {family} family cannot take yet: {why}; tokensieve.apply runs "
                          "in-encoder methods on LLaVA-1.5 and on plain CLIP / SigLIP / ViT / "
                          "Dinov2 backbones")
-    schedule = make_encoder_schedule(spec.name, dict(options))
-    if keep is not None:
-        raise ValueError(f"keep={keep!r}: {spec.name!r} inside the encoder is set by its own "
-                         f"options ({', '.join(sorted(schedule.__dataclass_fields__))}); "
-                         "leave keep unset")
+    if keep is None:
+        schedule = make_encoder_schedule(spec.name, dict(options))
     if signal_layers is not None:
         raise ValueError("signal_layers: in-encoder methods read their signals at the layers "
                          "that reduce")
-    config = ReduceConfig(method=spec.name, keep=None, options=dict(options), seed=seed)
+    config = ReduceConfig(method=spec.name, keep=keep, options=dict(options), seed=seed)
     # The adapter holds no token-set options (the schedule has the in-encoder ones).
     adapter = adapter_cls(model, spec, ReduceConfig(method=spec.name, keep=None, seed=seed))
     layers, has_cls, until = adapter.encoder_tower()
+    if keep is not None:
+        schedule = schedule_for_keep(model, spec.name, keep, layers, has_cls, until, options)
     feeds_llm = family != "vision"
     stage = EncoderStage(layers, spec, schedule, has_cls, until=until, feeds_llm=feeds_llm)
     llm_stage = None
