@@ -17,6 +17,10 @@ official DeiT-S setting samples with ``K = N`` targets in each ATS block and sti
 the duplicate picks; any ``keep < N`` samples as described. A ``keep`` below the official
 minimum of 8 tokens is refused (option ``min_tokens``).
 
+Inside a vision encoder (``ts.apply(model, "ats")``, :class:`ATSSchedule`): the official
+ATS blocks 3..11 of 12 sample between attention and MLP; images keep different counts, so
+the batch is padded and later layers mask the padding.
+
 Without ``values`` the method refuses to run (the value norm is part of the score); pass
 ``use_values=False`` to sample by CLS attention alone (a documented variant, not the paper).
 
@@ -30,10 +34,12 @@ the row's last real index (valid for gathering, never a new position): ignore th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from tokensieve.core.encoder_schedule import EncoderSchedule, LayerStep, register_encoder_schedule
 from tokensieve.core.ops import pow2_rescale, select_mask
 from tokensieve.core.options import PositiveCount
 from tokensieve.core.reduction import Reduction
@@ -179,3 +185,140 @@ def ats_reduce(tokens: Tensor, k: int, signals: Signals, config: ATSConfig,
     values = signals.values if config.use_values else None
     return ats_select(tokens, k, signals.layer("cls_attn", "ats"), values,
                       has_cls=config.has_cls)
+
+
+# -- inside the encoder ------------------------------------------------------------------------
+#: ATS's official sampling blocks (0-based, of a 12-block DeiT) and its minimum token count.
+OFFICIAL_LAYERS = tuple(range(3, 12))
+OFFICIAL_DEPTH = 12
+
+
+@dataclass(frozen=True)
+class PaddedLayerStep(LayerStep):
+    """A :class:`LayerStep` whose images keep different counts.
+
+    Attributes:
+        mask: ``[B, T']`` bool, True on real tokens (first in each row), False on padding
+            (``None``: every image kept ``T'`` tokens).
+    """
+
+    mask: Tensor | None = None
+
+
+def ats_layer_keep(cls_attn: Tensor, values: Tensor | None, valid: Tensor | None,
+                   tokens: int | None, min_tokens: int) -> Tensor:
+    """Which tokens one ATS block keeps, ``[B, T]`` bool (CLS always, padding never).
+
+    Per image, over its ``R`` real tokens (token 0: CLS): ``K = tokens`` (``None``: ``R``,
+    the official ``num_tokens`` equal to the block's count), raised to ``min_tokens`` and
+    capped at ``R``; ``K - 1`` targets are placed on the normalised CDF of the patches'
+    significance (:func:`ats_significance`, :func:`inverse_transform_sample`) and
+    duplicates dropped, so an image keeps at most ``K`` tokens.
+
+    Args:
+        cls_attn: ``[B, T]`` head-mean CLS attention (0 on padded keys).
+        values: ``[B, T, H*Dh]`` value projections (``None``: attention-only significance).
+        valid: ``[B, T]`` bool real tokens, first in each row (``None``: all real).
+        tokens: the block's budget ``K`` (CLS included) or ``None``.
+        min_tokens: ATS's lower bound on ``K`` (8).
+    """
+    b, t = cls_attn.shape
+    counts = [t] * b if valid is None else valid.sum(dim=1).tolist()
+    keep = torch.zeros(b, t, dtype=torch.bool, device=cls_attn.device)
+    keep[:, 0] = True
+    for i, real in enumerate(counts):  # each image over its own real tokens
+        k = min(max(real if tokens is None else tokens, min_tokens), real)
+        if k < 2 or real < 2:
+            continue
+        sig = ats_significance(cls_attn[i:i + 1, 1:real],
+                               None if values is None else values[i:i + 1, 1:real])
+        keep[i, 1:real] = inverse_transform_sample(sig, k - 1)[0]
+    return keep
+
+
+@register_encoder_schedule("ats")
+@dataclass(frozen=True)
+class ATSSchedule(EncoderSchedule):
+    """In-encoder options of ``ats`` (official DeiT defaults: ATS blocks 3..11 of 12,
+    ``num_tokens`` = the block's count, at least 8 tokens).
+
+    In each ATS layer, between the attention residual and the MLP, every image keeps CLS and
+    the patches picked by inverse transform sampling of ``S_j = cls_attn_j ||V_j||`` (the
+    layer's own CLS attention row and value projections, all heads). The count adapts per
+    image: the batch is padded to the largest count with a key padding mask that every
+    later layer gets (``PaddedLayerStep.mask``); a padded token is never sampled and does
+    not change a real token's output, so a batch gives each image's own result. The
+    official code samples over the batch's padded width (zero-significance padding shifts
+    the normalised CDF, so an image's picks depend on its batch); here each image samples
+    over its own real tokens.
+
+    Attributes:
+        tokens: ``num_tokens`` of each ATS layer (targets + CLS, an upper bound on the
+            count kept); ``None``: the layer's real count per image (official).
+        layers: 0-based layers that sample; ``None``: 3..11 of 12 scaled to the depth
+            (``l * depth // 12``).
+        min_tokens: ATS's floor on ``tokens`` (8).
+        use_values: weight the CLS attention by ``||V_j||`` (official); False: attention
+            only.
+    """
+
+    tokens: int | None = None
+    layers: tuple[int, ...] | None = None
+    min_tokens: int = 8
+    use_values: bool = True
+
+    signals: ClassVar[tuple[str, ...]] = ("cls_attn", "values")
+    needs_cls: ClassVar[bool] = True
+    pads: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "min_tokens"):
+            v = getattr(self, name)
+            if v is None and name == "tokens":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ats: {name}={v!r}: expected an int >= 1")
+        if self.layers is not None:
+            ok = isinstance(self.layers, (tuple, list)) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.layers)
+            if not ok:
+                raise ValueError(f"ats: layers={self.layers!r}: expected a tuple of 0-based "
+                                 "encoder layer indices")
+        check_flag(self.use_values, "use_values", "ats")
+
+    def plan(self, depth: int) -> dict[int, Any]:
+        layers = self.layers
+        if layers is None:
+            layers = tuple(sorted({lay * depth // OFFICIAL_DEPTH for lay in OFFICIAL_LAYERS}))
+        bad = [v for v in layers if v >= depth]
+        if bad:
+            raise ValueError(f"ats: layers={tuple(layers)}: {bad} are not layers of this "
+                             f"{depth}-layer encoder")
+        return {int(v): self.tokens for v in layers}
+
+    def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
+             param: Any, has_cls: bool) -> LayerStep | None:
+        """One ATS layer on ``tokens`` ``[B, T, D]`` (token 0: CLS; ``signals``:
+        ``cls_attn`` ``[B, T]``, ``values`` ``[B, T, H*Dh]``, ``valid`` ``[B, T]`` when
+        padded). Returns a :class:`PaddedLayerStep` (``mask`` None when every image keeps
+        the same count); None when every image keeps every real token."""
+        b, t, _ = tokens.shape
+        valid = signals.get("valid")
+        values = signals["values"] if self.use_values else None
+        keep = ats_layer_keep(signals["cls_attn"], values, valid, param, self.min_tokens)
+        real = torch.ones_like(keep) if valid is None else valid
+        if bool((keep == real).all()):
+            return None
+        r = select_mask(tokens, keep)
+        dev = tokens.device
+        kept = r.indices  # [B, T'] (padding repeats the row's last real index)
+        width = kept.shape[1]
+        mask = r.mask
+        real_out = torch.ones(b, width, dtype=torch.bool, device=dev) if mask is None else mask
+        ranks = torch.arange(width, device=dev).expand(b, -1)
+        slot = torch.full((b, t + 1), -1, dtype=torch.long, device=dev).scatter(
+            1, torch.where(real_out, kept, t), ranks)[:, :t]
+        prior = torch.ones(b, t, device=dev) if sizes is None else sizes.float()
+        new_sizes = torch.where(real_out, prior.gather(1, kept), 0.0)
+        return PaddedLayerStep(tokens=r.tokens, sizes=new_sizes, slot=slot, kept=kept,
+                               mask=mask)

@@ -19,6 +19,17 @@ config or attention implementation of the model:
 - Sizes (how many original tokens each token stands for) are tracked from the first
   reduction on; with proportional attention (ToMe) every later layer gets the additive
   float mask ``log(size)`` ``[B, 1, 1, T]`` as its ``attention_mask`` (SDPA takes it).
+- Adaptive counts (ATS): a step may keep a different count per image (``step.mask``
+  ``[B, T']``, True = real token, real tokens first); the batch is padded to the largest
+  count and every later layer gets ``-inf`` on the padded keys in the same additive mask,
+  so a padded token changes no real token's output (padded queries attend to real keys
+  only; their outputs are set to zero after each layer). Later steps get the padding as
+  ``signals["valid"]`` ``[B, T]`` and must never select or merge a padded token.
+- Where a step runs (the schedule's ``position``): ``"mid"`` between the attention
+  residual and the MLP (ToMe, EViT, ATS); ``"post"`` after the MLP residual, from the
+  layer's own attention (MCTF without one-step-ahead attention); ``"pre"`` before the
+  layer, from the attention of the layer's q / k on its unreduced input, the layer then
+  running on the reduced tokens (MCTF's "precise" one-step-ahead).
 - A pass starts at layer 0; its trace (sizes, where each original token went, which
   original token represents each output token) is kept per thread (:attr:`last`).
 - The layers' outputs are the reduced tensors, so ``output_hidden_states`` shows what
@@ -50,6 +61,15 @@ REFUSED: dict[str, str] = {
     "gemma3": "the 4x4 average pooling of the SigLIP grid into 256 soft tokens needs the "
               "whole patch grid",
     "idefics3": "the pixel shuffle (space-to-depth) of each crop needs the whole patch grid",
+}
+
+
+#: The q / k / v projections each in-encoder signal is computed from.
+PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "keys": ("k_proj",),
+    "cls_attn": ("q_proj", "k_proj"),
+    "attn_received": ("q_proj", "k_proj"),
+    "values": ("v_proj",),
 }
 
 
@@ -110,6 +130,27 @@ def cls_attention_row(q: Tensor, k: Tensor, heads: int, scale: float,
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
+def attention_received_row(q: Tensor, k: Tensor, heads: int, scale: float,
+                           bias: Tensor | None = None, valid: Tensor | None = None,
+                           chunk: int = 256) -> Tensor:
+    """Head- and query-mean softmax attention each key receives, ``[B, T]`` float32 (MCTF's
+    ``attn.mean(dim=[1, 2])``), from the projections ``q``, ``k`` ``[B, T, H*Dh]``, an
+    optional additive mask ``bias`` broadcastable to ``[B, 1, 1, T]`` and an optional
+    ``valid`` ``[B, T]`` bool (padded queries are not averaged). Queries in chunks."""
+    b, t, _ = k.shape
+    qh = q.float().reshape(b, t, heads, -1).transpose(1, 2)  # [B, H, T, Dh]
+    kh = k.float().reshape(b, t, heads, -1).transpose(1, 2)
+    w = torch.ones(b, t, device=k.device) if valid is None else valid.float()
+    total = torch.zeros(b, t, device=k.device)
+    for s in range(0, t, chunk):
+        logits = (qh[:, :, s:s + chunk] @ kh.transpose(-1, -2)) * scale  # [B, H, c, T]
+        if bias is not None:
+            logits = logits + bias.float()
+        probs = logits.softmax(dim=-1).mean(dim=1)  # [B, c, T]
+        total = total + (probs * w[:, s:s + chunk, None]).sum(dim=1)
+    return total / w.sum(dim=1, keepdim=True)
+
+
 @dataclass(frozen=True)
 class EncoderTrace:
     """What the stage did to the tokens of one pass, up to some layer.
@@ -121,6 +162,8 @@ class EncoderTrace:
         source: ``[B, N]`` long, the current token each original token went into (-1:
             dropped, e.g. EViT without fusion).
         positions: ``[B, T]`` long, the original token representing each current token.
+        mask: ``[B, T]`` bool, True on real tokens, False on the padding of images that
+            kept fewer tokens (adaptive counts, ATS); None: every token is real.
     """
 
     tokens_in: int
@@ -128,6 +171,7 @@ class EncoderTrace:
     sizes: Tensor | None = None
     source: Tensor | None = None
     positions: Tensor | None = None
+    mask: Tensor | None = None
 
 
 @dataclass
@@ -160,7 +204,9 @@ class EncoderRun:
         moved = step.slot.gather(1, source.clamp(min=0))
         source = torch.where(source >= 0, moved, -1)
         positions = positions.gather(1, step.kept)
-        self.traces.append(EncoderTrace(self.tokens_in, layer, step.sizes, source, positions))
+        mask = getattr(step, "mask", None)
+        self.traces.append(EncoderTrace(self.tokens_in, layer, step.sizes, source, positions,
+                                        mask))
 
 
 class EncoderStage:
@@ -199,6 +245,13 @@ class EncoderStage:
         self._handles: list[Any] = []
         self._run: contextvars.ContextVar[EncoderRun | None] = contextvars.ContextVar(
             "tokensieve_encoder_run", default=None)
+        self.position = getattr(schedule, "position", "mid")
+        if self.position not in ("pre", "mid", "post"):
+            raise ValueError(f"{spec.name}: schedule position {self.position!r}")
+        unknown = sorted(set(schedule.signals) - set(PROJECTIONS))
+        if unknown:
+            raise ValueError(f"{spec.name}: the in-encoder stage computes no signal {unknown}")
+        self._projections = sorted({n for s in schedule.signals for n in PROJECTIONS[s]})
         self._verify()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -227,11 +280,9 @@ class EncoderStage:
         for i, layer in enumerate(self.layers):
             self._saved[i] = ("forward" in layer.__dict__, layer.__dict__.get("forward"))
             object.__setattr__(layer, "forward", functools.partial(self._layer_forward, i))
-        names = {"keys": ("k_proj",), "cls_attn": ("q_proj", "k_proj")}
-        wanted = sorted({n for s in self.schedule.signals for n in names[s]})
         for i in self.plan:
             attn = getattr(self.layers[i], self.anatomy.attn)
-            for name in wanted:
+            for name in self._projections:
                 hook = functools.partial(self._capture, i, name)
                 self._handles.append(getattr(attn, name).register_forward_hook(hook))
 
@@ -261,16 +312,44 @@ class EncoderStage:
 
     def _mask(self, run: EncoderRun, mask: Any, hidden: Tensor) -> Any:
         """The attention mask of a layer: the caller's before any reduction; after one,
-        the proportional-attention bias ``log(size)`` ``[B, 1, 1, T]`` (or None)."""
+        the additive float mask ``[B, 1, 1, T]`` (or None): the proportional-attention bias
+        ``log(size)`` plus ``-inf`` on padded keys (adaptive counts)."""
         trace = run.current
         if trace.sizes is None:
             return mask
         if mask is not None:
             raise ValueError("the tokensieve in-encoder stage takes no attention_mask for the "
                              "encoder once tokens are reduced (padding masks are not merged)")
-        if not self.schedule.proportional:
-            return None
-        return trace.sizes.log()[:, None, None, :].to(hidden.dtype)
+        bias = trace.sizes.float().log() if self.schedule.proportional else None
+        if trace.mask is not None:
+            pad = torch.zeros(trace.mask.shape, device=trace.mask.device).masked_fill(
+                ~trace.mask, float("-inf"))
+            bias = pad if bias is None else bias.masked_fill(~trace.mask, float("-inf"))
+        return None if bias is None else bias[:, None, None, :].to(hidden.dtype)
+
+    @staticmethod
+    def _zero_padding(run: EncoderRun, out: Any) -> Any:
+        """A layer's output with the padded tokens (adaptive counts) set to zero."""
+        valid = run.current.mask
+        if valid is None or not isinstance(out, Tensor):
+            return out
+        return out.masked_fill(~valid.unsqueeze(-1), 0)
+
+    def _step(self, run: EncoderRun, i: int, x: Tensor, signals: dict[str, Tensor],
+              param: Any) -> Tensor:
+        """The schedule's step on ``x`` ``[B, T, D]`` at layer ``i``, recorded; the tokens
+        that come out (``x`` itself when the step reduces nothing)."""
+        valid = run.current.mask
+        if valid is not None:
+            if not getattr(self.schedule, "pads", False):
+                raise ValueError(f"{self.spec.name}: the tokens are padded (adaptive counts) "
+                                 "and this method cannot skip padding")
+            signals = {**signals, "valid": valid}
+        step = self.schedule.step(x, run.current.sizes, signals, param, self.has_cls)
+        if step is None:
+            return x
+        run.record(step, i)
+        return step.tokens
 
     def _layer_forward(self, i: int, hidden_states: Tensor, attention_mask: Any = None,
                        *args: Any, **kwargs: Any) -> Tensor:
@@ -281,21 +360,55 @@ class EncoderStage:
                 run.current.sizes.shape[1] != hidden_states.shape[1]:
             # A layer run on its own (outside a pass from layer 0): untouched.
             return self._original(i)(hidden_states, attention_mask, *args, **kwargs)
-        mask = self._mask(run, attention_mask, hidden_states)
         param = self.plan.get(i)
-        if param is None:
-            return self._original(i)(hidden_states, mask, *args, **kwargs)
+        if param is not None and self.position == "pre":
+            hidden_states = self._pre_step(run, i, hidden_states, attention_mask, param)
+        mask = self._mask(run, attention_mask, hidden_states)
+        if param is None or self.position == "pre":
+            out = self._original(i)(hidden_states, mask, *args, **kwargs)
+            return self._zero_padding(run, out)
         layer = self.layers[i]
         a = self.anatomy
         x, signals = self._attention_half(run, i, layer, hidden_states, mask, args, kwargs)
-        step = self.schedule.step(x, run.current.sizes, signals, param, self.has_cls)
-        if step is not None:
-            x = step.tokens
-            run.record(step, i)
+        if self.position == "mid":
+            x = self._step(run, i, x, signals, param)
         h = getattr(layer, a.mlp)(getattr(layer, a.norm2)(x))
         for name in a.post2:
             h = getattr(layer, name)(h)
-        return x + h
+        x = x + h
+        if self.position == "post":
+            x = self._step(run, i, x, signals, param)
+        return self._zero_padding(run, x)
+
+    def _pre_step(self, run: EncoderRun, i: int, x: Tensor, attention_mask: Any,
+                  param: Any) -> Tensor:
+        """A step before layer ``i`` (position "pre"): its signals from the layer's own
+        norm and q / k / v projections applied to the unreduced input ``x``."""
+        layer = self.layers[i]
+        mask = self._mask(run, attention_mask, x)
+        attn = getattr(layer, self.anatomy.attn)
+        h = getattr(layer, self.anatomy.norm1)(x)
+        captured = {name: getattr(attn, name)(h).detach() for name in self._projections}
+        return self._step(run, i, x, self._signals(captured, mask, run.current.mask), param)
+
+    def _signals(self, captured: dict[str, Tensor], mask: Any, valid: Tensor | None,
+                 ) -> dict[str, Tensor]:
+        """The schedule's signals from a layer's captured projections ``[B, T, H*Dh]``
+        under the layer's attention mask ``mask``."""
+        wanted = self.schedule.signals
+        bias = mask if isinstance(mask, Tensor) and mask.is_floating_point() else None
+        signals: dict[str, Tensor] = {}
+        if "keys" in wanted:
+            signals["keys"] = mean_keys(captured["k_proj"], self.heads)
+        if "cls_attn" in wanted:
+            signals["cls_attn"] = cls_attention_row(captured["q_proj"], captured["k_proj"],
+                                                    self.heads, self.scale, bias)
+        if "attn_received" in wanted:
+            signals["attn_received"] = attention_received_row(
+                captured["q_proj"], captured["k_proj"], self.heads, self.scale, bias, valid)
+        if "values" in wanted:
+            signals["values"] = captured["v_proj"].float()
+        return signals
 
     def _attention_half(self, run: EncoderRun, i: int, layer: torch.nn.Module, x: Tensor,
                         mask: Any, args: tuple, kwargs: dict[str, Any],
@@ -309,14 +422,7 @@ class EncoderStage:
             run.capture = None
         for name in a.post1:
             h = getattr(layer, name)(h)
-        signals: dict[str, Tensor] = {}
-        if "keys" in self.schedule.signals:
-            signals["keys"] = mean_keys(run.captured["k_proj"], self.heads)
-        if "cls_attn" in self.schedule.signals:
-            bias = mask if isinstance(mask, Tensor) and mask.is_floating_point() else None
-            signals["cls_attn"] = cls_attention_row(run.captured["q_proj"],
-                                                    run.captured["k_proj"], self.heads,
-                                                    self.scale, bias)
+        signals = self._signals(run.captured, mask, run.current.mask)
         run.captured = {}
         return x + h, signals
 

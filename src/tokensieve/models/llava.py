@@ -150,8 +150,9 @@ class LlavaAdapter(Adapter):
         output has ``T' < 1 + N`` tokens (CLS first); the "default" strategy drops it, the
         projector maps the rest, and each image's placeholders are cut to that count. The
         LLM gets the surviving tokens in their original order (a merged token at the place
-        of its surviving member). Per image: a ``Reduction`` over the ``N`` LLM tokens
-        (``positions``, ``sizes``, ``assignment``; ``indices=None``)."""
+        of its surviving member). Adaptive counts (ATS): each image brings its real tokens
+        (the padding of the batch dropped). Per image: a ``Reduction`` over the ``N`` LLM
+        tokens (``positions``, ``sizes``, ``assignment``; ``indices=None``)."""
         layer = self._feature_layer(args)
         start = 0 if self._strategy(args) == "full" else 1
         out = self.inner.vision_tower(args["pixel_values"], output_hidden_states=[layer],
@@ -161,18 +162,22 @@ class LlavaAdapter(Adapter):
         trace = stage.last.at(self._attention_layer(layer))
         feats = self.inner.multi_modal_projector(hidden[:, start:])  # [I, T' - start, D]
         n_llm = self.tokens_per_image(args)
-        per = []
+        per, rows = [], []
         for i in range(feats.shape[0]):
+            # adaptive counts (ATS): the image's real tokens, its padding dropped
+            real = slice(None) if trace.mask is None else trace.mask[i, start:]
+            rows.append(feats[i][real])
             if trace.sizes is None:
                 r = Reduction(tokens=feats[i:i + 1], indices=torch.arange(
                     feats.shape[1], device=feats.device).unsqueeze(0))
             else:
                 src = trace.source[i:i + 1, start:]
-                r = Reduction(tokens=feats[i:i + 1], positions=trace.positions[i:i + 1, start:]
-                              - start, sizes=trace.sizes[i:i + 1, start:],
+                r = Reduction(tokens=rows[-1].unsqueeze(0),
+                              positions=trace.positions[i, start:][real].unsqueeze(0) - start,
+                              sizes=trace.sizes[i, start:][real].unsqueeze(0),
                               assignment=torch.where(src >= 0, src - start, -1))
             per.append((r, self.grid if trace.sizes is None and start == 1 else None))
-        return Encoded(features=list(feats), counts=[n_llm] * feats.shape[0], reductions=per)
+        return Encoded(features=rows, counts=[n_llm] * feats.shape[0], reductions=per)
 
     def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
         if args.get("image_sizes") is not None:

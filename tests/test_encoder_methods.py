@@ -1,0 +1,219 @@
+"""In-encoder methods beyond ToMe / EViT: ATS (adaptive counts, padded batches), MCTF.
+
+Each method is checked three ways: its token-set function against a re-statement of the
+official computation on fixed tensors; inside a tiny CLIP tower against the tower's layers
+run by hand (eager attention written out, the re-stated official step applied where the
+method acts); and the model-level contracts (keep-all equals untouched, a batch equals
+each image alone, ``remove`` exact).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_encoder_stage import assert_untouched, backbone, hooks, pixels, run
+
+import tokensieve as ts
+import tokensieve.models as tm
+from tokensieve.methods.ats import ATSSchedule, ats_layer_keep
+
+ATOL = 1e-5
+
+
+# -- hand-run CLIP tower ----------------------------------------------------------------------
+def eager(attn: torch.nn.Module, h: torch.Tensor, bias: torch.Tensor | None):
+    """A CLIP attention by hand: ``(out [B, T, D], probs [B, H, T, T], v [B, T, H*Dh])``;
+    ``bias`` ``[B, T]`` is added to the logits of each key."""
+    b, t, _ = h.shape
+    heads = attn.num_heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(b, t, heads, -1).transpose(1, 2)
+
+    v_flat = attn.v_proj(h)
+    q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(v_flat)
+    logits = (q @ k.transpose(-1, -2)) * attn.scale
+    if bias is not None:
+        logits = logits + bias[:, None, None, :]
+    probs = logits.softmax(-1)
+    out = (probs @ v).transpose(1, 2).reshape(b, t, -1)
+    return attn.out_proj(out), probs, v_flat
+
+
+@torch.no_grad()
+def hand_tower(m, pv: torch.Tensor, rule, prop_attn: bool = False) -> list[torch.Tensor]:
+    """The CLIP tower's layers by hand; ``rule(i, where, x, probs, v, sizes)`` with
+    ``where`` in ("pre", "mid", "post") returns ``(x, sizes)``; for "pre" it gets the probs
+    of the layer's attention over its unreduced input. Returns every layer's output."""
+    x = m.pre_layrnorm(m.embeddings(pv))
+    outs, sizes = [x], None
+    for i, layer in enumerate(m.encoder.layers):
+        def attn(x, sizes, layer=layer):
+            bias = None if sizes is None or not prop_attn else sizes.log()
+            return eager(layer.self_attn, layer.layer_norm1(x), bias)
+        h, probs, v = attn(x, sizes)
+        x2, sizes2 = rule(i, "pre", x, probs, v, sizes)
+        if x2 is not x:
+            x, sizes = x2, sizes2
+            h, probs, v = attn(x, sizes)
+        x = x + h
+        x, sizes = rule(i, "mid", x, probs, v, sizes)
+        x = x + layer.mlp(layer.layer_norm2(x))
+        x, sizes = rule(i, "post", x, probs, v, sizes)
+        outs.append(x)
+    return outs
+
+
+# -- ATS ---------------------------------------------------------------------------------------
+def official_ats_keep(probs: torch.Tensor, v: torch.Tensor, n_tokens: int | None) -> list[int]:
+    """ATS's sampling of one image re-stated from the official ``AdaptiveTokenSampler``:
+    ``probs`` ``[1, H, T, T]``, ``v`` ``[1, T, H*Dh]``; returns the kept token indices
+    (CLS first, then ascending)."""
+    t = probs.shape[-1]
+    n = t if n_tokens is None else n_tokens
+    n = min(max(min(n, t), 8), t)
+    score = probs[0, :, 0].sum(0) * v[0].norm(dim=-1)  # head-sum CLS attention * ||V||
+    score = score[1:] / score[1:].sum()
+    sorted_s, order = torch.sort(score)
+    cdf = torch.cumsum(sorted_s, 0)
+    ncdf = (cdf - cdf.min()) / (cdf.max() - cdf.min())
+    start = ncdf[ncdf > 0].min()
+    m = n - 1
+    ys = start + (1 - start) * torch.arange(m) / (m - 1)  # create_ys
+    picks = torch.argmin((ys[:, None] - ncdf[None, :]).abs(), dim=1).unique()
+    return [0, *sorted((order[picks] + 1).tolist())]
+
+
+@pytest.mark.parametrize("n_tokens", [None, 30, 12, 3])
+def test_ats_layer_keep_equals_official(n_tokens):
+    """On fixed tensors, one image at a time, and padded in a batch (padding never kept)."""
+    g = torch.Generator().manual_seed(0)
+    b, t, h = 3, 40, 4
+    logits = torch.randn(b, h, t, t, generator=g) * 3
+    values = torch.randn(b, t, 32, generator=g)
+    reals = [40, 33, 25]
+    valid = torch.arange(t)[None] < torch.tensor(reals)[:, None]
+    for i, real in enumerate(reals):
+        probs = logits[i:i + 1, :, :real, :real].softmax(-1)
+        want = official_ats_keep(probs, values[i:i + 1, :real], n_tokens)
+        cls_attn = probs[:, :, 0].mean(1)
+        alone = ats_layer_keep(cls_attn, values[i:i + 1, :real], None, n_tokens, 8)
+        assert torch.nonzero(alone[0]).flatten().tolist() == want
+        # the same image padded in a batch: padded keys masked (zero attention)
+        padded = logits[i:i + 1].masked_fill(~valid[i][None, None, None], float("-inf"))
+        batch_attn = padded.softmax(-1)[:, :, 0].mean(1)
+        keep = ats_layer_keep(batch_attn, values[i:i + 1], valid[i:i + 1], n_tokens, 8)
+        assert torch.nonzero(keep[0]).flatten().tolist() == want
+        assert not bool(keep[0, real:].any())
+
+
+def ats_rule(layers: tuple[int, ...], n_tokens: int | None):
+    def rule(i, where, x, probs, v, sizes):
+        if where != "mid" or i not in layers:
+            return x, sizes
+        keep = official_ats_keep(probs, v, n_tokens)
+        return x[:, keep], None
+    return rule
+
+
+@pytest.mark.parametrize(("options", "layers"), [({"tokens": 24}, (1, 2, 3)),
+                                                 ({"tokens": 40, "layers": (0, 2)}, (0, 2))])
+def test_ats_equals_hand_run_tower_and_batch_equals_single(options, layers):
+    """Images of one batch keep different counts: each real row of every layer's output
+    equals that image run by hand alone (the official sampling re-stated); padding rows
+    are zero and the final mask says which rows are real."""
+    m = backbone("clip")
+    pv = pixels(3)
+    ref_out = run(m, pv).last_hidden_state
+    before = hooks(m)
+    ts.apply(m, "ats", **options)
+    out = run(m, pv)
+    trace = tm.get_state(m).encoder.last.current
+    counts = []
+    for i in range(3):
+        ref = hand_tower(m, pv[i:i + 1], ats_rule(layers, options["tokens"]))
+        real = ref[-1].shape[1]
+        counts.append(real)
+        for a, r in zip(out.hidden_states, ref, strict=True):
+            torch.testing.assert_close(a[i:i + 1, :r.shape[1]], r, atol=ATOL, rtol=0)
+            assert bool((a[i, r.shape[1]:] == 0).all())
+        alone = run(m, pv[i:i + 1]).last_hidden_state
+        assert alone.shape[1] == real
+        torch.testing.assert_close(out.last_hidden_state[i:i + 1, :real], alone, atol=ATOL,
+                                   rtol=0)
+    assert len(set(counts)) > 1, "the test wants images that keep different counts"
+    assert trace.mask.sum(1).tolist() == counts
+    assert trace.positions[:, 0].eq(0).all()
+    ts.remove(m)
+    assert_untouched(m, before)
+    assert torch.equal(run(m, pv).last_hidden_state, ref_out)
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit", "dinov2"])
+def test_ats_keep_all_equals_untouched(kind):
+    m = backbone(kind)
+    pv = pixels()
+    ref = run(m, pv)
+    ts.apply(m, "ats", layers=())
+    assert torch.equal(run(m, pv).last_hidden_state, ref.last_hidden_state)
+    ts.remove(m)
+    # every token sampled (uniform attention here is near-flat): nothing is dropped either
+    ts.apply(m, "ats", tokens=1000, layers=(0,), min_tokens=1)
+    out = run(m, pv)
+    trace = tm.get_state(m).encoder.last.current
+    if trace.sizes is None:
+        assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+    ts.remove(m)
+
+
+def test_ats_official_layers_and_options():
+    assert sorted(ATSSchedule().plan(12)) == list(range(3, 12))
+    assert sorted(ATSSchedule().plan(24)) == list(range(6, 24, 2))
+    assert ATSSchedule(tokens=50).plan(12)[3] == 50
+    for bad in ({"tokens": 0}, {"min_tokens": True}, {"layers": (1.5,)},
+                {"use_values": 1}):
+        with pytest.raises(ValueError):
+            ATSSchedule(**bad)
+    with pytest.raises(ValueError, match="needs a CLS token"):
+        ts.apply(backbone("siglip"), "ats")
+
+
+def test_ats_llava_images_bring_their_own_counts():
+    """LLaVA-1.5: each image's placeholders are cut to its own count (padding dropped);
+    one image alone gives the logits of the hand-built prompt."""
+    from test_encoder_stage import llava_inputs, tiny_llava
+
+    model = tiny_llava()
+    inputs = llava_inputs(1)
+    opts = {"tokens": 20, "layers": (0, 1)}
+    rule = ats_rule((0, 1), 20)
+    emb, mask = llava_reference_ats(model, inputs, rule)
+    ts.apply(model, "ats", **opts)
+    with torch.no_grad():
+        out = model(**inputs).logits
+        ref = model(inputs_embeds=emb, attention_mask=mask).logits
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    both = llava_inputs(2)
+    with torch.no_grad():
+        model(**both)
+    reds = tm.last_reductions(model)
+    trace = tm.get_state(model).encoder.last.at(1)
+    assert [r.tokens.shape[1] for r, _ in reds] == (trace.mask.sum(1) - 1).tolist()
+    ts.remove(model)
+
+
+@torch.no_grad()
+def llava_reference_ats(model, inputs, rule):
+    """LLaVA's LM input by hand for one image: the tower by hand up to the feature layer
+    (1 of 3), CLS dropped, projected, spliced into a prompt with that many placeholders."""
+    from test_encoder_stage import IMG, llava_inputs
+
+    tower = model.model.vision_tower
+    outs = hand_tower(tower, inputs["pixel_values"],
+                      lambda i, w, x, p, v, s: rule(i, w, x, p, v, s) if i <= 1 else (x, s))
+    feats = model.model.multi_modal_projector(outs[2][:, 1:])
+    short = llava_inputs(1, n_img=feats.shape[1])
+    ids = short["input_ids"]
+    emb = model.get_input_embeddings()(ids.masked_fill(ids == IMG, 0))
+    emb[ids == IMG] = feats.reshape(-1, feats.shape[-1])
+    return emb, short["attention_mask"]
