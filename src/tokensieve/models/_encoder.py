@@ -62,6 +62,9 @@ REFUSED: dict[str, str] = {
               "whole patch grid",
     "idefics3": "the pixel shuffle (space-to-depth) of each crop needs the whole patch grid",
 }
+#: Families of :data:`REFUSED` whose towers (CLIP / SigLIP layers, no padding mask) run a
+#: method that rebuilds the whole grid at the end (``expedit``): the LLM gets the usual grid.
+REBUILT = ("llava-next", "llava-onevision", "gemma3")
 
 
 #: The q / k / v projections each in-encoder signal is computed from.
@@ -182,6 +185,8 @@ class EncoderRun:
     traces: list[EncoderTrace] = field(default_factory=list)
     capture: int | None = None  # layer whose q / k projections the hooks keep
     captured: dict[str, Tensor] = field(default_factory=dict)
+    #: Reconstructions still to apply (Expedit's ``step.restore``), in step order.
+    restores: list[Any] = field(default_factory=list)
 
     @property
     def current(self) -> EncoderTrace:
@@ -207,6 +212,8 @@ class EncoderRun:
         mask = getattr(step, "mask", None)
         self.traces.append(EncoderTrace(self.tokens_in, layer, step.sizes, source, positions,
                                         mask))
+        if getattr(step, "restore", None) is not None:
+            self.restores.append(step.restore)
 
 
 class EncoderStage:
@@ -252,6 +259,8 @@ class EncoderStage:
         if unknown:
             raise ValueError(f"{spec.name}: the in-encoder stage computes no signal {unknown}")
         self._projections = sorted({n for s in schedule.signals for n in PROJECTIONS[s]})
+        # Where a reconstructing schedule (Expedit) rebuilds the full token set.
+        self._restore_at = len(layers) - 1 if until is None else until
         self._verify()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -285,6 +294,22 @@ class EncoderStage:
             for name in self._projections:
                 hook = functools.partial(self._capture, i, name)
                 self._handles.append(getattr(attn, name).register_forward_hook(hook))
+        if getattr(self.schedule, "restores", False) and self.plan:
+            # before the hooks that record hidden states: they see the rebuilt tokens
+            self._handles.append(self.layers[self._restore_at].register_forward_hook(
+                self._restore, prepend=True))
+
+    def _restore(self, module: torch.nn.Module, args: tuple, out: Any) -> Any:
+        """After the last layer whose output is used: the pending reconstructions rebuild
+        the full token set (the later layers run on it untouched)."""
+        run = self._run.get()
+        if run is None or not run.restores or not isinstance(out, Tensor):
+            return None
+        for restore in reversed(run.restores):
+            out = restore(out)
+        run.restores.clear()
+        run.traces.append(EncoderTrace(run.tokens_in, self._restore_at))
+        return out
 
     def remove(self) -> None:
         for h in self._handles:
@@ -522,12 +547,17 @@ def apply_encoder(model: torch.nn.Module, adapter_cls: type, method: str,
         raise ValueError(f"a {type(model).__name__} is a vision backbone without an LLM: method "
                          f"{spec.name!r} acts at stage {spec.stage!r}; tokensieve.apply runs "
                          "in-encoder methods (tome, evit) on backbones")
-    if family in REFUSED or not hasattr(adapter_cls, "encoder_tower"):
+    from tokensieve.core.encoder_schedule import encoder_schedule_class
+
+    rebuilds = bool(getattr(encoder_schedule_class(spec.name), "restores", False))
+    if (family in REFUSED and not (rebuilds and family in REBUILT)) or not hasattr(
+            adapter_cls, "encoder_tower"):
         why = REFUSED.get(family, "its adapter does not expose the vision tower")
         raise ValueError(f"method {spec.name!r} reduces tokens inside the vision tower, which "
                          f"the {family} family cannot take yet: {why}; tokensieve.apply runs "
                          "in-encoder methods on LLaVA-1.5 and on plain CLIP / SigLIP / ViT / "
-                         "Dinov2 backbones")
+                         "Dinov2 backbones, and 'expedit' (which rebuilds the whole grid) "
+                         f"also on {', '.join(REBUILT)}")
     if keep is None:
         schedule = make_encoder_schedule(spec.name, dict(options))
     if signal_layers is not None:
@@ -539,7 +569,8 @@ def apply_encoder(model: torch.nn.Module, adapter_cls: type, method: str,
     layers, has_cls, until = adapter.encoder_tower()
     if keep is not None:
         schedule = schedule_for_keep(model, spec.name, keep, layers, has_cls, until, options)
-    feeds_llm = family != "vision"
+    # A schedule that rebuilds the grid leaves the tower's output shape: no call is patched.
+    feeds_llm = family != "vision" and not rebuilds
     stage = EncoderStage(layers, spec, schedule, has_cls, until=until, feeds_llm=feeds_llm)
     llm_stage = None
     if llm is not None and llm != OFFICIAL:

@@ -57,6 +57,13 @@ class Gemma3Adapter(GroupedTowerAdapter):
         tower = self.inner.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers
 
+    def encoder_tower(self) -> tuple[Any, bool, int]:
+        """``(layers, has_cls, until)`` for the in-encoder stage: the SigLIP layers, no CLS,
+        the last layer (its output is pooled). Only methods that rebuild the whole grid
+        (``expedit``) run here (the pooling needs every patch)."""
+        layers = self._layers()
+        return layers, False, len(layers) - 1
+
     def _project(self, pooled: Tensor) -> Tensor:
         """The projector after pooling: RMS norm and projection (as Gemma3 computes it)."""
         proj = self.inner.multi_modal_projector
