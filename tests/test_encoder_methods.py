@@ -217,3 +217,159 @@ def llava_reference_ats(model, inputs, rule):
     emb = model.get_input_embeddings()(ids.masked_fill(ids == IMG, 0))
     emb[ids == IMG] = feats.reshape(-1, feats.shape[-1])
     return emb, short["attention_mask"]
+
+
+# -- MCTF --------------------------------------------------------------------------------------
+def official_mctf(x: torch.Tensor, attn: torch.Tensor, size: torch.Tensor | None, r: int,
+                  taus=(1.0, 20.0, 40.0), bidirection: bool = True, pooling: int = 1):
+    """One MCTF merge of one image re-stated from the official ``bipartite_soft_matching``
+    and ``merge_wavg`` (CLS protected): ``x`` ``[T, C]``, ``attn`` ``[T]`` received
+    attention, ``size`` ``[T]`` or None. Returns ``(x' [T', C], size' [T'], members
+    [T', T] bool)`` with the rows put in the order of their surviving token."""
+    t = x.shape[0]
+    r1, r2 = (r // 2, r - r // 2) if bidirection else (r, 0)
+    met = x / x.norm(dim=-1, keepdim=True)
+    a, b = met[::2], met[1::2]
+    scores = ((a @ b.T + 1) / 2) ** (1 / taus[0])
+    inv = 1 / attn
+    inv = inv / inv.max()
+    scores = scores * (inv[::2, None] * inv[None, 1::2]) ** (1 / taus[1])
+    if size is not None:
+        inv_s = 1 / size
+        inv_s = inv_s / inv_s.max()
+        scores = scores * (inv_s[::2, None] * inv_s[None, 1::2]) ** (1 / taus[2])
+    scores[:1, :] = -torch.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge = node_max.argsort(descending=True)
+    unm, src = edge[r1:].sort().values, edge[:r1]
+    dst = node_idx[src]
+    if bidirection:
+        node_max2, node_idx2 = scores[unm].T.max(dim=-1)
+        edge2 = node_max2.argsort(descending=True)
+        unm2, src2 = edge2[r2:], edge2[:r2]
+        dst2 = node_idx2[src2]
+
+    def merge(z: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        def into(base, idx, src_rows):  # scatter_reduce along the tokens
+            return base.scatter_reduce(0, idx[:, None].expand(-1, base.shape[1]), src_rows,
+                                       mode)
+        za, zb = z[::2], z[1::2]
+        u = za[unm]
+        d = into(zb, dst, za[src])
+        if not bidirection:
+            return torch.cat([u, d])
+        return torch.cat([into(u, dst2, d[src2]), d[unm2]])
+
+    s = torch.ones(t) if size is None else size
+    if pooling == 1:
+        w = attn * s / s.max()
+    else:
+        w = s
+    out = merge(x * w[:, None]) / merge(w[:, None])
+    new_size = merge(s[:, None])[:, 0]
+    members = merge(torch.eye(t), "amax") > 0
+    survivor = torch.cat([2 * unm, 2 * unm2 + 1]) if bidirection else \
+        torch.cat([2 * unm, torch.arange(1, t, 2)])
+    order = survivor.argsort()
+    return out[order], new_size[order], members[order]
+
+
+@pytest.mark.parametrize(("r", "bidirection", "with_size"), [(10, True, False), (11, True, True),
+                                                             (7, False, True)])
+def test_mctf_match_and_pool_equal_official(r, bidirection, with_size):
+    from tokensieve.methods.mctf import mctf_match, mctf_pool
+
+    g = torch.Generator().manual_seed(1)
+    t = 33
+    x = torch.randn(2, t, 16, generator=g)
+    attn = torch.rand(2, t, generator=g) + 0.01
+    size = torch.randint(1, 5, (2, t), generator=g).float() if with_size else None
+    match = mctf_match(x, r, attn=attn, sizes=size, bidirectional=bidirection,
+                       protect_first=True)
+    out, new_size, _ = mctf_pool(match, x, size, attn)
+    for i in range(2):
+        want, want_size, members = official_mctf(x[i], attn[i], None if size is None
+                                                 else size[i], r, bidirection=bidirection)
+        mine = torch.nn.functional.one_hot(match.slot[i], t - r).T.bool()
+        assert torch.equal(mine, members)
+        torch.testing.assert_close(out[i], want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(new_size[i], want_size)
+    assert match.slot[:, 0].eq(0).all()
+
+
+def test_mctf_token_set():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 50, 8, generator=g)
+    attn = torch.rand(2, 50, generator=g) + 0.01
+    r = ts.reduce(x, "mctf", keep=9, attn_received=attn, has_cls=True)
+    assert r.tokens.shape == (2, 9, 8) and r.sizes.sum(1).eq(50).all()
+    assert r.positions[:, 0].eq(0).all() and r.sizes[:, 0].eq(1).all()
+    # one round (keep >= half): the official merge of r = 50 - 30 tokens
+    one = ts.reduce(x, "mctf", keep=30, attn_received=attn, has_cls=True)
+    for i in range(2):
+        want, _, _ = official_mctf(x[i], attn[i], None, 20)
+        torch.testing.assert_close(one.tokens[i], want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="tau_info"):
+        ts.reduce(x, "mctf", keep=9, attn_received=attn, tau_info=-1)
+
+
+def mctf_rule(layers, r: int, where: str):
+    def rule(i, w, x, probs, v, sizes):
+        if w != where or i not in layers:
+            return x, sizes
+        t = x.shape[1]
+        rr = min(t - 10 if t - r < 10 else r, (t - 1) // 2)
+        attn = probs.mean(dim=(1, 2))  # received attention, head and query mean
+        outs = [official_mctf(x[j], attn[j], None if sizes is None else sizes[j], rr)
+                for j in range(x.shape[0])]
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+    return rule
+
+
+@pytest.mark.parametrize(("osa", "where"), [(2, "pre"), (0, "post")])
+def test_mctf_equals_hand_run_tower(osa, where):
+    m = backbone("clip")
+    pv = pixels(2)
+    ref = hand_tower(m, pv, mctf_rule((0, 1, 2, 3), 6, where), prop_attn=True)
+    ts.apply(m, "mctf", r=6, one_step_ahead=osa)
+    out = run(m, pv)
+    assert [h.shape for h in out.hidden_states] == [h.shape for h in ref]
+    for a, b in zip(out.hidden_states, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert tm.get_state(m).encoder.last.current.sizes.sum(1).eq(65).all()
+    ts.remove(m)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "vit", "dinov2"])
+def test_mctf_keep_all_batch_remove(kind):
+    m = backbone(kind)
+    pv = pixels(3)
+    ref = run(m, pv)
+    before = hooks(m)
+    ts.apply(m, "mctf", r=0)
+    assert torch.equal(run(m, pv).last_hidden_state, ref.last_hidden_state)
+    ts.remove(m)
+    for osa in (2, 0):
+        ts.apply(m, "mctf", r=6, one_step_ahead=osa)
+        both = run(m, pv).last_hidden_state
+        assert both.shape[1] == ref.last_hidden_state.shape[1] - 24
+        for i in range(3):
+            torch.testing.assert_close(both[i:i + 1], run(m, pv[i:i + 1]).last_hidden_state,
+                                       atol=ATOL, rtol=0)
+        ts.remove(m)
+    assert_untouched(m, before)
+    assert torch.equal(run(m, pv).last_hidden_state, ref.last_hidden_state)
+
+
+def test_mctf_options():
+    from tokensieve.methods.mctf import MCTFSchedule
+
+    assert sorted(MCTFSchedule().plan(12)) == list(range(1, 12))
+    assert MCTFSchedule().position == "pre" and MCTFSchedule(one_step_ahead=0).position == "post"
+    assert MCTFSchedule.layer_r(16, 197, True) == 16
+    assert MCTFSchedule.layer_r(0.35, 197, True) == int(196 * 0.35)
+    assert MCTFSchedule.layer_r(16, 20, True) == 9  # t - 10 = 10, capped at half
+    for bad, match in (({"one_step_ahead": 1}, "SDPA"), ({"r": -1}, "r=-1"),
+                       ({"pooling": "max"}, "pooling"), ({"tau_size": float("nan")}, "tau")):
+        with pytest.raises(ValueError, match=match):
+            MCTFSchedule(**bad)
