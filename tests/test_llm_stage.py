@@ -12,6 +12,7 @@ import pytest
 import torch
 from llm_refs import by_hand, eager_copy, record
 from model_checks import interleave, pad_rows
+from model_refs import _cache_name
 from test_models_llava import tiny_llava
 
 import tokensieve as ts
@@ -175,9 +176,10 @@ def test_continuing_a_cut_cache_matches_hand_reference(model, eager):
     with torch.no_grad(), tm.applied(model, "fastv", 9):
         first = model(**kw, use_cache=True)
         kept = stage_kept(model)
-        nxt = model(input_ids=more, attention_mask=mask, cache=first.cache, use_cache=True)
+        cache = {_cache_name(model): getattr(first, "cache", None) or first.past_key_values}
+        nxt = model(input_ids=more, attention_mask=mask, use_cache=True, **cache)
         with pytest.raises(ValueError, match="whole sequence"):
-            model(input_ids=more, attention_mask=mask[:, :2], cache=first.cache)
+            model(input_ids=more, attention_mask=mask[:, :2], **cache)
     whole = dict(kw, input_ids=torch.cat([kw["input_ids"], more], 1), attention_mask=mask)
     ref, _ = by_hand(model, eager, record(model, whole), image_cols(kw["input_ids"]), [2],
                      None, "previous", "keep", prompt_len=t, fixed=kept)

@@ -42,6 +42,7 @@ from torch import Tensor
 from tokensieve.core.api import ReduceConfig, reduce
 from tokensieve.core.registry import MethodSpec
 from tokensieve.core.schedule import LlmSchedule
+from tokensieve.models._compat import cache_kwarg
 from tokensieve.models._llm_scores import attention_rows, rotated_keys, visible_keys
 from tokensieve.models._surgery import pack
 
@@ -368,7 +369,8 @@ class LlmStage:
 
         sliding = self.layer_types[layer_idx] == "sliding_attention"
         kw = dict(config=self.text.config, inputs_embeds=hidden, attention_mask=mask2d,
-                  cache=cache, position_ids=None, layer_idx=layer_idx)
+                  position_ids=None, layer_idx=layer_idx)
+        kw[cache_kwarg(create_causal_mask)] = cache
         if block_ids is None:
             fn = create_sliding_window_causal_mask if sliding else create_causal_mask
             return fn(**kw)

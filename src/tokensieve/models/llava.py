@@ -24,6 +24,7 @@ from torch import Tensor
 
 from tokensieve.core.reduction import Reduction
 from tokensieve.models._base import Adapter, Encoded, get_state, register_adapter
+from tokensieve.models._compat import hidden_states_request
 from tokensieve.models._encoder import tower_has_cls
 from tokensieve.models._signals import (
     attention_received,
@@ -115,8 +116,8 @@ class LlavaAdapter(Adapter):
             {i: self._layers()[i].self_attn for i in layers}, names)
         try:
             # Keep only the feature layer's hidden state, as the model itself asks for.
-            out = self.inner.vision_tower(pixel_values, output_hidden_states=[layer],
-                                          return_dict=True)
+            out = self.inner.vision_tower(
+                pixel_values, output_hidden_states=hidden_states_request(layer), return_dict=True)
         finally:
             for h in handles:
                 h.remove()
@@ -155,7 +156,8 @@ class LlavaAdapter(Adapter):
         tokens (``positions``, ``sizes``, ``assignment``; ``indices=None``)."""
         layer = self._feature_layer(args)
         start = 0 if self._strategy(args) == "full" else 1
-        out = self.inner.vision_tower(args["pixel_values"], output_hidden_states=[layer],
+        out = self.inner.vision_tower(args["pixel_values"],
+                                      output_hidden_states=hidden_states_request(layer),
                                       return_dict=True)
         hidden = out.hidden_states[layer]  # [I, T', Dv]
         stage = get_state(self.model).encoder
