@@ -373,3 +373,75 @@ def test_mctf_options():
                        ({"pooling": "max"}, "pooling"), ({"tau_size": float("nan")}, "tau")):
         with pytest.raises(ValueError, match=match):
             MCTFSchedule(**bad)
+
+
+# -- Turbo -------------------------------------------------------------------------------------
+def turbo_rule(r: int, alpha: float = 1.0, min_tokens: int = 40):
+    """Official Turbo in a block, re-stated: ToMe's matching on the head-mean keys with the
+    A tokens ranked by ``max cos - 100 alpha cls_attn`` (own code, not the library's)."""
+    def merge(x, k, probs, sizes):
+        t = x.shape[1]
+        rr = min(r, (t - 1) // 2)
+        if rr <= 0 or t < min_tokens:
+            return x, sizes
+        metric = k.mean(1)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        best, best_b = (a @ b.transpose(-1, -2)).max(-1)
+        cls_attn = probs[:, :, 0].mean(1)
+        best = best - 100 * alpha * cls_attn[:, ::2]
+        best[:, 0] = -torch.inf
+        s = torch.ones(x.shape[:2]) if sizes is None else sizes
+        outs, new_sizes = [], []
+        for j in range(x.shape[0]):
+            order = torch.sort(best[j], descending=True, stable=True).indices
+            src = 2 * order[:rr]
+            dst = 2 * best_b[j, order[:rr]] + 1
+            total = (x[j] * s[j, :, None]).index_add(0, dst, x[j, src] * s[j, src, None])
+            size = s[j].index_add(0, dst, s[j, src])
+            keep = torch.ones(t, dtype=torch.bool)
+            keep[src] = False
+            outs.append(total[keep] / size[keep, None])
+            new_sizes.append(size[keep])
+        return torch.stack(outs), torch.stack(new_sizes)
+    return merge
+
+
+@pytest.mark.parametrize(("r", "min_tokens"), [(8, 0), (12, 40)])
+def test_turbo_equals_hand_run_tower(r, min_tokens):
+    from test_encoder_stage import hand_tower as tome_hand_tower
+
+    m = backbone("clip")
+    pv = pixels(2)
+    merge = turbo_rule(r, min_tokens=min_tokens)
+    ref, sizes = tome_hand_tower(m, pv, lambda i, x, k, p, s: merge(x, k, p, s), True)
+    ts.apply(m, "turbo", r=r, min_tokens=min_tokens)
+    out = run(m, pv)
+    assert [h.shape for h in out.hidden_states] == [h.shape for h in ref]
+    for a, b in zip(out.hidden_states, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    torch.testing.assert_close(tm.get_state(m).encoder.last.current.sizes, sizes)
+    ts.remove(m)
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit", "dinov2"])
+def test_turbo_keep_all_batch_remove(kind):
+    m = backbone(kind)
+    pv = pixels(3)
+    ref = run(m, pv)
+    before = hooks(m)
+    ts.apply(m, "turbo", r=0)
+    assert torch.equal(run(m, pv).last_hidden_state, ref.last_hidden_state)
+    ts.remove(m)
+    ts.apply(m, "turbo", r=6, min_tokens=0)
+    both = run(m, pv).last_hidden_state
+    assert both.shape[1] == ref.last_hidden_state.shape[1] - 24
+    for i in range(3):
+        torch.testing.assert_close(both[i:i + 1], run(m, pv[i:i + 1]).last_hidden_state,
+                                   atol=ATOL, rtol=0)
+    ts.remove(m)
+    assert_untouched(m, before)
+    with pytest.raises(ValueError, match="needs r"):
+        ts.apply(m, "turbo")
+    with pytest.raises(ValueError, match="needs a CLS token"):
+        ts.apply(backbone("siglip"), "turbo", r=4)

@@ -14,22 +14,28 @@ redundant tokens with little CLS attention are merged first, each into its most 
 token, by size-weighted average. The factor 100 is the official scaling of the post-softmax
 CLS attention. The generation variant (merge, then restore tokens for diffusion) is not
 implemented here.
+
+Inside a vision encoder (``ts.apply(model, "turbo", r=16)``, :class:`TurboSchedule`): ToMe's
+per-layer merge with Turbo's priority, between attention and MLP of every layer.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from tokensieve.core.encoder_schedule import EncoderSchedule, LayerStep, register_encoder_schedule
 from tokensieve.core.options import NonNegative
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
 from tokensieve.methods._matching import (
     MergeResult,
+    bipartite_soft_matching,
     check_cls_budget,
     check_flag,
     check_sizes,
@@ -119,3 +125,84 @@ def turbo_reduce(tokens: Tensor, k: int, signals: Signals, config: TurboConfig,
     metric = signals.keys if config.use_keys else None
     return merge_reduction(turbo_merge(tokens, k, cls_attn, alpha=config.alpha, metric=metric,
                                        has_cls=config.has_cls))
+
+
+# -- inside the encoder ------------------------------------------------------------------------
+#: The official code stops merging in a layer that has fewer tokens than this.
+R_THRESHOLD = 40
+
+
+@register_encoder_schedule("turbo")
+@dataclass(frozen=True)
+class TurboSchedule(EncoderSchedule):
+    """In-encoder options of ``turbo`` (the official BLIP / CLIP-tower patch: ToMe's blocks
+    with Turbo's merge priority).
+
+    In every layer with ``r > 0``, between the attention residual and the MLP, ToMe's
+    bipartite soft matching on the head-mean keys ranks the A tokens by ``max_b cos(a, b) -
+    100 * alpha * cls_attn(a)`` (the layer's own head-mean CLS attention row, with the
+    proportional-attention bias) and merges the ``r`` first into their best B token by
+    size-weighted average; CLS is never merged; ``r`` is capped at half the layer's tokens;
+    a layer with fewer than ``min_tokens`` tokens merges nothing (official ``r_threshold``
+    40).
+
+    Attributes:
+        r: tokens merged per layer: an int, an ``(r, inflection)`` schedule or a per-layer
+            list (as ``tome``). Required.
+        alpha: weight of the semantic value (official 1).
+        prop_attn: proportional attention (official on).
+        use_keys: match on the head-mean keys (official BLIP); False: on the tokens.
+        min_tokens: no merge in a layer with fewer tokens (official 40).
+    """
+
+    r: int | tuple[int, float] | list[int] | None = None
+    alpha: float = 1.0
+    prop_attn: bool = True
+    use_keys: bool = True
+    min_tokens: int = R_THRESHOLD
+
+    signals: ClassVar[tuple[str, ...]] = ("keys", "cls_attn")
+    needs_cls: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        from tokensieve.methods.tome import _check_r
+
+        if self.r is None:
+            raise ValueError("turbo inside the encoder needs r, the tokens merged per layer "
+                             "(e.g. ts.apply(model, 'turbo', r=16))")
+        _check_r(self.r)
+        TurboConfig(alpha=self.alpha)
+        check_flag(self.prop_attn, "prop_attn", "turbo")
+        check_flag(self.use_keys, "use_keys", "turbo")
+        v = self.min_tokens
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"turbo: min_tokens={v!r}: expected an int >= 0")
+
+    @property
+    def proportional(self) -> bool:
+        return self.prop_attn
+
+    def plan(self, depth: int) -> dict[int, Any]:
+        from tokensieve.methods.tome import parse_r
+
+        assert self.r is not None
+        return {i: r for i, r in enumerate(parse_r(depth, self.r)[:depth]) if r > 0}
+
+    def count(self, param: Any, tokens: int, has_cls: bool) -> int:
+        if tokens < self.min_tokens:
+            return tokens
+        return tokens - min(int(param), (tokens - int(has_cls)) // 2)
+
+    def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
+             param: Any, has_cls: bool) -> LayerStep | None:
+        """One Turbo layer on ``tokens`` ``[B, T, D]`` with ``signals["keys"]``
+        ``[B, T, Dh]`` and ``signals["cls_attn"]`` ``[B, T]``."""
+        t = tokens.shape[1]
+        r = min(int(param), (t - int(has_cls)) // 2)
+        if r <= 0 or t < self.min_tokens:
+            return None
+        metric = signals["keys"] if self.use_keys else tokens
+        penalty = ATTN_SCALE * float(self.alpha) * signals["cls_attn"]
+        match = bipartite_soft_matching(metric, r, protect_first=has_cls, penalty=penalty)
+        merged, new_sizes = match.merge_wavg(tokens, sizes)
+        return LayerStep(tokens=merged, sizes=new_sizes, slot=match.slot, kept=match.kept)
