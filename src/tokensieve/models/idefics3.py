@@ -88,3 +88,10 @@ class Idefics3Adapter(GroupedTowerAdapter):
         return self.encode_grouped(args, placeholder, lambda: self.inner.vision_model(
             pixel_values=pixel_values, patch_attention_mask=patch_mask,
             return_dict=True).last_hidden_state, valid=valid)
+
+    def encoder_outputs(self, features: list[Tensor]) -> dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        # One [sum K_i, D] tensor in placeholder order: what every supported release scatters
+        # (5.24 also takes a list; 5.19 only a tensor).
+        return {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(features, 0))}
