@@ -290,6 +290,66 @@ def test_cdpruner_rank_exhausted_fills_by_relevance():
         assert picks[3:].tolist() == rest.argsort(descending=True)[:7].tolist()
 
 
+@pytest.mark.parametrize("n,d,k", [(40, 16, 12), (200, 64, 30), (600, 32, 64)])
+def test_cdpruner_dense_and_lazy_paths_pick_the_same(n, d, k):
+    """The batched dense loop (and its batch-1 form) picks what the per-sample lazy-row
+    greedy picks, in the same order, on random tokens and through ``reduce``."""
+    from tokensieve.core.ops import normalize
+    from tokensieve.methods.cdpruner import CDPrunerConfig, dpp_select, relevance
+
+    x, t = _data(3, n, d, seed=n)
+    xn = normalize(x)
+    r = relevance(x, t, None, CDPrunerConfig(), normalized=xn)
+    lazy = dpp_select(xn, r, k, dense=False)
+    assert torch.equal(dpp_select(xn, r, k, dense=True), lazy)
+    for b in range(3):
+        assert torch.equal(dpp_select(xn[b:b + 1], r[b:b + 1], k, dense=True)[0], lazy[b])
+    assert torch.equal(ts.reduce(x, "cdpruner", k, text=t).indices, lazy.sort(dim=1).values)
+
+
+def test_cdpruner_dense_path_exhausted_kernel_and_ties():
+    """Exact data (one-hot tokens, relevance in powers of two): ties in ``d2`` go to the
+    lowest index on both paths, and a kernel exhausted at a different step per sample
+    (rank 4 and rank 6, keep 10) fills up by ``diag(L)`` (ties: lowest index) as the lazy
+    path does, in the batched loop and the batch-1 loop alike."""
+    from tokensieve.methods.cdpruner import dpp_select
+
+    n, k = 16, 10
+    xn = torch.zeros(2, n, 8)
+    xn[0, torch.arange(n), torch.arange(n) % 4] = 1.0            # rank 4, duplicates
+    xn[1, torch.arange(n), torch.arange(n) % 6] = 1.0            # rank 6
+    r = torch.tensor([1.0, 0.5, 0.25, 0.5]).repeat(4).expand(2, n).clone()
+    r[1, 9] = 1.0                                                 # a duplicate of token 3
+    lazy = dpp_select(xn, r, k, dense=False)
+    dense = dpp_select(xn, r, k, dense=True)
+    assert torch.equal(dense, lazy)
+    for b in range(2):
+        assert torch.equal(dpp_select(xn[b:b + 1], r[b:b + 1], k, dense=True)[0], lazy[b])
+        assert len(set(lazy[b].tolist())) == k
+    # sample 0: greedy ties at d2 = 1 (tokens 0, 4, 8, 12) -> 0, then one per direction;
+    # then the rest by relevance, lowest index first among equals
+    assert lazy[0].tolist() == [0, 1, 3, 2, 4, 8, 12, 5, 7, 9]
+    # sample 1: the most relevant token of each of the six directions, then the fill
+    assert sorted(lazy[1, :6].tolist()) == [0, 1, 4, 5, 8, 9]
+    assert lazy[1, 6:].tolist() == [12, 3, 7, 11]
+
+
+def test_cdpruner_takes_the_dense_path_by_size(monkeypatch):
+    """Up to ``DPP_DENSE_MAX_N`` tokens (LLaVA-1.5's 576) the dense loop, above it lazy rows."""
+    from tokensieve.methods import cdpruner as mod
+
+    calls = []
+    monkeypatch.setattr(mod, "dpp_greedy_dense", lambda *a: calls.append("dense") or
+                        _greedy.dpp_greedy_dense(*a))
+    monkeypatch.setattr(mod, "dpp_greedy", lambda *a: calls.append("lazy") or
+                        _greedy.dpp_greedy(*a))
+    for n in (576, mod.DPP_DENSE_MAX_N, mod.DPP_DENSE_MAX_N + 1):
+        calls.clear()
+        x, t = _data(1, n, 8, seed=n)
+        ts.reduce(x, "cdpruner", 16, text=t)
+        assert calls == ["dense" if n <= mod.DPP_DENSE_MAX_N else "lazy"]
+
+
 # ---------------------------------------------------------------- mmtok
 
 def _naive_coverage(x, t, k, alpha=0.5, tau_tv=0.02, tau_vv=0.2) -> list[int]:

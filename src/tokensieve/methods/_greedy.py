@@ -7,11 +7,13 @@ Three recurrences live here, each written once:
   computed lazily in blocks and cached (:class:`LazyRows`), so at most ``N`` rows -- one
   ``N x N`` matrix -- ever exist, and usually far fewer.
 * :func:`dpp_greedy` -- greedy MAP inference of a DPP with the incremental Cholesky update
-  (CDPruner), on lazily computed kernel rows.
+  (CDPruner), on lazily computed kernel rows; :func:`dpp_greedy_dense` runs the same
+  recurrence for a whole batch on dense kernels (CDPruner's path for small ``N``).
 * :func:`greedy_coverage` -- greedy maximum coverage with incrementally updated gains (MMTok).
 
-All of them work on one sample (``[N, ...]``); the method files loop over the batch, since
-the lazy caches differ per sample. Scores are float32; ties go to the lowest index
+The lazy engines work on one sample (``[N, ...]``); the method files loop over the batch,
+since the lazy caches differ per sample. The dense paths (:func:`max_min_dense`,
+:func:`dpp_greedy_dense`) run a batch in one loop. Scores are float32; ties go to the lowest index
 (``torch.argmax`` returns the first maximum).
 """
 
@@ -238,6 +240,89 @@ def dpp_greedy(kernel_rows: RowFn, diag: Tensor, k: int, rtol: float = 1e-6) -> 
             e.addmv_(coef[t0:t].T, coef[t0:t, j], alpha=-inv)
         d2.addcmul_(e, e, value=-1.0)
         d2[j] = -math.inf
+    return picks
+
+
+def _dpp_greedy_dense_one(kernel: Tensor, diag: Tensor, k: int, rtol: float) -> Tensor:
+    """:func:`dpp_greedy_dense` for one sample (``kernel`` ``[N, N]``): python-int indices,
+    so each step's rows and columns are views, not gathers."""
+    n, dev = diag.shape[0], diag.device
+    d2 = diag.float().clone()
+    floor = rtol * float(d2.max())
+    coef = torch.empty(k, n, device=dev)
+    picks: list[int] = []
+    for t in range(k):
+        top, arg = torch.max(d2, dim=0)
+        j, dj = int(arg), float(top)
+        if not dj > floor:
+            rest = diag.float().clone()
+            rest[picks] = -math.inf
+            picks += torch.sort(rest, descending=True, stable=True).indices[: k - t].tolist()
+            break
+        picks.append(j)
+        if t == k - 1:
+            break
+        inv = 1.0 / math.sqrt(dj)
+        e = torch.mul(kernel[j], inv, out=coef[t])
+        if t:
+            e.addmv_(coef[:t].T, coef[:t, j], alpha=-inv)
+        d2.addcmul_(e, e, value=-1.0)
+        d2[j] = -math.inf
+    return torch.tensor(picks, dtype=torch.long, device=dev)
+
+
+def dpp_greedy_dense(kernel: Tensor, diag: Tensor, k: int, rtol: float = 1e-6) -> Tensor:
+    """:func:`dpp_greedy` for every sample of a batch at once, on dense kernels.
+
+    The same recurrence, tie-breaking (first index) and handling of an exhausted kernel:
+    a sample whose largest remaining ``d2`` is not above ``rtol * max(diag)`` takes, from
+    that step on, its unpicked tokens of highest ``diag``. Per step one batched argmax,
+    one row gather and one ``baddbmm`` against the earlier ``c_t`` (``O(B N t)``, as the
+    official loop), with no host synchronisation for ``B > 1``. An exhausted sample goes
+    on with harmless values (its later picks are replaced), so the loop never branches
+    per sample.
+
+    Args:
+        kernel: ``[B, N, N]`` float32 symmetric kernels ``L``.
+        diag: ``[B, N]`` the diagonals the greedy starts from (``d2 = diag``).
+        k: picks per sample.
+        rtol: as in :func:`dpp_greedy`.
+
+    Returns:
+        ``[B, k]`` long, in pick order.
+    """
+    b, n = diag.shape
+    dev = diag.device
+    if b == 1:
+        return _dpp_greedy_dense_one(kernel[0], diag[0], k, rtol).unsqueeze(0)
+    d2 = diag.float().clone()
+    floor = rtol * d2.amax(dim=1).double()                    # as dpp_greedy, in float64
+    coef = torch.empty(b, k, n, device=dev)
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    tops = torch.empty(b, k, device=dev)
+    ar = torch.arange(b, device=dev)
+    for t in range(k):
+        top, j = torch.max(d2, dim=1)
+        picks[:, t] = j
+        tops[:, t] = top
+        if t == k - 1:
+            break
+        row = kernel[ar, j]                                   # [B, N]
+        if t:
+            cj = coef[ar, :t, j]                              # [B, t]: c_s[j], s < t
+            row = torch.baddbmm(row.unsqueeze(1), cj.unsqueeze(1), coef[:, :t],
+                                alpha=-1.0).squeeze(1)
+        e = torch.mul(row, top.rsqrt().unsqueeze(1), out=coef[:, t])
+        d2.addcmul_(e, e, value=-1.0)
+        d2[ar, j] = -math.inf
+    # the first step whose best d2 is not above the floor (NaN included), else k
+    low = ~(tops.double() > floor.unsqueeze(1))
+    stop = torch.where(low.any(dim=1), low.to(torch.int8).argmax(dim=1), k).tolist()
+    for i, t in enumerate(stop):
+        if t < k:
+            rest = diag[i].float().clone()
+            rest[picks[i, :t]] = -math.inf
+            picks[i, t:] = torch.sort(rest, descending=True, stable=True).indices[: k - t]
     return picks
 
 

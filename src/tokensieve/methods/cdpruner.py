@@ -12,7 +12,11 @@ from tokensieve.core.ops import normalize, select
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
-from tokensieve.methods._greedy import dpp_greedy, text_dim_check
+from tokensieve.methods._greedy import (
+    dpp_greedy,
+    dpp_greedy_dense,
+    text_dim_check,
+)
 
 SIGNS = ("negative", "positive")
 NORMS = ("batch", "sample")
@@ -84,8 +88,10 @@ def cdpruner(tokens: Tensor, k: int, signals: Signals, config: CDPrunerConfig,
     sign and batch-normalisation quirks and their corrected variants). The official code
     embeds the image for ``r`` with CLIP's image projection and the instruction with CLIP's
     text tower; here both sides of ``r`` are the given tokens and text, which must share a
-    space. Selection is the fast greedy DPP MAP (incremental Cholesky), with kernel rows
-    computed lazily instead of materialising ``L`` (see ``_greedy.dpp_greedy``). An empty
+    space. Selection is the fast greedy DPP MAP (incremental Cholesky): up to
+    :data:`DPP_DENSE_MAX_N` tokens on the dense kernels of the whole batch in one loop
+    (``_greedy.dpp_greedy_dense``), above it per sample with kernel rows computed lazily
+    instead of materialising ``L`` (``_greedy.dpp_greedy``); see :func:`dpp_select`. An empty
     ``text`` ``[B, 0, D]`` is refused (``reduce`` raises ``ValueError``): the relevance needs
     at least one text token.
     """
@@ -94,14 +100,55 @@ def cdpruner(tokens: Tensor, k: int, signals: Signals, config: CDPrunerConfig,
     text_dim_check(tokens, text, "cdpruner")
     xn = normalize(tokens)
     r = relevance(tokens, text, signals.text_mask, config, normalized=xn)
+    return select(tokens, dpp_select(xn, r, k))
+
+
+#: Up to this many tokens :func:`dpp_select` takes the dense path: the whole kernel of each
+#: sample from one batched GEMM and one batched greedy loop
+#: (:func:`dpp_greedy_dense`), whose per-step cost is a few kernel launches for the whole
+#: batch. Above it, the lazy path computes only the kernel rows the greedy visits, which
+#: wins as ``N`` grows (measured on one CPU thread, D=1,024, k = N / 9, batch 1 and 8: dense
+#: 1.1-1.3x faster at N=576, even at 768, lazy 1.2-1.3x faster at 1,024).
+DPP_DENSE_MAX_N = 640
+
+#: The dense path builds the kernels of a batch this many bytes at a time.
+DPP_CHUNK_BYTES = 1 << 26
+
+
+def dpp_select(xn: Tensor, r: Tensor, k: int, dense: bool | None = None) -> Tensor:
+    """Greedy DPP MAP of ``L = diag(r) (xn xn^T) diag(r)`` for every sample -> ``[B, k]``.
+
+    Args:
+        xn: ``[B, N, D]`` float32 L2-normalised tokens.
+        r: ``[B, N]`` float32 relevance.
+        k: picks per sample.
+        dense: ``True``: dense kernels and the batched loop (:func:`dpp_greedy_dense`),
+            ``False``: lazy kernel rows per sample (:func:`dpp_greedy`), ``None``: by size
+            (see :data:`DPP_DENSE_MAX_N`). Both run the same recurrence with the same
+            tie-breaking and exhausted-kernel rule, so they pick the same tokens (up to
+            float32 rounding in exact near-ties).
+
+    Returns:
+        ``[B, k]`` long, in pick order.
+    """
+    b, n = r.shape
+    # diag(L) = r_i^2 |x_i|^2 and L = Y Y^T with Y = diag(r) X (the same values on both paths)
+    diag = r * r * (xn * xn).sum(dim=-1)
+    y = xn * r.unsqueeze(-1)
+    if dense is None:
+        dense = n <= DPP_DENSE_MAX_N
+    if dense:
+        step = max(1, DPP_CHUNK_BYTES // max(1, 4 * n * n))
+        return torch.cat([
+            dpp_greedy_dense(torch.bmm(y[s:s + step], y[s:s + step].transpose(1, 2)),
+                             diag[s:s + step], k)
+            for s in range(0, b, step)])
     picks = []
-    for b in range(tokens.shape[0]):
-        xb, rb = xn[b], r[b]
+    for i in range(b):
+        yb = y[i]
 
-        def rows(idx: Tensor, xb: Tensor = xb, rb: Tensor = rb) -> Tensor:
-            return rb[idx].unsqueeze(1) * (xb[idx] @ xb.T) * rb.unsqueeze(0)
+        def rows(idx: Tensor, yb: Tensor = yb) -> Tensor:
+            return yb[idx] @ yb.T
 
-
-        diag = rb * rb * (xb * xb).sum(dim=-1)
-        picks.append(dpp_greedy(rows, diag, k))
-    return select(tokens, torch.stack(picks))
+        picks.append(dpp_greedy(rows, diag[i], k))
+    return torch.stack(picks)
