@@ -113,7 +113,7 @@ def test_printed_table_warns_on_large_spread():
     (["--device", "tpu"], "device='tpu'"),
     (["--keep", "1.5"], "--keep '1.5': keep=1.5: expected a fraction in (0, 1]"),
     (["--keep", "0"], "--keep '0'"),
-    (["--methods", "tome"], "method 'tome' acts at stage 'encoder'"),
+    (["--methods", "ats"], "method 'ats' acts at stage 'encoder'"),
     (["--methods", "all,divprun"], "unknown method 'divprun'"),
     (["--signal-layers", "9,last"], "--signal-layers '9,last'"),
     (["--repeats", "0"], "timing_repeats=0"),
@@ -176,7 +176,7 @@ def test_viz_bad_inputs(no_long_work, tmp_path):
     assert res.exit_code == 2 and "expected a .png" in res.output
     res = _invoke("viz", str(good), "--method", "pool", "--keep", "1.5")
     assert res.exit_code == 2 and "--keep 1.5" in res.output
-    res = _invoke("viz", str(good), "--method", "tome", "--keep", "64")
+    res = _invoke("viz", str(good), "--method", "ats", "--keep", "64")
     assert res.exit_code == 2 and "stage 'encoder'" in res.output
 
 
