@@ -62,6 +62,50 @@ def test_bad_inputs_raise(bad):
         ts.reduce(tokens, "fastervlm" if "grid" not in bad else "pool", 4, **kwargs)
 
 
+def test_finite_check_is_exact_at_extreme_magnitudes():
+    """The sum-based check never flags finite values (sums that overflow, float16) and
+    always flags NaN / +inf / -inf, wherever they are."""
+    from tokensieve.core.signals import _all_finite
+
+    big = torch.full((2, 64, 32), 3e38)                    # the sum overflows to inf
+    assert _all_finite(big) and _all_finite(-big) and _all_finite(big * 1e-8)
+    assert _all_finite(torch.full((4, 8), 6e4, dtype=torch.float16))
+    assert _all_finite(torch.empty(0, 3))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for x in (torch.randn(2, 64, 32), big.clone()):
+            x[1, 63, 31] = bad
+            assert not _all_finite(x)
+    x = torch.full((8,), 3e38)
+    x[3] = -float("inf")
+    assert not _all_finite(x)
+
+
+def test_kept_tokens_checked_for_methods_reading_only_them():
+    """fastervlm reads the tokens only where it keeps them: a NaN/inf in a kept token raises
+    the tokens' ValueError (counting every bad value), one in a dropped token cannot change
+    the result and is not an error; values near 1e30 are not flagged."""
+    x = torch.randn(2, 16, 8)
+    attn = torch.rand(2, 16)
+    want = ts.reduce(x, "fastervlm", 4, cls_attn=attn)
+    dropped = int(attn[0].argmin())
+    kept = int(want.indices[0, 0])
+    bad = x.clone()
+    bad[0, dropped, 0] = float("nan")
+    assert torch.equal(ts.reduce(bad, "fastervlm", 4, cls_attn=attn).tokens, want.tokens)
+    bad[1, kept, 3] = float("inf")
+    bad[0, kept, 2] = -float("inf")
+    with pytest.raises(ValueError, match="tokens contains 3 NaN/inf"):
+        ts.reduce(bad, "fastervlm", 4, cls_attn=attn)
+    huge = ts.reduce(x * 1e30, "fastervlm", 4, cls_attn=attn)
+    assert torch.equal(huge.indices, want.indices)
+    assert ts.describe("fastervlm").reads_tokens == "kept"
+    assert ts.describe("divprune").reads_tokens == "all"
+    nan_dropped = torch.randn(1, 16, 8)
+    nan_dropped[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="tokens contains 8 NaN/inf"):
+        ts.reduce(nan_dropped, "divprune", 4)
+
+
 def test_topk_indices_ascending_and_correct():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2]])
     assert topk_indices(scores, 3).tolist() == [[1, 2, 3]]

@@ -12,7 +12,12 @@ from tokensieve.core.budget import resolve_keep
 from tokensieve.core.options import check_seed
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import get_method
-from tokensieve.core.signals import SIGNAL_NAMES, build_signals, check_tokens
+from tokensieve.core.signals import (
+    SIGNAL_NAMES,
+    build_signals,
+    check_kept_finite,
+    check_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,17 @@ def reduce(
         A :class:`Reduction` with ``.tokens`` ``[B, K', D]`` and ``.indices`` ``[B, K]``
         (ascending; ``None`` for pure merging). Reductions are training-free and run
         without autograd: gather from ``.indices`` yourself to keep gradients.
+
+    Raises:
+        ValueError: bad arguments, and NaN/inf in the tokens or a tensor signal (naming
+            it). For a method that reads the tokens only where it keeps them
+            (``reads_tokens="kept"``: fastervlm), the kept tokens are checked, after the
+            selection; a NaN/inf in a dropped token cannot change its result.
     """
     spec = get_method(method)
     seed = check_seed(seed)
-    tokens = check_tokens(tokens)
+    kept_only = spec.reads_tokens == "kept"
+    tokens = check_tokens(tokens, finite=not kept_only)
     k = resolve_keep(keep, tokens.shape[1])
     raw_signals, options = split_kwargs(kwargs)
     config = spec.make_config(options)
@@ -106,4 +118,7 @@ def reduce(
     if seed is not None:
         generator = torch.Generator(device=tokens.device)
         generator.manual_seed(seed)
-    return spec.fn(tokens, k, signals, config, generator)
+    out = spec.fn(tokens, k, signals, config, generator)
+    if kept_only:
+        check_kept_finite(tokens, out.tokens)
+    return out

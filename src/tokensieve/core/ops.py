@@ -24,9 +24,11 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     return order[:, :k].sort(dim=-1).values
 
 
-def select(tokens: Tensor, indices: Tensor) -> Reduction:
-    """A subset reduction keeping ``indices`` ``[B, K]`` (sorted here to original order)."""
-    indices = indices.sort(dim=-1).values
+def select(tokens: Tensor, indices: Tensor, ascending: bool = False) -> Reduction:
+    """A subset reduction keeping ``indices`` ``[B, K]`` (sorted here to original order,
+    unless the caller says they are ``ascending`` already)."""
+    if not ascending:
+        indices = indices.sort(dim=-1).values
     return Reduction(tokens=gather_tokens(tokens, indices), indices=indices)
 
 
@@ -78,13 +80,17 @@ def normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     within a set) get their true direction; an all-zero vector stays zero.
     """
     xf = x.float()
-    if xf.numel():
-        peak = xf.abs().amax(dim=-1)
-        lo, hi = torch.aminmax(peak)
-        # Squares of magnitudes in [2^-40, 2^40] neither overflow nor lose the direction.
-        if not (float(hi) <= _SAFE_HI and float(lo) >= _SAFE_LO):
-            xf = pow2_rescale(x).float()
-    return torch.nn.functional.normalize(xf, dim=-1, eps=eps)
+    if not xf.numel():
+        return xf.clone()
+    # The norms as F.normalize computes them; when every one lies in [2^-40, 2^40] the
+    # squares neither overflowed nor lost the direction (the largest entry of a vector is at
+    # least its norm / sqrt(D), so its square is far above float32's smallest normal), and
+    # the result is F.normalize's. Otherwise (overflow, tiny or zero vectors) rescale first.
+    norm = xf.norm(2, -1, keepdim=True)
+    lo, hi = torch.aminmax(norm)
+    if not (float(hi) <= _SAFE_HI and float(lo) >= _SAFE_LO):
+        return torch.nn.functional.normalize(pow2_rescale(x).float(), dim=-1, eps=eps)
+    return xf / norm.clamp_min(eps)
 
 
 def cosine_similarity(x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -45,6 +45,11 @@ class MethodSpec:
         llm_stage: for a multi-stage method whose first stage acts before the LLM, the
             registered in-LLM method holding its later stages (``tokensieve.apply`` runs
             both unless told otherwise).
+        reads_tokens: "all" (the method reads every token: ``reduce`` checks all of them
+            for NaN/inf first) or "kept" (it reads only the tokens it keeps, choosing them
+            from signals alone: ``reduce`` checks its output instead, which costs ``K / N``
+            of a full check and raises the same ``ValueError`` when a kept token is not
+            finite; a NaN/inf in a dropped token cannot change the result).
     """
 
     name: str
@@ -58,6 +63,7 @@ class MethodSpec:
     features: Literal["vision", "projected"] = "projected"
     cls_token: bool = False
     llm_stage: str | None = None
+    reads_tokens: Literal["all", "kept"] = "all"
 
     def required_signals(self, config: Any) -> tuple[str, ...]:
         """The signals the method needs with ``config``: ``config.required_signals()`` when
@@ -81,6 +87,8 @@ class MethodSpec:
             if options:
                 raise ValueError(f"method {self.name!r} takes no options, got {sorted(options)}")
             return None
+        if not options:
+            return self.config()
         names = {f.name for f in dataclasses.fields(self.config)}
         unknown = sorted(set(options) - names)
         if unknown:
@@ -107,8 +115,13 @@ def register(
     features: Literal["vision", "projected"] = "projected",
     cls_token: bool = False,
     llm_stage: str | None = None,
+    reads_tokens: Literal["all", "kept"] = "all",
 ) -> Callable[[MethodFn], MethodFn]:
-    """Decorator registering a method function under ``name``."""
+    """Decorator registering a method function under ``name`` (arguments: the fields of
+    :class:`MethodSpec`)."""
+    if reads_tokens not in ("all", "kept"):
+        raise ValueError(f"method {name!r}: reads_tokens={reads_tokens!r}: expected 'all' "
+                         "or 'kept'")
     for s in (*signals, *optional_signals):
         if s not in SIGNAL_NAMES:
             raise ValueError(f"method {name!r}: unknown signal {s!r}; known: {SIGNAL_NAMES}")
@@ -128,6 +141,7 @@ def register(
             name=key, fn=fn, paper=paper, stage=stage, kind=kind, signals=signals,
             optional_signals=optional_signals, config=config or type(None),
             features=features, cls_token=cls_token, llm_stage=llm_stage,
+            reads_tokens=reads_tokens,
         )
         return fn
 

@@ -88,9 +88,15 @@ class Signals:
 
 
 def _all_finite(t: Tensor) -> bool:
-    # One min/max pass (NaN propagates into both; +-inf shows up in one) is ~20x faster on
-    # CPU than isfinite(t).all(), which costs milliseconds per call at LLaVA sizes.
-    if t.numel() == 0:
+    """Whether every element of ``t`` is finite, exactly (no false positives or negatives).
+
+    A finite sum proves it: NaN propagates through every addition, and an inf makes the sum
+    inf or NaN. The sum is one vectorised pass, 2-3x faster on CPU than the min/max pass
+    (``aminmax``) and ~25x faster than ``isfinite(t).all()``. A non-finite sum may also come
+    from overflow (values near the dtype's limit, or float16 sums), so only then the exact
+    min/max pass decides (NaN propagates into both; +-inf shows up in one).
+    """
+    if t.numel() == 0 or math.isfinite(float(t.sum())):
         return True
     lo, hi = torch.aminmax(t)
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
@@ -98,12 +104,27 @@ def _all_finite(t: Tensor) -> bool:
 
 def _check_finite(name: str, t: Tensor) -> None:
     if t.is_floating_point() and not _all_finite(t):
-        bad = int((~torch.isfinite(t)).sum())
+        raise_non_finite(name, t)
+
+
+def raise_non_finite(name: str, t: Tensor) -> None:
+    """Raise the ``ValueError`` for NaN/inf values in input ``name`` (counted over all of
+    ``t``); returns when ``t`` is finite after all."""
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
         raise ValueError(f"{name} contains {bad} NaN/inf values; expected finite values")
 
 
-def check_tokens(tokens: object) -> Tensor:
-    """Validate a token tensor ``[B, N, D]`` (floating point, finite, non-empty)."""
+def check_kept_finite(tokens: Tensor, kept: Tensor) -> None:
+    """For methods that read the tokens only where they keep them: raise the ``tokens``
+    ``ValueError`` when the kept tokens ``kept`` (the output) hold a NaN/inf."""
+    if kept.is_floating_point() and not _all_finite(kept):
+        raise_non_finite("tokens", tokens)
+
+
+def check_tokens(tokens: object, finite: bool = True) -> Tensor:
+    """Validate a token tensor ``[B, N, D]`` (floating point, non-empty and, unless
+    ``finite=False`` (the caller checks the tokens it reads), finite)."""
     if not isinstance(tokens, Tensor):
         raise ValueError(f"tokens: expected a torch.Tensor [B, N, D], got {type(tokens).__name__}")
     if tokens.dim() != 3:
@@ -112,7 +133,8 @@ def check_tokens(tokens: object) -> Tensor:
         raise ValueError(f"tokens: expected a floating-point tensor, got dtype {tokens.dtype}")
     if min(tokens.shape) == 0:
         raise ValueError(f"tokens: expected non-empty [B, N, D], got shape {tuple(tokens.shape)}")
-    _check_finite("tokens", tokens)
+    if finite:
+        _check_finite("tokens", tokens)
     return tokens
 
 

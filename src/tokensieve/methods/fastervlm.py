@@ -25,15 +25,18 @@ class FasterVLMConfig:
     paper="[CLS] Attention is All You Need for Training-Free Visual Token Pruning "
           "(FasterVLM, Zhang et al., 2024)",
     stage="pre-llm", kind="subset", signals=("cls_attn",), optional_signals=("partitions",),
-    config=FasterVLMConfig,
+    config=FasterVLMConfig, reads_tokens="kept",
 )
 def fastervlm(tokens: Tensor, k: int, signals: Signals, config: FasterVLMConfig,
               generator: torch.Generator | None) -> Reduction:
     """Top-``k`` tokens by CLS attention, raster order kept. With anyres ``partitions`` the
     budget is shared across the overview image and crops in proportion to their sizes and
-    always-kept tokens (image newlines) are kept, as in the official LLaVA-NeXT variant."""
+    always-kept tokens (image newlines) are kept, as in the official LLaVA-NeXT variant.
+
+    The tokens are read only where they are kept (``reads_tokens="kept"``: ``reduce`` checks
+    the kept ones for NaN/inf, not all ``N``)."""
     scores = signals.layer("cls_attn", "fastervlm")
     if signals.partitions is None:
-        return select(tokens, topk_indices(scores, k))
+        return select(tokens, topk_indices(scores, k), ascending=True)
     budget, always = partition_budgets(signals.partitions, k, "fastervlm")
     return select(tokens, topk_per_partition(scores, budget, signals.partitions, always))
