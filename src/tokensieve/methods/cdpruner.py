@@ -132,9 +132,9 @@ def dpp_select(xn: Tensor, r: Tensor, k: int, dense: bool | None = None) -> Tens
         ``[B, k]`` long, in pick order.
     """
     b, n = r.shape
-    # diag(L) = r_i^2 |x_i|^2 and L = Y Y^T with Y = diag(r) X (the same values on both paths)
-    diag = r * r * (xn * xn).sum(dim=-1)
+    # L = Y Y^T with Y = diag(r) X, diag(L) = |y_i|^2 (the same values on both paths)
     y = xn * r.unsqueeze(-1)
+    diag = torch.linalg.vecdot(y, y)
     if dense is None:
         dense = n <= DPP_DENSE_MAX_N
     if dense:
