@@ -98,9 +98,9 @@ def cdpruner(tokens: Tensor, k: int, signals: Signals, config: CDPrunerConfig,
     text = signals.require("text", "cdpruner")
     assert isinstance(text, Tensor)
     text_dim_check(tokens, text, "cdpruner")
-    xn = normalize(tokens)
+    xn = normalize(tokens)                            # a new tensor: scaled in place below
     r = relevance(tokens, text, signals.text_mask, config, normalized=xn)
-    return select(tokens, dpp_select(xn, r, k))
+    return select(tokens, dpp_select(xn.mul_(r.unsqueeze(-1)), k))
 
 
 #: Up to this many tokens :func:`dpp_select` takes the dense path: the whole kernel of each
@@ -115,26 +115,24 @@ DPP_DENSE_MAX_N = 640
 DPP_CHUNK_BYTES = 1 << 26
 
 
-def dpp_select(xn: Tensor, r: Tensor, k: int, dense: bool | None = None) -> Tensor:
-    """Greedy DPP MAP of ``L = diag(r) (xn xn^T) diag(r)`` for every sample -> ``[B, k]``.
+def dpp_select(y: Tensor, k: int, dense: bool | None = None) -> Tensor:
+    """Greedy DPP MAP of the kernel ``L = y y^T`` for every sample -> ``[B, k]``.
 
     Args:
-        xn: ``[B, N, D]`` float32 L2-normalised tokens.
-        r: ``[B, N]`` float32 relevance.
+        y: ``[B, N, D]`` float32 kernel factors; CDPruner's are ``diag(r) X`` (relevance
+            times the L2-normalised tokens), so that ``L = diag(r) S diag(r)``.
         k: picks per sample.
         dense: ``True``: dense kernels and the batched loop (:func:`dpp_greedy_dense`),
             ``False``: lazy kernel rows per sample (:func:`dpp_greedy`), ``None``: by size
-            (see :data:`DPP_DENSE_MAX_N`). Both run the same recurrence with the same
-            tie-breaking and exhausted-kernel rule, so they pick the same tokens (up to
-            float32 rounding in exact near-ties).
+            (see :data:`DPP_DENSE_MAX_N`). Both run the same recurrence from the same
+            ``diag(L) = |y_i|^2`` with the same tie-breaking and exhausted-kernel rule, so
+            they pick the same tokens (up to float32 rounding in exact near-ties).
 
     Returns:
         ``[B, k]`` long, in pick order.
     """
-    b, n = r.shape
-    # L = Y Y^T with Y = diag(r) X, diag(L) = |y_i|^2 (the same values on both paths)
-    y = xn * r.unsqueeze(-1)
-    diag = torch.linalg.vecdot(y, y)
+    b, n = y.shape[:2]
+    diag = torch.linalg.vector_norm(y, dim=-1).square_()     # one pass, no [B, N, D] temporary
     if dense is None:
         dense = n <= DPP_DENSE_MAX_N
     if dense:
