@@ -111,6 +111,22 @@ def test_topk_indices_ascending_and_correct():
     assert topk_indices(scores, 3).tolist() == [[1, 2, 3]]
 
 
+def test_topk_indices_equals_stable_sort_with_and_without_boundary_ties():
+    """The top-(k+1) fast path and the stable-sort path give the stable sort's set: ties at
+    the k-th value go to the lower index, in any row of a batch."""
+    g = torch.Generator().manual_seed(3)
+    for scores in (torch.rand(4, 50, generator=g),
+                   torch.randint(0, 4, (4, 50), generator=g).float(),
+                   torch.zeros(2, 9), torch.tensor([[-0.0, 0.0, 1.0, 0.0]])):
+        n = scores.shape[1]
+        for k in (1, 3, n - 1, n):
+            order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+            want = order[:, :k].sort(dim=-1).values
+            assert torch.equal(topk_indices(scores, k), want)
+    tied = torch.tensor([[0.9, 0.5, 0.1, 0.5, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    assert topk_indices(tied, 2).tolist() == [[0, 1], [3, 4]]
+
+
 def test_pool_equals_avg_pool2d():
     x = torch.randn(2, 576, 32)
     r = ts.reduce(x, "pool", 64)

