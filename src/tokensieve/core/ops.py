@@ -10,8 +10,17 @@ from tokensieve.core.reduction import Reduction
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """``x[b, idx[b]]`` for ``x`` ``[B, N, ...]`` and ``idx`` ``[B, K]`` -> ``[B, K, ...]``."""
-    # Advanced indexing copies whole rows; about 3x faster than gather with an expanded index.
-    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), idx]
+    b, n = x.shape[:2]
+    if x.is_contiguous():
+        # One index_select of whole rows of the flattened batch: measured on one CPU thread
+        # (576 x 1,024, K=64) 2.8x faster than advanced indexing at B=1, 1.6x at B=8, and
+        # 6x / 3.6x faster than gather with an expanded index.
+        if b == 1:
+            return x[0].index_select(0, idx[0]).unsqueeze(0)
+        flat = idx + (torch.arange(b, device=x.device) * n).unsqueeze(1)
+        return x.reshape(b * n, *x.shape[2:]).index_select(0, flat.reshape(-1)).view(
+            b, idx.shape[1], *x.shape[2:])
+    return x[torch.arange(b, device=x.device).unsqueeze(1), idx]
 
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
