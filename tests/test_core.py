@@ -123,6 +123,8 @@ def test_topk_indices_equals_stable_sort_with_and_without_boundary_ties():
             order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
             want = order[:, :k].sort(dim=-1).values
             assert torch.equal(topk_indices(scores, k), want)
+            for row in range(scores.shape[0]):                   # the batch-1 path
+                assert torch.equal(topk_indices(scores[row:row + 1], k), want[row:row + 1])
     tied = torch.tensor([[0.9, 0.5, 0.1, 0.5, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
     assert topk_indices(tied, 2).tolist() == [[0, 1], [3, 4]]
 

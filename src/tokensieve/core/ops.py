@@ -37,7 +37,12 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     if k >= n:
         return torch.arange(n, device=s.device).repeat(b, 1)
     vals, idx = s.topk(k + 1, dim=-1)
-    if bool((vals[:, k - 1] > vals[:, k]).all()):
+    if b == 1:
+        kth, after = vals[0, k - 1:k + 1].tolist()
+        unique = kth > after
+    else:
+        unique = bool((vals[:, k - 1] > vals[:, k]).all())
+    if unique:
         return idx[:, :k].sort(dim=-1).values
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     return order[:, :k].sort(dim=-1).values
