@@ -119,7 +119,7 @@ def test_topk_indices_equals_stable_sort_with_and_without_boundary_ties():
                    torch.randint(0, 4, (4, 50), generator=g).float(),
                    torch.zeros(2, 9), torch.tensor([[-0.0, 0.0, 1.0, 0.0]])):
         n = scores.shape[1]
-        for k in (1, 3, n - 1, n):
+        for k in (0, 1, 3, n - 1, n):
             order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
             want = order[:, :k].sort(dim=-1).values
             assert torch.equal(topk_indices(scores, k), want)

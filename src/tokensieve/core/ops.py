@@ -36,6 +36,8 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     b, n = s.shape
     if k >= n:
         return torch.arange(n, device=s.device).repeat(b, 1)
+    if k <= 0:
+        return torch.empty(b, 0, dtype=torch.long, device=s.device)
     vals, idx = s.topk(k + 1, dim=-1)
     if b == 1:
         kth, after = vals[0, k - 1:k + 1].tolist()
