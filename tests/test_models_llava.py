@@ -381,7 +381,7 @@ def test_errors(model):
     with pytest.raises(ValueError, match="unknown option"):
         tm.apply(model, "fastervlm", 8, nope=1)
     with pytest.raises(ValueError, match="stage 'encoder'; its in-encoder patch"):
-        tm.apply(model, "ats", 8)
+        tm.apply(model, "kmedoids", 8)
     assert not tm.is_applied(model)
     tm.apply(model, "random", 8)
     try:

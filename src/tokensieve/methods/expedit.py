@@ -39,6 +39,14 @@ from tokensieve.core.signals import Signals
 from tokensieve.methods._grid import output_grid
 
 
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 when its squared distances could overflow float32 (the
+    clustering's softmax reads absolute squared distances, so it cannot be rescaled)."""
+    xf = x.float()
+    peak = float(xf.abs().amax()) if xf.numel() else 0.0
+    return x.double() if peak > 1e15 else xf
+
+
 def _pairwise(x: Tensor, c: Tensor) -> Tensor:
     """Squared distances ``[B, N, M]`` between ``x`` ``[B, N, C]`` and ``c`` ``[B, M, C]``."""
     d = (x * x).sum(-1, keepdim=True) + (c * c).sum(-1).unsqueeze(1) - 2 * x @ c.transpose(1, 2)
@@ -55,7 +63,7 @@ def token_clustering(x: Tensor, grid: tuple[int, int], clusters: tuple[int, int]
     starts in the cell that nearest-neighbour resizing of the cluster ids gives it and may
     only join clusters within ``window // 2`` cells of it. Each round: affinities
     ``softmax_m(-temperature ||x_n - c_m||^2)`` over the allowed clusters, centres their
-    affinity-weighted means. Computed in float32.
+    affinity-weighted means. Computed in float32 (float64 for magnitudes above 1e15).
 
     Returns:
         ``(centres [B, h*w, C], labels [B, H*W])``: the refined centres and every token's
@@ -66,7 +74,7 @@ def token_clustering(x: Tensor, grid: tuple[int, int], clusters: tuple[int, int]
     h, w = clusters
     if hh * ww != n:
         raise ValueError(f"expedit: {n} tokens are not a {hh}x{ww} grid")
-    xf = x.float()
+    xf = _wide(x)
     img = xf.transpose(1, 2).reshape(b, ch, hh, ww)
     centres = F.adaptive_avg_pool2d(img, (h, w)).reshape(b, ch, h * w).transpose(1, 2)
     ids = torch.arange(h * w, device=x.device, dtype=torch.float32).reshape(1, 1, h, w)
@@ -91,13 +99,14 @@ def token_reconstruction(x: Tensor, before: Tensor, centres: Tensor, k: int = 20
     row (ties kept), L2-normalised per row (official) or ``"l1"`` (a weighted mean).
     ``before`` ``[B, N, C]``: the tokens at the clustering; ``centres`` ``[B, M, C]``: the
     cluster centres there. Returns ``[B, N, C]`` in ``x``'s dtype."""
-    dist = _pairwise(before.float(), centres.float())
+    wide = _wide(before).dtype
+    dist = _pairwise(before.to(wide), centres.to(wide))
     weight = torch.exp(-temperature * (dist - dist.amin(dim=2, keepdim=True)))
     if 0 <= k < weight.shape[2]:
         kth = weight.topk(k, dim=2).values[..., -1:]
         weight = torch.where(weight >= kth, weight, torch.zeros_like(weight))
     weight = F.normalize(weight, p=2 if normalize == "l2" else 1, dim=2)
-    return (weight @ x.float()).to(x.dtype)
+    return (weight @ x.to(weight.dtype)).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,7 @@ def expedit_reduce(tokens: Tensor, k: int, signals: Signals, config: ExpeditConf
                                        config.window)
     sizes = torch.zeros(b, k, dtype=torch.long, device=tokens.device).scatter_add_(
         1, labels, torch.ones_like(labels))
-    near = _pairwise(centres, tokens.float()).argmin(dim=2)
+    near = _pairwise(centres, tokens.to(centres.dtype)).argmin(dim=2)
     return Reduction(tokens=centres.to(tokens.dtype), indices=None, positions=near,
                      sizes=sizes, assignment=labels)
 
