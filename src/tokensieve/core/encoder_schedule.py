@@ -88,6 +88,20 @@ class EncoderSchedule:
                          f"({', '.join(f.name for f in dataclasses.fields(cls))}), not by keep")
 
 
+def encoder_layers(name: str, layers: tuple[int, ...] | None, official: tuple[int, ...],
+                   official_depth: int, depth: int) -> tuple[int, ...]:
+    """The layers a method reduces at in a ``depth``-layer encoder: its ``layers`` option, or
+    its official layers of an ``official_depth``-layer encoder scaled (``l * depth //
+    official_depth``); ValueError naming the ones the encoder does not have."""
+    if layers is None:
+        layers = tuple(sorted({lay * depth // official_depth for lay in official}))
+    bad = [v for v in layers if v >= depth]
+    if bad:
+        raise ValueError(f"{name}: layers={tuple(layers)}: {bad} are not layers of this "
+                         f"{depth}-layer encoder")
+    return tuple(int(v) for v in layers)
+
+
 def layer_tokens(schedule: EncoderSchedule, plan: dict[int, Any], depth: int, tokens: int,
                  has_cls: bool) -> list[tuple[int, int]]:
     """Per encoder layer, ``(attention tokens, MLP tokens)``: what each half of the layer

@@ -39,7 +39,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from tokensieve.core.encoder_schedule import EncoderSchedule, LayerStep, register_encoder_schedule
+from tokensieve.core.encoder_schedule import (
+    EncoderSchedule,
+    LayerStep,
+    encoder_layers,
+    register_encoder_schedule,
+)
 from tokensieve.core.ops import pow2_rescale, select_mask
 from tokensieve.core.options import PositiveCount
 from tokensieve.core.reduction import Reduction
@@ -287,14 +292,8 @@ class ATSSchedule(EncoderSchedule):
         check_flag(self.use_values, "use_values", "ats")
 
     def plan(self, depth: int) -> dict[int, Any]:
-        layers = self.layers
-        if layers is None:
-            layers = tuple(sorted({lay * depth // OFFICIAL_DEPTH for lay in OFFICIAL_LAYERS}))
-        bad = [v for v in layers if v >= depth]
-        if bad:
-            raise ValueError(f"ats: layers={tuple(layers)}: {bad} are not layers of this "
-                             f"{depth}-layer encoder")
-        return {int(v): self.tokens for v in layers}
+        layers = encoder_layers("ats", self.layers, OFFICIAL_LAYERS, OFFICIAL_DEPTH, depth)
+        return {v: self.tokens for v in layers}
 
     def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
              param: Any, has_cls: bool) -> LayerStep | None:

@@ -27,7 +27,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from tokensieve.core.encoder_schedule import EncoderSchedule, LayerStep, register_encoder_schedule
+from tokensieve.core.encoder_schedule import (
+    EncoderSchedule,
+    LayerStep,
+    encoder_layers,
+    register_encoder_schedule,
+)
 from tokensieve.core.ops import gather_tokens, topk_indices
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
@@ -179,17 +184,11 @@ class EViTSchedule(EncoderSchedule):
     def plan_layers(self, depth: int) -> tuple[int, ...]:
         """The layers that reduce in a ``depth``-layer encoder (the option, or the official
         ones scaled)."""
-        if self.layers is None:
-            return tuple(sorted({lay * depth // OFFICIAL_DEPTH for lay in OFFICIAL_LAYERS}))
-        return tuple(self.layers)
+        return encoder_layers("evit", self.layers, OFFICIAL_LAYERS, OFFICIAL_DEPTH, depth)
 
     def plan(self, depth: int) -> dict[int, Any]:
         layers = self.plan_layers(depth)
-        bad = [v for v in layers if v >= depth]
-        if bad:
-            raise ValueError(f"evit: layers={tuple(layers)}: {bad} are not layers of this "
-                             f"{depth}-layer encoder")
-        return {} if self.keep_rate >= 1 else {int(v): self.keep_rate for v in layers}
+        return {} if self.keep_rate >= 1 else {v: self.keep_rate for v in layers}
 
     def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
              param: Any, has_cls: bool) -> LayerStep | None:

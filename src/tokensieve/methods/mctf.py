@@ -32,7 +32,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from tokensieve.core.encoder_schedule import EncoderSchedule, LayerStep, register_encoder_schedule
+from tokensieve.core.encoder_schedule import (
+    EncoderSchedule,
+    LayerStep,
+    encoder_layers,
+    register_encoder_schedule,
+)
 from tokensieve.core.ops import normalize
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
@@ -303,14 +308,8 @@ class MCTFSchedule(EncoderSchedule):
         return self.prop_attn
 
     def plan(self, depth: int) -> dict[int, Any]:
-        layers = self.layers
-        if layers is None:
-            layers = tuple(sorted({lay * depth // OFFICIAL_DEPTH for lay in OFFICIAL_LAYERS}))
-        bad = [v for v in layers if v >= depth]
-        if bad:
-            raise ValueError(f"mctf: layers={tuple(layers)}: {bad} are not layers of this "
-                             f"{depth}-layer encoder")
-        return {} if self.r == 0 else {int(v): self.r for v in layers}
+        layers = encoder_layers("mctf", self.layers, OFFICIAL_LAYERS, OFFICIAL_DEPTH, depth)
+        return {} if self.r == 0 else {v: self.r for v in layers}
 
     @staticmethod
     def layer_r(param: int | float, t: int, has_cls: bool) -> int:
