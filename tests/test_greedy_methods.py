@@ -398,6 +398,64 @@ def test_greedy_coverage_gains_are_exact():
         best = torch.maximum(best, cover[:, j])
 
 
+def _greedy_coverage_reference(cover: torch.Tensor, k: int) -> torch.Tensor:
+    """The previous :func:`_greedy.greedy_coverage` loop, kept verbatim: the fast loop must
+    select exactly what it selects (same float32 gains, same first-index tie-breaking)."""
+    cover = cover.float()
+    best = torch.zeros(cover.shape[0])
+    gain = cover.sum(dim=0)
+    chunk = max(1, (1 << 21) // cover.shape[1])
+    picks = torch.empty(k, dtype=torch.long)
+    for t in range(k):
+        j = int(torch.argmax(gain))
+        picks[t] = j
+        if t == k - 1:
+            break
+        col = cover[:, j]
+        rows = torch.nonzero(col > best).squeeze(1)
+        for part in torch.split(rows, chunk):
+            old = best[part].unsqueeze(1)
+            new = col[part].unsqueeze(1)
+            lost = cover.index_select(0, part).clamp_(min=old, max=new).sub_(old)
+            gain -= lost.sum(dim=0)
+        best[rows] = col[rows]
+        gain[j] = -math.inf
+    return picks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_coverage_matches_previous_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    r, n = [(40, 25), (300, 64), (5000, 520), (64, 64), (90, 30), (700, 3000)][seed]
+    k = min(n, [12, 64, 40, 64, 30, 20][seed])
+    cover = torch.rand(r, n, generator=g) ** 4
+    if seed % 2:
+        # ties: duplicate columns, rows of equal values, quantised entries, zero rows
+        cover = (cover * 8).round() / 8
+        cover[:, 1::3] = cover[:, 0:-1:3][:, : cover[:, 1::3].shape[1]]
+        cover[: r // 4] = 0.25
+        cover[r // 4: r // 3] = 0.0
+    if seed == 4:
+        cover.zero_()                                  # every gain ties: picks 0, 1, 2, ...
+    want = _greedy_coverage_reference(cover, k)
+    got = _greedy.greedy_coverage(cover, k)
+    assert got.dtype == torch.long and got.tolist() == want.tolist()
+    assert len(set(got.tolist())) == k
+    assert _greedy.greedy_coverage(cover, 0).shape == (0,)
+
+
+def test_mmtok_matches_previous_loop():
+    from tokensieve.methods.mmtok import MMTokConfig, coverage_matrix
+
+    x, t = _data(4, 96, 32, seed=3, m=7)
+    x[1, 10:20] = x[1, 0]                              # duplicate tokens: tied gains
+    for b in range(4):
+        cover = coverage_matrix(x[b], t[b], None, MMTokConfig())
+        want = _greedy_coverage_reference(cover, 40)
+        assert ts.reduce(x[b:b + 1], "mmtok", 40, text=t[b:b + 1]).indices[0].tolist() == \
+            sorted(want.tolist())
+
+
 def test_mmtok_bad_options():
     x, t = _data(1, 16, 4, seed=0)
     with pytest.raises(ValueError, match="tau_tv"):
