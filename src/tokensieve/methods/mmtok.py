@@ -51,11 +51,14 @@ def coverage_matrix(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
     m, n = zn.shape[0], xn.shape[0]
     cover = torch.empty(m + n, n, device=xn.device)
     cover[:m] = torch.softmax(zn @ xn.T * (1.0 / config.tau_tv), dim=1) / m
-    q = symmetric_gram(xn, out=cover[m:])     # the one N x N matrix, softmaxed in place
+    inv_tau = 1.0 / config.tau_vv
+    # the one N x N matrix, already divided by the temperature (on the computed half of the
+    # blocks), softmaxed in place
+    q = symmetric_gram(xn, out=cover[m:], transform=lambda blk, rows, cols: blk.mul_(inv_tau))
     step = max(1, (1 << 19) // n)             # row chunks of ~2 MB stay in cache
     for s in range(0, n, step):
         chunk = q[s:s + step]
-        chunk.copy_(torch.softmax(chunk * (1.0 / config.tau_vv), dim=1).mul_(config.alpha / n))
+        chunk.copy_(torch.softmax(chunk, dim=1).mul_(config.alpha / n))
     return cover
 
 
