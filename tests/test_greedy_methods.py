@@ -444,16 +444,42 @@ def test_greedy_coverage_matches_previous_loop(seed):
     assert _greedy.greedy_coverage(cover, 0).shape == (0,)
 
 
+@pytest.mark.parametrize("b,r,n,k", [(3, 40, 25, 12), (8, 608, 576, 64), (4, 300, 64, 64),
+                                     (2, 5000, 520, 30), (5, 90, 30, 30), (1, 70, 20, 9)])
+def test_greedy_coverage_batch_matches_previous_loop(b, r, n, k):
+    g = torch.Generator().manual_seed(r + n)
+    cover = torch.rand(b, r, n, generator=g) ** 4
+    if n % 2 == 0:
+        # ties: duplicate columns, rows of equal values, quantised entries
+        cover = (cover * 8).round() / 8
+        cover[:, :, 1::3] = cover[:, :, 0:-1:3][:, :, : cover[:, :, 1::3].shape[2]]
+        cover[:, : r // 4] = 0.25
+    cover[0, r // 3:] = 0.0                          # rows no pick improves
+    got = _greedy.greedy_coverage_batch(cover, k)
+    assert got.shape == (b, k) and got.dtype == torch.long
+    for i in range(b):
+        assert got[i].tolist() == _greedy_coverage_reference(cover[i], k).tolist()
+
+
 def test_mmtok_matches_previous_loop():
     from tokensieve.methods.mmtok import MMTokConfig, coverage_matrix
 
     x, t = _data(4, 96, 32, seed=3, m=7)
     x[1, 10:20] = x[1, 0]                              # duplicate tokens: tied gains
+    mask = torch.ones(4, 7, dtype=torch.bool)
+    mask[:, 5:] = False                                # same text length: the batched loop
+    ragged = mask.clone()
+    ragged[3, 2:] = False                              # different lengths: per sample
+    got = {name: ts.reduce(x, "mmtok", 40, text=t, text_mask=mk).indices
+           for name, mk in (("none", None), ("mask", mask), ("ragged", ragged))}
     for b in range(4):
-        cover = coverage_matrix(x[b], t[b], None, MMTokConfig())
-        want = _greedy_coverage_reference(cover, 40)
-        assert ts.reduce(x[b:b + 1], "mmtok", 40, text=t[b:b + 1]).indices[0].tolist() == \
-            sorted(want.tolist())
+        for name, mk in (("none", None), ("mask", mask), ("ragged", ragged)):
+            cover = coverage_matrix(x[b], t[b], None if mk is None else mk[b], MMTokConfig())
+            want = sorted(_greedy_coverage_reference(cover, 40).tolist())
+            assert ts.reduce(x[b:b + 1], "mmtok", 40, text=t[b:b + 1],
+                             text_mask=None if mk is None else mk[b:b + 1]
+                             ).indices[0].tolist() == want
+            assert got[name][b].tolist() == want
 
 
 def test_mmtok_bad_options():

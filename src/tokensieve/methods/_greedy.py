@@ -326,6 +326,30 @@ def dpp_greedy_dense(kernel: Tensor, diag: Tensor, k: int, rtol: float = 1e-6) -
     return picks
 
 
+def _coverage_lost(cover: Tensor, gain: Tensor, rows: Tensor, old: Tensor, new: Tensor,
+                   chunk: int) -> None:
+    """``gain -= sum over rows of clamp(cover[rows], old, new) - old`` (the gain that the rows
+    ``rows`` of ``cover`` ``[R, N]``, improved from ``old`` to ``new``, no longer offer), in
+    row chunks of at most ``chunk``. ``max(c - old, 0) - max(c - new, 0) = clamp(c, old, new)
+    - old``; ``minimum(maximum(c, old), new)`` is that clamp (a tensor-valued ``clamp`` is an
+    order of magnitude slower on CPU)."""
+    nr, r = rows.shape[0], cover.shape[0]
+    for s in range(0, nr, chunk):
+        o, hi = (old, new) if nr <= chunk else (old[s:s + chunk], new[s:s + chunk])
+        o = o.unsqueeze(1)
+        if nr == r:                               # every row improved (the first pick): no gather
+            lost = torch.maximum(cover if nr <= chunk else cover[s:s + chunk], o)
+        else:
+            lost = cover.index_select(0, rows if nr <= chunk else rows[s:s + chunk])
+            torch.maximum(lost, o, out=lost)
+        torch.minimum(lost, hi.unsqueeze(1), out=lost)
+        gain.sub_(lost.sub_(o).sum(dim=0))
+
+
+def _coverage_chunk(n: int) -> int:
+    return max(1, (1 << 21) // n)                 # rows gathered at once (~8 MB)
+
+
 def greedy_coverage(cover: Tensor, k: int) -> Tensor:
     """Greedy maximum coverage over the columns of ``cover`` ``[R, N]`` (non-negative).
 
@@ -336,16 +360,13 @@ def greedy_coverage(cover: Tensor, k: int) -> Tensor:
 
     The rows a pick improves shrink fast (at N = 576 a few dozen after the first picks), so
     a step's cost is mostly per-call overhead: the loop keeps to about a dozen tensor calls
-    per step, each on the improved rows only, with no tensor-valued ``clamp`` (an order of
-    magnitude slower on CPU than ``minimum(maximum(x, old), new)``, the same value), and no
-    row gather when every row improved.
+    per step, each on the improved rows only, and gathers no rows when every row improved.
     """
     cover = cover.float()
     dev = cover.device
-    r, n = cover.shape
-    best = torch.zeros(r, device=dev)
+    best = torch.zeros(cover.shape[0], device=dev)
     gain = cover.sum(dim=0)
-    chunk = max(1, (1 << 21) // n)                # rows gathered at once (~8 MB)
+    chunk = _coverage_chunk(cover.shape[1])
     picks: list[int] = []
     for t in range(k):
         j = int(torch.argmax(gain))
@@ -354,23 +375,63 @@ def greedy_coverage(cover: Tensor, k: int) -> Tensor:
             break
         col = cover.select(1, j)
         rows = torch.nonzero(col > best).squeeze(1)
-        nr = rows.shape[0]
-        old = best.index_select(0, rows)
         new = col.index_select(0, rows)
-        # gain lost per improved row: max(c - old, 0) - max(c - new, 0) = clamp(c, old, new) - old
-        for s in range(0, nr, chunk):
-            o, hi = (old, new) if nr <= chunk else (old[s:s + chunk], new[s:s + chunk])
-            o = o.unsqueeze(1)
-            if nr == r:                           # every row improved (the first pick): no gather
-                lost = torch.maximum(cover if nr <= chunk else cover[s:s + chunk], o)
-            else:
-                lost = cover.index_select(0, rows if nr <= chunk else rows[s:s + chunk])
-                torch.maximum(lost, o, out=lost)
-            torch.minimum(lost, hi.unsqueeze(1), out=lost)
-            gain.sub_(lost.sub_(o).sum(dim=0))
+        _coverage_lost(cover, gain, rows, best.index_select(0, rows), new, chunk)
         best.index_copy_(0, rows, new)
         gain[j] = -math.inf
     return torch.tensor(picks, dtype=torch.long, device=dev)
+
+
+def greedy_coverage_batch(cover: Tensor, k: int) -> Tensor:
+    """:func:`greedy_coverage` of every sample of ``cover`` ``[B, R, N]`` -> ``[B, k]`` long.
+
+    The same arithmetic per sample (so the same picks), with the per-step calls shared by
+    the batch: one argmax, one column gather and one gather of the improved rows of all
+    samples; only the final row sums run per sample (on each sample's rows, in the order
+    :func:`greedy_coverage` sums them). A step whose improved rows exceed one chunk (the
+    first pick, for large ``R``) runs per sample.
+    """
+    cover = cover.float()
+    b, r, n = cover.shape
+    dev = cover.device
+    if b == 1:
+        return greedy_coverage(cover[0], k).unsqueeze(0)
+    flat = cover.view(b * r, n)
+    best = torch.zeros(b, r, device=dev)
+    best_flat = best.view(-1)
+    gain = cover.sum(dim=1)
+    chunk = _coverage_chunk(n)
+    ar = torch.arange(b, device=dev)
+    elems = cover.view(-1)
+    start = torch.arange(b * r, device=dev).mul_(n).view(b, r)   # flat index of each row
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    for t in range(k):
+        j = torch.argmax(gain, dim=1)
+        picks[:, t] = j
+        if t == k - 1:
+            break
+        col = elems.index_select(0, (start + j.unsqueeze(1)).view(-1)).view(b, r)  # [B, R]
+        mask = col > best
+        counts = mask.sum(dim=1).tolist()
+        if sum(counts) > chunk:
+            for i in range(b):
+                rows = torch.nonzero(mask[i]).squeeze(1)
+                new = col[i].index_select(0, rows)
+                _coverage_lost(cover[i], gain[i], rows, best[i].index_select(0, rows), new,
+                               chunk)
+                best[i].index_copy_(0, rows, new)
+        else:
+            rows = torch.nonzero(mask.view(-1)).squeeze(1)       # rows of flat, sample-major
+            old = best_flat.index_select(0, rows).unsqueeze(1)
+            new = col.view(-1).index_select(0, rows)
+            lost = flat.index_select(0, rows)
+            torch.maximum(lost, old, out=lost)
+            torch.minimum(lost, new.unsqueeze(1), out=lost)
+            lost.sub_(old)
+            gain.sub_(torch.stack([p.sum(dim=0) for p in lost.split(counts)]))
+            best_flat.index_copy_(0, rows, new)
+        gain[ar, j] = -math.inf
+    return picks
 
 
 def distance_rows(x: Tensor, distance: str) -> RowFn:

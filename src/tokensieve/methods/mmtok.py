@@ -13,7 +13,12 @@ from tokensieve.core.options import NonNegative, Positive
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
-from tokensieve.methods._greedy import greedy_coverage, symmetric_gram, text_dim_check
+from tokensieve.methods._greedy import (
+    greedy_coverage,
+    greedy_coverage_batch,
+    symmetric_gram,
+    text_dim_check,
+)
 
 
 @dataclass(frozen=True)
@@ -40,16 +45,17 @@ class MMTokConfig:
 
 
 def coverage_matrix(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
-                    config: MMTokConfig) -> Tensor:
+                    config: MMTokConfig, out: Tensor | None = None) -> Tensor:
     """MMTok's coverage matrix of one sample: ``[m + N, N]`` float32, ``C = [P; alpha Q]``.
 
     ``P = softmax_row(cos(text, x) / tau_tv) / m`` over the ``m`` real text tokens and
     ``Q = softmax_row(cos(x, x) / tau_vv) / N``, for ``tokens`` ``[N, D]``, ``text`` ``[M, D]``.
+    ``out`` (``[m + N, N]`` contiguous float32) receives it if given.
     """
     xn = normalize(tokens)
     zn = normalize(text if text_mask is None else text[text_mask])
     m, n = zn.shape[0], xn.shape[0]
-    cover = torch.empty(m + n, n, device=xn.device)
+    cover = torch.empty(m + n, n, device=xn.device) if out is None else out
     cover[:m] = torch.softmax(zn @ xn.T * (1.0 / config.tau_tv), dim=1) / m
     inv_tau = 1.0 / config.tau_vv
     # the one N x N matrix, already divided by the temperature (on the computed half of the
@@ -60,6 +66,10 @@ def coverage_matrix(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
         chunk = q[s:s + step]
         chunk.copy_(torch.softmax(chunk, dim=1).mul_(config.alpha / n))
     return cover
+
+
+#: The coverage matrices of a batch go through one greedy loop this many bytes at a time.
+COVER_BATCH_BYTES = 1 << 26
 
 
 @register(
@@ -94,8 +104,22 @@ def mmtok(tokens: Tensor, k: int, signals: Signals, config: MMTokConfig,
     assert isinstance(text, Tensor)
     text_dim_check(tokens, text, "mmtok")
     mask = signals.text_mask
+    b, n = tokens.shape[:2]
+    rows = n + (text.shape[1] if mask is None else int(mask.sum(dim=1).max()))
+    # samples whose coverage matrices share a shape run one batched greedy loop, up to
+    # COVER_BATCH_BYTES of matrices at a time
+    step = max(1, COVER_BATCH_BYTES // max(1, 4 * rows * n))
     picks = []
-    for b in range(tokens.shape[0]):
-        cover = coverage_matrix(tokens[b], text[b], None if mask is None else mask[b], config)
-        picks.append(greedy_coverage(cover, k))
-    return select(tokens, torch.stack(picks))
+    for s in range(0, b, step):
+        e = min(b, s + step)
+        if mask is None or bool(mask[s:e].sum(dim=1).eq(rows - n).all()):
+            covers = torch.empty(e - s, rows, n, device=tokens.device)
+            for i in range(s, e):
+                coverage_matrix(tokens[i], text[i], None if mask is None else mask[i], config,
+                                out=covers[i - s])
+            picks.append(greedy_coverage_batch(covers, k))
+        else:                                 # text lengths differ: one sample at a time
+            picks.append(torch.stack([
+                greedy_coverage(coverage_matrix(tokens[i], text[i], mask[i], config), k)
+                for i in range(s, e)]))
+    return select(tokens, torch.cat(picks))
