@@ -32,50 +32,13 @@ PINS=(
   "filelock==3.32.7"
 )
 
-PYTHON="${PYTHON:-python}"
-log() { echo "[setup_lmms_eval_env] $*" >&2; }
-
-base_py_info=$("$PYTHON" -c 'import sys, torch; print(f"{sys.version_info[0]}.{sys.version_info[1]} {torch.__version__}")')
-torch_version=${base_py_info#* }
-key=$(printf '%s\n' "lmms-eval==$LMMS_EVAL_VERSION" "${PINS[@]}" "$base_py_info" | sha256sum | cut -c1-12)
-cache="${TOKENSIEVE_CACHE:-$HOME/.cache/tokensieve}"
-env_dir="$cache/envs/lmms-eval-$LMMS_EVAL_VERSION-$key"
-py="$env_dir/bin/python"
-
-if [[ -f "$env_dir/.complete" && -x "$py" ]]; then
-  log "reusing $env_dir"
-  echo "$py"
-  exit 0
-fi
-
-start=$(date +%s)
-log "building $env_dir (python+torch: $base_py_info)"
-rm -rf "$env_dir"
-mkdir -p "$cache/envs"
-"$PYTHON" -m venv --system-site-packages "$env_dir"
-constraints="$env_dir/constraints.txt"
-echo "torch==$torch_version" > "$constraints"
-build_log="$env_dir/build.log"
-pip_install() {
-  if ! "$py" -m pip install --disable-pip-version-check --no-input -c "$constraints" "$@" \
-      >>"$build_log" 2>&1; then
-    tail -n 40 "$build_log" >&2
-    log "pip install $* failed (log: $build_log)"
-    exit 1
-  fi
-}
-pip_install "${PINS[@]}"
+LOG_TAG=setup_lmms_eval_env
+source "$(dirname "$0")/_cached_env.sh"
+cached_env_begin "lmms-eval-$LMMS_EVAL_VERSION" "lmms-eval==$LMMS_EVAL_VERSION" "${PINS[@]}"
+env_pip install -c "$constraints" "${PINS[@]}"
 # pip reports lmms-eval's undeclared-here dependencies as conflicts: expected, see above
-pip_install --no-deps "lmms-eval==$LMMS_EVAL_VERSION"
-
+env_pip install -c "$constraints" --no-deps "lmms-eval==$LMMS_EVAL_VERSION"
 # the environment must still run this machine's torch, and lmms-eval's evaluator must import
-got=$("$py" -c 'import torch; print(torch.__version__)')
-if [[ "$got" != "$torch_version" ]]; then
-  log "torch changed in the environment ($torch_version -> $got); removing it"
-  rm -rf "$env_dir"
-  exit 1
-fi
+env_check_torch
 "$py" -c 'import lmms_eval.evaluator, lmms_eval.models, lmms_eval.tasks' >&2
-touch "$env_dir/.complete"
-log "built in $(( $(date +%s) - start )) s"
-echo "$py"
+cached_env_done

