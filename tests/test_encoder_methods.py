@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_encoder_stage import assert_untouched, backbone, hooks, pixels, run
+from test_encoder_stage import assert_untouched, backbone, eager_attention, hooks, pixels, run
 
 import tokensieve as ts
 import tokensieve.models as tm
@@ -21,25 +21,6 @@ ATOL = 1e-5
 
 
 # -- hand-run CLIP tower ----------------------------------------------------------------------
-def eager(attn: torch.nn.Module, h: torch.Tensor, bias: torch.Tensor | None):
-    """A CLIP attention by hand: ``(out [B, T, D], probs [B, H, T, T], v [B, T, H*Dh])``;
-    ``bias`` ``[B, T]`` is added to the logits of each key."""
-    b, t, _ = h.shape
-    heads = attn.num_heads
-
-    def split(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(b, t, heads, -1).transpose(1, 2)
-
-    v_flat = attn.v_proj(h)
-    q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(v_flat)
-    logits = (q @ k.transpose(-1, -2)) * attn.scale
-    if bias is not None:
-        logits = logits + bias[:, None, None, :]
-    probs = logits.softmax(-1)
-    out = (probs @ v).transpose(1, 2).reshape(b, t, -1)
-    return attn.out_proj(out), probs, v_flat
-
-
 @torch.no_grad()
 def hand_tower(m, pv: torch.Tensor, rule, prop_attn: bool = False) -> list[torch.Tensor]:
     """The CLIP tower's layers by hand; ``rule(i, where, x, probs, v, sizes)`` with
@@ -50,7 +31,8 @@ def hand_tower(m, pv: torch.Tensor, rule, prop_attn: bool = False) -> list[torch
     for i, layer in enumerate(m.encoder.layers):
         def attn(x, sizes, layer=layer):
             bias = None if sizes is None or not prop_attn else sizes.log()
-            return eager(layer.self_attn, layer.layer_norm1(x), bias)
+            out, _, probs, v = eager_attention(layer.self_attn, layer.layer_norm1(x), bias)
+            return out, probs, v
         h, probs, v = attn(x, sizes)
         x2, sizes2 = rule(i, "pre", x, probs, v, sizes)
         if x2 is not x:

@@ -153,22 +153,24 @@ def test_batch_equals_single(kind):
 
 # -- ToMe against the hand-run tower ----------------------------------------------------------
 def eager_attention(attn: torch.nn.Module, h: torch.Tensor, bias: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of a CLIP layer by hand (eager softmax, ``log(size)`` added to key logits).
-    Returns (output [B, T, D], keys [B, H, T, Dh], probabilities [B, H, T, T])."""
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of a CLIP layer by hand (eager softmax, ``bias`` ``[B, T]``, e.g.
+    ``log(size)``, added to each key's logits). Returns (output [B, T, D], keys
+    [B, H, T, Dh], probabilities [B, H, T, T], values [B, T, H*Dh])."""
     b, t, _ = h.shape
     heads = attn.num_heads
 
     def split(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(b, t, heads, -1).transpose(1, 2)
 
-    q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
+    v_flat = attn.v_proj(h)
+    q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(v_flat)
     logits = (q @ k.transpose(-1, -2)) * attn.scale
     if bias is not None:
         logits = logits + bias[:, None, None, :]
     probs = logits.softmax(-1)
     out = (probs @ v).transpose(1, 2).reshape(b, t, -1)
-    return attn.out_proj(out), k, probs
+    return attn.out_proj(out), k, probs, v_flat
 
 
 @torch.no_grad()
@@ -181,7 +183,7 @@ def hand_tower(m: CLIPVisionModel, pv: torch.Tensor, rule, prop_attn: bool,
     outs, sizes = [x], None
     for i, layer in enumerate(m.encoder.layers):
         bias = None if sizes is None or not prop_attn else sizes.log()
-        h, k, probs = eager_attention(layer.self_attn, layer.layer_norm1(x), bias)
+        h, k, probs, _ = eager_attention(layer.self_attn, layer.layer_norm1(x), bias)
         x = x + h
         if until is None or i <= until:
             x, sizes = rule(i, x, k, probs, sizes)

@@ -96,6 +96,12 @@ def tome_reduce(tokens: Tensor, k: int, signals: Signals, config: ToMeConfig,
 
 
 # -- inside the encoder ------------------------------------------------------------------------
+def r_plan(depth: int, r: Any) -> dict[int, int]:
+    """The layers of a ``depth``-layer encoder that merge, with their ``r`` (ToMe's schedule
+    forms, see :func:`parse_r`; layers merging nothing left out)."""
+    return {i: v for i, v in enumerate(parse_r(depth, r)[:depth]) if v > 0}
+
+
 def parse_r(depth: int, r: int | tuple[int, float] | list[int]) -> list[int]:
     """Per-layer merge counts of ToMe's schedules (its ``parse_r``) for ``depth`` layers.
 
@@ -167,7 +173,7 @@ class ToMeSchedule(EncoderSchedule):
 
     def plan(self, depth: int) -> dict[int, Any]:
         assert self.r is not None
-        return {i: r for i, r in enumerate(parse_r(depth, self.r)[:depth]) if r > 0}
+        return r_plan(depth, self.r)
 
     def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
              param: Any, has_cls: bool) -> LayerStep | None:

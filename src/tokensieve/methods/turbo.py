@@ -183,10 +183,10 @@ class TurboSchedule(EncoderSchedule):
         return self.prop_attn
 
     def plan(self, depth: int) -> dict[int, Any]:
-        from tokensieve.methods.tome import parse_r
+        from tokensieve.methods.tome import r_plan
 
         assert self.r is not None
-        return {i: r for i, r in enumerate(parse_r(depth, self.r)[:depth]) if r > 0}
+        return r_plan(depth, self.r)
 
     def count(self, param: Any, tokens: int, has_cls: bool) -> int:
         if tokens < self.min_tokens:
