@@ -30,6 +30,36 @@ def make_inputs(b: int = 2, n: int = 576, d: int = 64, *, seed: int = 0,
     }
 
 
+def make_video_inputs(b: int = 2, frames: int = 4, side: int = 12, d: int = 64, *,
+                      seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """A clip: ``frames`` frames of ``side x side`` tokens, frame-major, with every signal
+    (``grid`` is the per-frame grid, ``frames`` the frame count). Consecutive frames share
+    most of their content (each frame is the previous one plus noise), as real videos do."""
+    n = frames * side * side
+    inputs = make_inputs(b, n, d, seed=seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(b, 1, side * side, d, generator=g)
+    steps = 0.3 * torch.randn(b, frames, side * side, d, generator=g)
+    steps[:, 0] = 0
+    inputs["tokens"] = (x + steps.cumsum(1)).reshape(b, n, d).to(dtype)
+    inputs["grid"] = (side, side)
+    inputs["frames"] = frames
+    return inputs
+
+
+def inputs_for(method: str, **kw) -> dict:
+    """The shared fixture a method runs on: anyres inputs for methods that need
+    ``partitions``, a clip for video methods (``frames``), else :func:`make_inputs`."""
+    from tokensieve import describe
+
+    signals = describe(method).signals
+    if "partitions" in signals:
+        return make_anyres_inputs(**kw)
+    if "frames" in signals:
+        return make_video_inputs(**{k: v for k, v in kw.items() if k != "n"})
+    return make_inputs(**kw)
+
+
 def make_anyres_inputs(b: int = 2, side: int = 12, tiling: tuple[int, int] = (2, 2),
                        d: int = 64, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                        newlines: bool = False) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_anyres_inputs, make_inputs
+from conftest import inputs_for, make_anyres_inputs, make_inputs, make_video_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,10 +26,7 @@ ADDS_MERGED = {"sparsevlm"}
 
 
 def _inputs_for(method: str, **kw) -> dict:
-    spec = ts.describe(method)
-    if "partitions" in spec.signals:
-        return make_anyres_inputs(**kw)
-    return make_inputs(**kw)
+    return inputs_for(method, **kw)
 
 
 def _run(method: str, inputs: dict, keep, **options):
@@ -148,6 +145,10 @@ def test_fuzz_shapes_dtypes_budgets(method, data):
     if "partitions" in spec.signals:
         side = data.draw(st.integers(3, 6), label="side")
         inputs = make_anyres_inputs(b=b, side=side, d=8, dtype=dtype, seed=side)
+    elif "frames" in spec.signals:
+        side = data.draw(st.integers(2, 6), label="side")
+        frames = data.draw(st.integers(1, 6), label="frames")
+        inputs = make_video_inputs(b=b, frames=frames, side=side, d=8, dtype=dtype, seed=side)
     else:
         side = data.draw(st.integers(2, 9), label="side")
         inputs = make_inputs(b=b, n=side * side, d=data.draw(st.sampled_from([4, 8, 33])),

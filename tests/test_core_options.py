@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import pytest
 import torch
-from conftest import make_anyres_inputs, make_inputs
+from conftest import inputs_for, make_inputs
 
 import tokensieve as ts
 from tokensieve.core import api
@@ -144,8 +144,7 @@ def _record(monkeypatch) -> set[str]:
 
 
 def _declared_inputs(method: str, names) -> tuple[torch.Tensor, dict]:
-    spec = ts.describe(method)
-    full = make_anyres_inputs(b=2) if "partitions" in spec.signals else make_inputs(b=2)
+    full = inputs_for(method, b=2)
     tokens = full.pop("tokens")
     for name in names:  # a score signal the shared fixture does not build (yet)
         if full.get(name) is None and name not in ("grid", "partitions", "text_mask"):

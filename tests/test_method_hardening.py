@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_anyres_inputs, make_inputs
+from conftest import inputs_for, make_inputs
 
 import tokensieve as ts
 
@@ -75,7 +75,7 @@ def _extreme(kind: str, x: torch.Tensor) -> torch.Tensor:
 
 def _all_inputs(method: str) -> tuple[torch.Tensor, dict]:
     spec = ts.describe(method)
-    full = make_anyres_inputs(b=2) if "partitions" in spec.signals else make_inputs(b=2)
+    full = inputs_for(method, b=2)
     x = full.pop("tokens")
     for name in spec.signals:  # a score signal the shared fixture does not build
         if full.get(name) is None:

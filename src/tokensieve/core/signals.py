@@ -27,6 +27,8 @@ SIGNAL_DOCS: dict[str, str] = {
                   "probability): [B, N] from the last prompt token, or [B, Q, N] from Q query "
                   "rows (all-zero rows are padding)",
     "text_keys": "attention keys of the text tokens (aligned with text), [B, M, Dk]",
+    "frames": "video: number of frames T; the tokens are T frames of N / T tokens each, "
+              "frame-major (with grid (H, W) per frame when given)",
 }
 SIGNAL_NAMES: tuple[str, ...] = tuple(SIGNAL_DOCS)
 
@@ -67,6 +69,7 @@ class Signals:
     partitions: Partitions | None = None
     query_attn: Tensor | None = None
     text_keys: Tensor | None = None
+    frames: int | None = None
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -220,6 +223,9 @@ def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
             isinstance(v, int) and not isinstance(v, bool) for v in grid) else grid
         if not all(isinstance(v, int) and v > 0 for v in grid):
             raise ValueError(f"grid={grid!r}: expected a pair of positive ints (H, W)")
+    frames = raw.get("frames")
+    if frames is not None:
+        frames = check_frames(frames, n, grid)
     partitions = raw.get("partitions")
     if partitions is not None:
         if not isinstance(partitions, Partitions):
@@ -240,4 +246,31 @@ def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
         partitions=partitions,  # type: ignore[arg-type]
         query_attn=raw.get("query_attn"),  # type: ignore[arg-type]
         text_keys=text_keys,  # type: ignore[arg-type]
+        frames=frames,
     )
+
+
+def check_frames(frames: object, n: int, grid: object = None) -> int:
+    """Validate ``frames`` ``T`` for a clip of ``n`` tokens (``T`` frames of ``n / T``
+    tokens, frame-major); with a per-frame ``grid`` ``(H, W)``, ``T * H * W == n``."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames={frames!r}: expected a positive int (the number of frames)")
+    if n % frames:
+        raise ValueError(f"frames={frames}: {n} tokens do not split into {frames} equal frames")
+    if grid is not None:
+        h, w = grid  # type: ignore[misc]
+        if frames * h * w != n:
+            raise ValueError(f"frames={frames} with grid={tuple(grid)} (per frame) covers "  # type: ignore[arg-type]
+                             f"{frames * h * w} tokens, but there are {n}")
+    return frames
+
+
+def frame_grid(signals: Signals, n: int, method: str) -> tuple[int, int, int]:
+    """``(T, H, W)`` of a clip of ``n`` tokens from the ``frames`` and ``grid`` signals
+    (a frame without ``grid`` is one row of ``n / T`` tokens)."""
+    t = signals.require("frames", method)
+    assert isinstance(t, int)
+    if signals.grid is not None:
+        h, w = signals.grid
+        return t, h, w
+    return t, 1, n // t
