@@ -47,6 +47,59 @@ class Clusters(NamedTuple):
     mass: Tensor
 
 
+class Peaks(NamedTuple):
+    """Steps 1-3 of DPC-kNN for ``tokens`` ``[B, N, D]`` (see :func:`density_peaks`).
+
+    Attributes:
+        dist: ``[B, N, N]`` float32 distances ``||x_i - x_j|| / sqrt(D)``.
+        score: ``[B, N]`` the centre score ``delta * rho``.
+        order: ``[B, N]`` the tokens densest first (the strict density order).
+    """
+
+    dist: Tensor
+    score: Tensor
+    order: Tensor
+
+
+def density_peaks(tokens: Tensor, knn: int, *, generator: torch.Generator | None = None,
+                  noise: float = 1e-6) -> Peaks:
+    """Distances, the strict density order and the centre scores ``delta * rho`` of the
+    tokens of each row (steps 1-3 of the module docstring), for methods that pick density
+    peaks without DPC-kNN's nearest-centre merge (FastVID's anchor tokens).
+
+    ``knn`` counts the token itself; ``generator`` and ``noise`` as in :func:`dpc_knn` (one
+    draw of ``N`` values serves every row).
+    """
+    b, n, d = tokens.shape
+    x = tokens.float()
+    # Exact differences (not the |a|^2 + |b|^2 - 2ab shortcut): equal tokens are at 0.
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)
+    nearest = torch.topk(dist, knn, dim=-1, largest=False).values
+    density = torch.exp(-(nearest ** 2).mean(dim=-1))
+    where = tokens.device if generator is None else generator.device
+    jitter = torch.rand(n, generator=generator, device=where).to(tokens.device).expand(b, -1)
+    density = density + jitter * noise
+    # A strict order, densest first: by density, then (ties the float32 sum leaves) by the
+    # noise draw itself, then by index.
+    order = torch.sort(jitter, dim=1, descending=True, stable=True).indices
+    order = torch.gather(order, 1, torch.sort(torch.gather(density, 1, order), dim=1,
+                                              descending=True, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device)
+                                            .expand(b, -1))
+    denser = rank.unsqueeze(1) < rank.unsqueeze(2)                 # [B, i, j]: j denser than i
+    far = dist.flatten(1).amax(dim=1).view(b, 1, 1)
+    parent = torch.where(denser, dist, far).amin(dim=-1)            # delta, [B, N]
+    return Peaks(dist=dist, score=parent * density, order=order)
+
+
+def peak_centres(peaks: Peaks, k: int) -> Tensor:
+    """``[B, k]`` the ``k`` tokens of highest score ``delta * rho``, best first (ties: the
+    denser)."""
+    by_score = torch.sort(torch.gather(peaks.score, 1, peaks.order), dim=1, descending=True,
+                          stable=True)
+    return torch.gather(peaks.order, 1, by_score.indices[:, :k])
+
+
 def dpc_knn(
     tokens: Tensor,
     cluster_num: int,
@@ -90,27 +143,9 @@ def dpc_knn(
         raise ValueError(f"knn={knn!r}: expected an int in [1, {n}]")
     if weights is not None and tuple(weights.shape) != (b, n):
         raise ValueError(f"weights: expected shape {(b, n)}, got {tuple(weights.shape)}")
-    x = tokens.float()
-    # Exact differences (not the |a|^2 + |b|^2 - 2ab shortcut): equal tokens are at 0.
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)
-    nearest = torch.topk(dist, knn, dim=-1, largest=False).values
-    density = torch.exp(-(nearest ** 2).mean(dim=-1))
-    where = tokens.device if generator is None else generator.device
-    jitter = torch.rand(n, generator=generator, device=where).to(tokens.device).expand(b, -1)
-    density = density + jitter * noise
-    # A strict order, densest first: by density, then (ties the float32 sum leaves) by the
-    # noise draw itself, then by index.
-    order = torch.sort(jitter, dim=1, descending=True, stable=True).indices
-    order = torch.gather(order, 1, torch.sort(torch.gather(density, 1, order), dim=1,
-                                              descending=True, stable=True).indices)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device)
-                                            .expand(b, -1))
-    denser = rank.unsqueeze(1) < rank.unsqueeze(2)                 # [B, i, j]: j denser than i
-    far = dist.flatten(1).amax(dim=1).view(b, 1, 1)
-    parent = torch.where(denser, dist, far).amin(dim=-1)            # delta, [B, N]
-    score = parent * density
-    by_score = torch.sort(torch.gather(score, 1, order), dim=1, descending=True, stable=True)
-    centres = torch.gather(order, 1, by_score.indices[:, :cluster_num])   # ties: the denser
+    peaks = density_peaks(tokens, knn, generator=generator, noise=noise)
+    dist = peaks.dist
+    centres = peak_centres(peaks, cluster_num)
     to_centre = torch.gather(dist, 1, centres.unsqueeze(-1).expand(-1, -1, n))  # [B, C, N]
     assignment = to_centre.argmin(dim=1)
     slots = torch.arange(cluster_num, device=tokens.device).expand(b, -1)
