@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import inputs_for, make_anyres_inputs, make_inputs, make_video_inputs
+from conftest import generic_keep, inputs_for, make_anyres_inputs, make_inputs, make_video_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,7 +51,8 @@ def _assert_ascending(r) -> None:
 def test_contract_shapes_and_order(method):
     inputs = _inputs_for(method, b=2)
     n = inputs["tokens"].shape[1]
-    r = _run(method, inputs, 64)
+    k = generic_keep(method)
+    r = _run(method, inputs, k)
     spec = ts.describe(method)
     assert r.tokens.dim() == 3 and r.tokens.shape[0] == 2 and r.tokens.shape[2] == 64
     assert r.tokens.dtype == inputs["tokens"].dtype
@@ -59,7 +60,7 @@ def test_contract_shapes_and_order(method):
     if method in ADDS_MERGED:
         assert r.indices.shape[1] == 64 and r.tokens.shape[1] > 64
     elif r.mask is None and method not in AT_MOST_KEEP | ADAPTIVE:
-        assert r.tokens.shape[1] == 64
+        assert r.tokens.shape[1] == k
     else:
         assert r.tokens.shape[1] <= 64
         assert r.mask is None or r.mask.shape == r.tokens.shape[:2]
@@ -98,13 +99,14 @@ def test_keep_all_returns_input_for_subset_methods(method):
 def test_batch_equals_single_samples(method):
     inputs = _inputs_for(method, b=3)
     options = PER_SAMPLE_OPTIONS.get(method, {})
-    full = _run(method, inputs, 64, **options)
+    k = generic_keep(method)
+    full = _run(method, inputs, k, **options)
     for i in range(3):
         one = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         if inputs.get("partitions") is not None:
             p = inputs["partitions"]
             one["partitions"] = ts.Partitions(p.ids[i:i + 1], p.tiling, p.grid)
-        single = _run(method, one, 64, **options)
+        single = _run(method, one, k, **options)
         if full.mask is None:
             torch.testing.assert_close(single.tokens[0], full.tokens[i], rtol=1e-4, atol=1e-4)
         else:
@@ -117,7 +119,7 @@ def test_batch_equals_single_samples(method):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(method, dtype):
     inputs = _inputs_for(method, b=2, dtype=dtype)
-    r = _run(method, inputs, 64)
+    r = _run(method, inputs, generic_keep(method))
     assert r.tokens.dtype == dtype and torch.isfinite(r.tokens.float()).all()
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import pytest
 import torch
-from conftest import inputs_for, make_inputs
+from conftest import generic_keep, inputs_for, make_inputs
 
 import tokensieve as ts
 from tokensieve.core import api
@@ -157,11 +157,11 @@ def test_method_runs_with_exactly_its_declared_signals(method, monkeypatch):
     spec = ts.describe(method)
     read = _record(monkeypatch)
     tokens, required = _declared_inputs(method, spec.signals)
-    ts.reduce(tokens, method, 64, **required)  # the defaults need nothing more
+    ts.reduce(tokens, method, generic_keep(method), **required)  # the defaults need no more
     assert read <= set(spec.signals) | set(spec.optional_signals), read
     read.clear()
     tokens, declared = _declared_inputs(method, spec.signals + spec.optional_signals)
-    ts.reduce(tokens, method, 64, **declared)
+    ts.reduce(tokens, method, generic_keep(method), **declared)
     undeclared = read - set(spec.signals) - set(spec.optional_signals)
     assert not undeclared, f"{method} reads undeclared signals {undeclared}"
 
