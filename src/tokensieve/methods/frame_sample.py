@@ -20,9 +20,10 @@ class FrameSampleConfig:
 
 def sampled_frames(frames: int, count: int) -> list[int]:
     """``count`` of ``frames`` frame indices evenly spaced from the first to the last:
-    ``floor(i (T - 1) / (count - 1))`` for ``i = 0 .. count - 1`` (``[0]`` for one), the
-    exact-integer form of ``np.linspace(0, T - 1, count, dtype=int)``, the sampler of
-    LLaVA-OneVision / lmms-eval."""
+    ``floor(i (T - 1) / (count - 1))`` for ``i = 0 .. count - 1`` (``[0]`` for one): the
+    frame sampler of LLaVA-OneVision / lmms-eval, ``np.linspace(0, T - 1, count,
+    dtype=int)``, in exact integers (numpy's float steps can land just below an integer
+    and floor one frame lower, e.g. frame 14 instead of 15 for 23 of 31 frames)."""
     if not 1 <= count <= frames:
         raise ValueError(f"count={count}: expected 1 <= count <= frames={frames}")
     if count == 1:
