@@ -34,6 +34,14 @@ from tokensieve.models._surgery import (
     detect_align,
     plan_surgery,
 )
+from tokensieve.models._video import (
+    Clip,
+    is_video_method,
+    merge_items,
+    reduce_clips,
+    video_mode,
+    whole,
+)
 
 STATE_ATTR = "_tokensieve"
 PATCHED_ATTRS = ("forward", "generate")
@@ -144,6 +152,8 @@ class PatchState:
         family and the encoder layers the attention signals come from."""
         out = {**self.config.to_dict(), "stage": self.spec.stage,
                "family": self.adapter.family, "signal_layers": self.adapter.signal_layers}
+        if self.adapter.video is not None:
+            out["video"] = self.adapter.video
         if self.llm is not None and self.pre_llm:
             out["llm"] = {**self.llm.config.to_dict(), "stage": "llm"}
         return out
@@ -164,6 +174,13 @@ class Adapter:
     signals: ClassVar[tuple[str, ...]] = ()
     #: Keyword inputs holding raw images; dropped once the images are encoded.
     visual_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: Whether the family's position ids need each kept token's source position (M-RoPE).
+    needs_positions: ClassVar[bool] = False
+    #: Whether the family takes video inputs (``encode_clips`` and the hooks after it).
+    has_video: ClassVar[bool] = False
+    #: How videos are reduced (``apply(..., video=...)``; see ``tokensieve.models._video``):
+    #: None (left whole), "clip" or "frame".
+    video: str | None = None
 
     def __init__(self, model: torch.nn.Module, spec: MethodSpec, config: ReduceConfig,
                  signal_layers: SignalLayers = None) -> None:
@@ -218,8 +235,35 @@ class Adapter:
         return False
 
     def has_visual_inputs(self, args: dict[str, Any]) -> bool:
-        """Whether a call carries images to reduce (default: ``pixel_values`` given)."""
-        return args.get("pixel_values") is not None
+        """Whether a call carries images or videos to reduce (default: ``pixel_values``
+        given, unless the method reduces videos only; ``pixel_values_videos`` given when
+        videos are reduced)."""
+        images = args.get("pixel_values") is not None and not is_video_method(self.spec)
+        return images or (self.video is not None and args.get("pixel_values_videos") is not None)
+
+    # -- video hooks (families with ``has_video``) ----------------------------------------
+    def video_placeholder_mask(self, args: dict[str, Any]) -> Tensor:
+        """``[B, T]`` True on the video placeholder tokens (``config.video_token_id``)."""
+        video_id = self.model.config.video_token_id
+        if args.get("input_ids") is None:
+            raise ValueError("input_ids: reducing videos needs the prompt's token ids")
+        return args["input_ids"] == video_id
+
+    def encode_clips(self, args: dict[str, Any]) -> list[Clip]:
+        """Every video of the call as a :class:`Clip` (the LLM's tokens of its frames)."""
+        raise NotImplementedError
+
+    def image_features(self, args: dict[str, Any]) -> list[Tensor]:
+        """The images' LLM tokens, unreduced (one ``[N_i, D]`` per image)."""
+        raise NotImplementedError
+
+    def video_features(self, args: dict[str, Any]) -> Any:
+        """The model's own ``mm_encoder_outputs["video"]`` of the call (videos whole)."""
+        raise NotImplementedError
+
+    def video_outputs(self, features: list[Tensor]) -> Any:
+        """``mm_encoder_outputs["video"]`` holding the reduced videos' tokens."""
+        raise NotImplementedError
 
     def placeholder_mask(self, args: dict[str, Any]) -> Tensor:
         """``[B, T]`` True on the image placeholder tokens (``config.image_token_id``), from
@@ -313,15 +357,17 @@ class Adapter:
         return self.spec.cls_token and bool(self.config.options.get("has_cls", True))
 
     def text_signal(self, args: dict[str, Any], placeholder: Tensor, counts: list[int],
-                    ) -> tuple[Tensor, Tensor]:
+                    exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-image prompt text: ``text [I, M, D]`` and ``text_mask [I, M]``, the LLM input
         embeddings of the real non-image tokens of each image's sample (the model's own
-        stand-in for a text encoder; in the space of the projected visual tokens)."""
+        stand-in for a text encoder; in the space of the projected visual tokens).
+        ``exclude``: other placeholder columns that are not text either (``[B, T]``)."""
+        other = placeholder if exclude is None else placeholder | exclude
         embeds = args.get("inputs_embeds")
         if embeds is None:  # placeholder ids may lie outside the vocabulary: embed them as 0
-            ids = args["input_ids"].masked_fill(placeholder, 0)
+            ids = args["input_ids"].masked_fill(other, 0)
             embeds = self.model.get_input_embeddings()(ids)
-        text = ~placeholder
+        text = ~other
         for key in ("video_token_id",):
             other = getattr(self.model.config, key, None)
             if other is not None and args.get("input_ids") is not None:
@@ -358,7 +404,13 @@ class Adapter:
                              f"{tuple(mask.shape)}")
         check_padding(mask)
         placeholder = self.placeholder_mask(args)
-        enc = self.encode(args, placeholder)
+        kinds = None
+        if self.video is not None and args.get("pixel_values_videos") is not None:
+            placeholder, enc, kinds = self._encode_with_videos(args, placeholder)
+        else:
+            enc = self.encode(args, placeholder)
+            if self.has_video and args.get("pixel_values_videos") is not None:
+                enc.extra["video"] = self.video_features(args)
         plan = plan_surgery(placeholder, enc.counts, enc.kept, align, mask)
         new = {k: v for k, v in args.items() if k not in self.visual_keys}
         filler = self.filler_id()
@@ -376,10 +428,41 @@ class Adapter:
             if isinstance(args.get(key), Tensor) and args[key].shape[:2] == placeholder.shape:
                 new[key] = plan.take(args[key], 0)
         self.fix_positions(args, new, plan, enc, generating)
-        new["mm_encoder_outputs"] = {**self.encoder_outputs(enc.features), **enc.extra}
+        if kinds is None:
+            outputs = self.encoder_outputs(enc.features)
+        else:
+            images = [f for f, k in zip(enc.features, kinds, strict=True) if k == "image"]
+            outputs = {"video": self.video_outputs(
+                [f for f, k in zip(enc.features, kinds, strict=True) if k == "video"])}
+            if images:
+                outputs.update(self.encoder_outputs(images))
+        new["mm_encoder_outputs"] = {**outputs, **enc.extra}
         state.last = enc.reductions
         state.last_plan = plan
         return new
+
+    def _encode_with_videos(self, args: dict[str, Any], image_mask: Tensor,
+                            ) -> tuple[Tensor, Encoded, list[str]]:
+        """Images (reduced, or whole under a video method) and reduced videos of a call as
+        items in prompt order: ``(placeholder mask, Encoded, kinds)``."""
+        video_mask = self.video_placeholder_mask(args)
+        if args.get("pixel_values") is None:
+            images = Encoded(features=[], counts=[], reductions=[], positions=[])
+        elif is_video_method(self.spec):
+            images = whole(self.image_features(args))
+        else:
+            images = self.encode(args, image_mask)
+        if images.positions is None and self.needs_positions:
+            raise ValueError(f"the {self.family} adapter gave no image positions")
+        clips = self.encode_clips(args)
+        counts = [c.count for c in clips]
+        text = None
+        if self.wants("text"):
+            text = self.text_signal(args, video_mask, counts, exclude=image_mask)
+        videos = reduce_clips(self, clips, self.video or "clip", text)
+        if images.positions is None and videos.positions is not None:
+            videos.positions = None
+        return merge_items(image_mask, images, video_mask, videos)
 
     def continue_positions(self, pos: Tensor, plan: SurgeryPlan) -> Tensor:
         """The caller's position ids of tokens after a shortened prompt, on the shortened
@@ -694,7 +777,7 @@ def get_state(model: object) -> PatchState | None:
 
 def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, *, seed: int = 0,
           signal_layers: SignalLayers = None, llm: str | ReduceConfig | None = OFFICIAL,
-          **options: Any) -> torch.nn.Module:
+          video: str | None = None, **options: Any) -> torch.nn.Module:
     """Patch ``model`` in place so that every call with images reduces its visual tokens.
 
     Args:
@@ -715,6 +798,12 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
             ``keep`` counts the tokens each image brings into the LLM after ``method``.
             Default ``"official"``: a multi-stage method's own in-LLM stages (e.g.
             VisionDrop's), none for single-stage methods; ``None``: no in-LLM step.
+        video: how a pre-LLM method reduces video inputs (LLaVA-OneVision, Qwen2-VL,
+            Qwen2.5-VL): ``"clip"`` (each video as one token set; ``keep`` counts the clip's
+            tokens), ``"frame"`` (an image method on every frame; ``keep`` counts a frame's
+            tokens) or ``None`` (videos left whole). Video methods (``evs``, ``dycoke``,
+            ...: those needing the ``frames`` signal) always reduce whole clips and leave
+            images whole. See ``tokensieve.models._video``.
         **options: the method's options (``tokensieve.describe(method).defaults()``).
 
     Returns:
@@ -725,6 +814,7 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
         raise ValueError(f"model is already patched by tokensieve ({st.config.method}, "
                          f"keep={st.config.keep}); call tokensieve.remove(model) first")
     adapter_cls = find_adapter(model)
+    mode = video_mode(get_method(method), video, adapter_cls.family, adapter_cls.has_video)
     if get_method(method).stage == "encoder" or adapter_cls.family == "vision":  # in the tower
         from tokensieve.models._encoder import apply_encoder
 
@@ -750,6 +840,7 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
                          "of each image's tokens)")
     config = ReduceConfig(method=spec.name, keep=keep, options=dict(options), seed=seed)
     adapter = adapter_cls(model, spec, config, signal_layers)
+    adapter.video = mode
     if in_llm:
         if signal_layers is not None:
             raise ValueError("signal_layers: in-LLM methods read their scores at their own "

@@ -7,7 +7,7 @@ feature strategy is the default, prompts with several images per sample encode e
 image without crops (``batch_num_images``), and ``anyres_max_N`` bilinearly shrinks a
 large stitched crop map. Signals and crop ids are packed through the model's own
 ``pack_image_features`` like the tokens, so on a shrunk map they are interpolated too
-(crop ids rounded). Videos are encoded untouched (not reduced).
+(crop ids rounded). Videos: see ``encode_clips`` and ``tokensieve.models._video``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokensieve.models._base import Encoded, register_adapter
+from tokensieve.models._base import register_adapter
+from tokensieve.models._video import Clip
 from tokensieve.models.llava_next import LlavaNextAdapter
 
 
@@ -27,13 +28,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     visual_keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos",
                    "image_sizes_videos", "vision_aspect_ratio")
+    has_video = True
 
     def __init__(self, model: torch.nn.Module, spec: Any, config: Any,
                  signal_layers: Any = None) -> None:
         super().__init__(model, spec, config, signal_layers)
         has_cls = "siglip" not in str(getattr(model.config.vision_config, "model_type", ""))
         self.signals = tuple(s for s in LlavaNextAdapter.signals
-                             if has_cls or s != "cls_attn")
+                             if has_cls or s != "cls_attn") + ("frames",)
 
     def check(self) -> None:
         self.check_signals()
@@ -65,9 +67,65 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                                    vision_aspect_ratio=ratio)
         return list(packed)
 
-    def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
-        enc = super().encode(args, placeholder)
-        if args.get("pixel_values_videos") is not None:
-            enc.extra["video"] = self.inner.get_video_features(
-                args["pixel_values_videos"], return_dict=True)
-        return enc
+    # -- videos ---------------------------------------------------------------------------
+    def encode_clips(self, args: dict[str, Any]) -> list[Clip]:
+        """Each video as its frames' pooled LLM tokens (the model's own path: tower, feature
+        layer, projector, bilinear pooling to ``ceil(side / 2)`` per side), with the newline
+        the model appends as the tail. Attention signals of the feature layer are computed per
+        frame and pooled like the tokens (bilinear)."""
+        videos = args["pixel_values_videos"]
+        if videos.dim() != 5:
+            raise ValueError(f"pixel_values_videos: expected [B, T, 3, H, W], got shape "
+                             f"{tuple(videos.shape)}")
+        b, t = videos.shape[:2]
+        hidden, tower = self.run_tower(args, videos.flatten(0, 1))  # [B*T, (1 +) n, Dv]
+        start = self._patch_start(args)
+        feats = self.inner.apply_pooling(self.inner.multi_modal_projector(hidden[:, start:]))
+        side = self.grid[0]
+        pooled = (-(-side // 2), -(-side // 2))
+
+        def pool(x: Tensor) -> Tensor:
+            """``[B*T, n, C]`` patch signal -> ``[B*T, n', C]`` as the tokens are pooled."""
+            grid = x.float().reshape(x.shape[0], side, side, -1).permute(0, 3, 1, 2)
+            out = torch.nn.functional.interpolate(grid, size=pooled, mode="bilinear")
+            return out.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[-1])
+
+        signals: dict[str, Tensor] = {}
+        for name, value in tower.items():
+            value = value[..., start:] if name in ("cls_attn", "attn_received") else \
+                value[:, start:]
+            if name in ("keys", "values"):
+                per = pool(value)  # [B*T, n', C]
+                signals[name] = per.reshape(b, -1, per.shape[-1])
+            elif value.dim() == 2:  # [B*T, n]
+                per = pool(value.unsqueeze(-1))[..., 0]
+                signals[name] = per.reshape(b, -1)
+            else:  # [B*T, L, n]
+                per = pool(value.transpose(1, 2)).transpose(1, 2)  # [B*T, L, n']
+                layers = per.shape[1]
+                signals[name] = per.reshape(b, t, layers, -1).transpose(1, 2).reshape(
+                    b, layers, -1)
+        tokens = feats.reshape(b, -1, feats.shape[-1])
+        newline = self.inner.image_newline[None]
+        return [Clip(tokens=tokens[i], frames=t, grid=pooled,
+                     signals={k: v[i] for k, v in signals.items()}, tail=newline)
+                for i in range(b)]
+
+    def image_features(self, args: dict[str, Any]) -> list[Tensor]:
+        extra = {k: args[k] for k in ("vision_feature_layer", "vision_feature_select_strategy",
+                                      "batch_num_images") if args.get(k) is not None}
+        out = self.inner.get_image_features(args["pixel_values"], args["image_sizes"],
+                                            return_dict=True, **extra)
+        return list(out.pooler_output)
+
+    def video_features(self, args: dict[str, Any]) -> Any:
+        extra = {k: args[k] for k in ("vision_feature_layer", "vision_feature_select_strategy")
+                 if args.get(k) is not None}
+        return self.inner.get_video_features(args["pixel_values_videos"], return_dict=True,
+                                             **extra)
+
+    def video_outputs(self, features: list[Tensor]) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        # The model flattens [B, n, D] to [B*n, D]: one row holds every video's tokens.
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])

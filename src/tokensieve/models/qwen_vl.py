@@ -37,6 +37,7 @@ from torch import Tensor
 from tokensieve.models._base import Adapter, Encoded, register_adapter
 from tokensieve.models._signals import received_sums, this_thread
 from tokensieve.models._surgery import SurgeryPlan
+from tokensieve.models._video import Clip
 
 ATTENTION_SIGNALS = ("attn_received", "keys", "values")
 
@@ -58,8 +59,10 @@ class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel",
                      "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
-    signals = ("attn_received", "keys", "values", "text", "text_mask", "grid")
+    signals = ("attn_received", "keys", "values", "text", "text_mask", "grid", "frames")
     visual_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    needs_positions = True
+    has_video = True
 
     def __init__(self, model: torch.nn.Module, spec: Any, config: Any,
                  signal_layers: Any = None) -> None:
@@ -91,11 +94,11 @@ class QwenVLAdapter(Adapter):
             patch_size=visual.patch_size)
         return torch.argsort(window_index)
 
-    def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
-        pixel_values, thw = args["pixel_values"], args.get("image_grid_thw")
-        if thw is None:
-            raise ValueError("image_grid_thw: the qwen2-vl adapter needs the image grids "
-                             "(returned by the processor with pixel_values)")
+    def _run_visual(self, pixel_values: Tensor, thw: Tensor, features: str,
+                    ) -> tuple[Tensor, dict[str, Tensor], list[int]]:
+        """The tower on images or videos of grids ``thw``: the LLM tokens (``features``
+        "projected": merger outputs) or the merger's grouped input ("vision"), ``[sum N_i,
+        D]`` in raster order, the patch-level signals and each item's token count."""
         visual = self.inner.visual
         unit = self.merge * self.merge
         counts = [int(c) for c in (thw.prod(-1) // unit).tolist()]
@@ -123,7 +126,6 @@ class QwenVLAdapter(Adapter):
         finally:
             for h in handles:
                 h.remove()
-        merged = out.pooler_output  # [sum N_i, D], raster order
         reverse = self._window_reverse(thw)
 
         def raster(x: Tensor) -> Tensor:
@@ -132,14 +134,39 @@ class QwenVLAdapter(Adapter):
                 return x
             return x.reshape(-1, unit, *x.shape[1:])[reverse].reshape(x.shape)
 
-        if self.spec.features == "vision":
+        if features == "vision":
             x = raster(captured["merger_in"])
             tokens_all = visual.merger.ln_q(x).reshape(-1, visual.merger.hidden_size)
         else:
-            tokens_all = merged
+            tokens_all = out.pooler_output  # [sum N_i, D], raster order
         patch_signals = self._patch_signals(captured, plan, raster) if want_attn else {}
-        text = self.text_signal(args, placeholder, counts) if self.wants("text") else None
+        return tokens_all, patch_signals, counts
 
+    def _item_signals(self, patch_signals: dict[str, Tensor], start: int, n: int,
+                      queries: int) -> dict[str, Tensor]:
+        """Token-level signals of the item whose tokens are ``start .. start + n``:
+        ``attn_received`` is the mean over its ``queries`` merged tokens' patches (one
+        attention segment), keys / values are averaged over each merged group."""
+        unit = self.merge * self.merge
+        out = {}
+        for name, per_patch in patch_signals.items():
+            rows = per_patch[..., start * unit:(start + n) * unit, :]  # [(L,) n*unit, C]
+            grouped = rows.reshape(*rows.shape[:-2], n, unit, rows.shape[-1])
+            if name == "attn_received":
+                out[name] = grouped.sum(-2)[..., 0] / (unit * queries)
+            else:
+                out[name] = grouped.mean(-2)
+        return out
+
+    def encode(self, args: dict[str, Any], placeholder: Tensor) -> Encoded:
+        pixel_values, thw = args["pixel_values"], args.get("image_grid_thw")
+        if thw is None:
+            raise ValueError("image_grid_thw: the qwen2-vl adapter needs the image grids "
+                             "(returned by the processor with pixel_values)")
+        visual = self.inner.visual
+        tokens_all, patch_signals, counts = self._run_visual(pixel_values, thw,
+                                                             self.spec.features)
+        text = self.text_signal(args, placeholder, counts) if self.wants("text") else None
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
@@ -153,16 +180,10 @@ class QwenVLAdapter(Adapter):
             n = counts[members[0]]
             grid = (t * h // self.merge, w // self.merge)
             tokens = torch.stack([tokens_all[starts[i]:starts[i + 1]] for i in members])
-            signals: dict[str, Any] = {"grid": grid}
-            for name, per_patch in patch_signals.items():
-                rows = [per_patch[..., starts[i] * unit:starts[i + 1] * unit, :] for i in members]
-                stacked = torch.stack(rows)  # [G, (L,) n*unit, C]
-                grouped = stacked.reshape(*stacked.shape[:-2], n, unit, stacked.shape[-1])
-                if name == "attn_received":
-                    value = grouped.sum(-2)[..., 0] / (unit * n)  # mean over the image's queries
-                else:
-                    value = grouped.mean(-2)
-                signals[name] = value
+            per_item = [self._item_signals(patch_signals, starts[i], n, n) for i in members]
+            signals: dict[str, Any] = {name: torch.stack([p[name] for p in per_item])
+                                       for name in patch_signals}
+            signals["grid"] = grid
             if text is not None:
                 signals["text"], signals["text_mask"] = text[0][members], text[1][members]
             k = self.resolve_keep(n)
@@ -177,12 +198,40 @@ class QwenVLAdapter(Adapter):
                 reductions[i] = per[j]
                 pos = r.positions[j] if r.mask is None else r.positions[j][r.mask[j]]
                 positions[i] = pos
-        extra = {}
-        if args.get("pixel_values_videos") is not None:
-            extra["video"] = self.inner.get_video_features(
-                args["pixel_values_videos"], args.get("video_grid_thw"), return_dict=True)
         return Encoded(features=features, counts=counts, reductions=reductions,  # type: ignore
-                       positions=positions, extra=extra)  # type: ignore[arg-type]
+                       positions=positions)  # type: ignore[arg-type]
+
+    # -- videos ---------------------------------------------------------------------------
+    def encode_clips(self, args: dict[str, Any]) -> list[Clip]:
+        """Each video as ``T`` frames (temporal patches) of the merged ``(h/m, w/m)`` grid;
+        the tower attends within each frame, so ``attn_received`` is per frame."""
+        thw = args.get("video_grid_thw")
+        if thw is None:
+            raise ValueError("video_grid_thw: the qwen2-vl adapter needs the video grids "
+                             "(returned by the processor with pixel_values_videos)")
+        tokens_all, patch_signals, counts = self._run_visual(args["pixel_values_videos"], thw,
+                                                             "projected")
+        clips, start = [], 0
+        for (t, h, w), n in zip(thw.tolist(), counts, strict=True):
+            signals = self._item_signals(patch_signals, start, n, n // t)
+            clips.append(Clip(tokens=tokens_all[start:start + n], frames=int(t),
+                              grid=(h // self.merge, w // self.merge), signals=signals))
+            start += n
+        return clips
+
+    def image_features(self, args: dict[str, Any]) -> list[Tensor]:
+        out = self.inner.get_image_features(args["pixel_values"], args.get("image_grid_thw"),
+                                            return_dict=True)
+        return list(out.pooler_output)
+
+    def video_features(self, args: dict[str, Any]) -> Any:
+        return self.inner.get_video_features(args["pixel_values_videos"],
+                                             args.get("video_grid_thw"), return_dict=True)
+
+    def video_outputs(self, features: list[Tensor]) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=list(features))
 
     def _patch_signals(self, captured: dict[Any, Any], plan: list[int] | None,
                        raster: Any) -> dict[str, Tensor]:
