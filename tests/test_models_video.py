@@ -281,3 +281,87 @@ def test_errors(family):
     with pytest.raises(ValueError, match="stage 'llm'"):
         tm.apply(model, "fastv", video="clip")
     assert not tm.is_applied(model)
+
+
+# (c) every video method: the LLM gets what the method made of the model's own clip tokens --
+def _recording(monkeypatch, method: str) -> list:
+    """Wrap ``method``'s function: each call's (tokens, signals, result) is recorded."""
+    spec = registry.get_method(method)
+    calls = []
+
+    def fn(tokens, k, signals, config, generator):
+        r = spec.fn(tokens, k, signals, config, generator)
+        calls.append((tokens.clone(), signals, r))
+        return r
+
+    monkeypatch.setitem(registry._REGISTRY, method, registry.dataclasses.replace(spec, fn=fn))
+    return calls
+
+
+VIDEO_METHODS = [m for m in ts.list_methods() if "frames" in ts.describe(m).signals]
+VIDEO_KEEPS = {"dycoke": 0.8, "frame-sample": 0.5}
+
+
+@pytest.mark.parametrize("method", VIDEO_METHODS)
+def test_video_method_output_reaches_the_llm(family, method, monkeypatch):
+    name, case, model = family
+    calls = _recording(monkeypatch, method)
+    kw = case.batch(model)
+    with tm.applied(model, method, VIDEO_KEEPS.get(method, 0.5)), torch.no_grad():
+        out = model(**kw).logits
+        reductions = tm.last_reductions(model)
+    # the method saw the untouched model's tokens of each video, with frames and grid
+    with torch.no_grad():
+        if name == "qwen":
+            videos = list(model.model.get_video_features(
+                kw["pixel_values_videos"], kw["video_grid_thw"]).pooler_output)
+        else:
+            videos = [v[:-1] for v in model.model.get_video_features(
+                kw["pixel_values_videos"]).pooler_output]
+    seen = [row for tokens, _, _ in calls for row in tokens]
+    assert sorted(s.shape[0] for s in seen) == sorted(v.shape[0] for v in videos)
+    for v in videos:
+        assert any(s.shape == v.shape and torch.allclose(s, v, atol=1e-6) for s in seen)
+    for _, signals, _ in calls:
+        assert signals.frames is not None and signals.grid is not None
+    # the reference: each video's run replaced by the method's output (at its positions)
+    ids, mask = kw["input_ids"], kw["attention_mask"]
+    image_id, video_id = (IMG, VID) if name == "qwen" else (OV_IMG, OV_VID)
+    with torch.no_grad():
+        if "pixel_values" in kw:
+            args = (kw["pixel_values"], kw["image_grid_thw"] if name == "qwen"
+                    else kw["image_sizes"])
+            images = list(model.model.get_image_features(*args).pooler_output)
+        else:
+            images = []
+        full_videos = list(model.model.get_video_features(
+            *((kw["pixel_values_videos"], kw["video_grid_thw"]) if name == "qwen"
+              else (kw["pixel_values_videos"],))).pooler_output)
+    feats, lengths = _in_prompt_order(ids, mask, images, full_videos, (image_id, video_id))
+    pieces, columns = [], []
+    for f, (r, _) in zip(feats, reductions, strict=True):
+        piece, pos = r.tokens[0].to(f.dtype), r.positions[0]
+        if name == "onevision" and f.shape[0] == OV_FRAMES * 16 + 1 and \
+                piece.shape[0] < f.shape[0]:  # a video: its newline after the kept tokens
+            piece = torch.cat([piece, f[-1:]])
+            pos = torch.cat([pos, torch.tensor([f.shape[0] - 1])])
+        pieces.append(piece)
+        columns.append(pos)
+    marked = ids.masked_fill((ids == image_id) | (ids == video_id), SLOT)
+    emb = model.get_input_embeddings()(ids)
+    embeds, new_mask, source = splice_left_padded(marked, mask, emb, SLOT, pieces, lengths,
+                                                  columns)
+    ref_kw = dict(inputs_embeds=embeds, attention_mask=new_mask)
+    if name == "qwen":
+        extra = {k: kw[k] for k in ("second_per_grid_ts",) if k in kw}
+        pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=kw["mm_token_type_ids"],
+                                            image_grid_thw=kw.get("image_grid_thw"),
+                                            video_grid_thw=kw["video_grid_thw"],
+                                            attention_mask=mask, **extra)
+        ref_kw["position_ids"] = torch.stack(
+            [pos[:, b, source[b]] for b in range(ids.shape[0])], 1) * new_mask
+    with torch.no_grad():
+        ref = model(**ref_kw).logits
+    real = new_mask.bool()
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out[real], ref[real], atol=checks.ATOL, rtol=0)
