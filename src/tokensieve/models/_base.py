@@ -472,12 +472,16 @@ class Adapter:
         return pos - shift.unsqueeze(1).to(pos.device)
 
     def llm_inputs(self, args: dict[str, Any]) -> CallInputs:
-        """What the in-LLM stage needs of a call: the image runs of its LLM input (one run
-        of placeholder tokens per image), the 2D attention mask and, for families whose
-        images attend bidirectionally, their blocks (see :meth:`llm_block_ids`)."""
+        """What the in-LLM stage needs of a call: the visual runs of its LLM input (one run
+        of placeholder tokens per image, and per video for families with video inputs), the
+        2D attention mask and, for families whose images attend bidirectionally, their
+        blocks (see :meth:`llm_block_ids`)."""
         image_of = None
         if args.get("input_ids") is not None or args.get("inputs_embeds") is not None:
-            image_of = image_runs(self.placeholder_mask(args))
+            visual = self.placeholder_mask(args)
+            if self.has_video and args.get("input_ids") is not None:
+                visual = visual | self.video_placeholder_mask(args)
+            image_of = image_runs(visual)
         mask = args.get("attention_mask")
         if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
             raise ValueError("attention_mask: the in-LLM stage needs a 2D [B, T] mask (or none)")
