@@ -1,0 +1,410 @@
+"""Training of the tiny video VLM (see ``scripts/train_tiny_video_vlm.py``).
+
+The OneVision model starts from the shipped tiny LLaVA (tower, projector and
+LM weights copied, see :func:`tokensieve.zoo.video_build.build_video_model`).
+Tower and projector stay frozen, so the pooled projected frame features of
+every training clip are computed once and cached ([8 x 144, 128] per clip);
+each clip then serves several questions. The LM (and ``image_newline``)
+learns with AdamW under bf16 autocast; the prompt prefix with the 1153 video
+tokens runs once per clip and its KV cache is repeated for the clip's
+questions (:func:`tokensieve.zoo.lm_training.lm_answer_logits`).
+
+As for the image model, an auxiliary loss on the answer position's attention
+(:class:`tokensieve.zoo.lm_training.AttentionCapture`) tells the LM where to
+look: in every LM layer after the first, one head of the answer position puts
+its mass on the tokens of the objects the question is about (for counts: each
+present object's first token in the asked frame plus the first prompt token,
+the attention sink; for ``order``: one head on each of the two appearing
+objects).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .clips import (
+    CLIP_FAMILIES,
+    NUM_FRAMES,
+    TOKENS_PER_FRAME,
+    VIDEO_TOKENS,
+    Clip,
+    ClipQuestion,
+    all_questions,
+    make_clip,
+)
+from .lm_training import AttentionCapture, lm_answer_logits, lr_at
+from .video_build import VIDEO_PROMPT, VIDEO_TOKEN
+
+Log = Callable[[str], None]
+FAMILY_WEIGHTS = {"moved": 1.5, "direction": 1.5, "appeared": 1.5, "vanished": 1.5,
+                  "order": 2.0, "count_time": 2.0, "color": 0.75, "shape": 0.75}
+
+
+@dataclass
+class VideoTrainConfig:
+    """Sizes and schedule of the video LM training."""
+
+    clips: int = 1600  # training clips (features cached once)
+    steps: int = 850
+    batch: int = 8  # clips per step
+    questions_per_clip: int = 12
+    lr: float = 1e-3
+    attn_weight: float = 1.0
+    train_newline: bool = True
+    bf16: bool = True
+    seed: int = 0
+    log_every: int = 50
+    val: int = 160  # val samples for the periodic check (cached features)
+    val_every: int = 300
+    full_prob: float = 0.35  # share of steps on all 1153 video tokens (else object subsets)
+    max_extra: float = 0.25  # subsets: at most this share of the other tokens added
+
+    def to_dict(self) -> dict:
+        """Plain dict (for logs)."""
+        return asdict(self)
+
+
+class VideoCodec:
+    """Splits the tokenized video prompt into a constant prefix and a per-question suffix."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.prefix = self.split("?")[0]
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def split(self, question: str) -> tuple[list[int], list[int]]:
+        """(ids before the video placeholder, ids after it) for ``question``."""
+        ids = self.tokenizer(VIDEO_PROMPT.format(question=question)).input_ids
+        at = ids.index(self.video_id)
+        return ids[:at], ids[at + 1:]
+
+    def suffix(self, question: str) -> tuple[int, ...]:
+        """Token ids after the video tokens (cached)."""
+        if question not in self._cache:
+            pre, post = self.split(question)
+            if pre != self.prefix:
+                raise ValueError(f"prompt prefix changed for {question!r}")
+            if self.tokenizer.unk_token_id in post:
+                raise ValueError(f"unknown word in {question!r}")
+            self._cache[question] = tuple(post)
+        return self._cache[question]
+
+    def answer_id(self, answer: str) -> int:
+        """The single token id of ``answer``."""
+        ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+        if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
+            raise ValueError(f"answer {answer!r} is not a single known token")
+        return ids[0]
+
+
+def attention_target(clip: Clip, q: ClipQuestion, masks: np.ndarray) -> np.ndarray:
+    """[2, 1 + 1153] bool: where heads of the answer position should look (0: the sink).
+
+    ``masks``: :meth:`Clip.token_masks`. Counts: each present object's first token in
+    the asked frame plus the sink; ``order``: the asked object, then the other one.
+    """
+    target = np.zeros((2, 1 + VIDEO_TOKENS), bool)
+    n = NUM_FRAMES * TOKENS_PER_FRAME
+    if q.family == "count_time":
+        frame = 0 if q.question.split()[-2] == "start" else NUM_FRAMES - 1
+        lo = frame * TOKENS_PER_FRAME
+        for j in q.objects:
+            first = int(np.flatnonzero(masks[j, lo:lo + TOKENS_PER_FRAME])[0])
+            target[0, 1 + lo + first] = True
+        target[0, 0] = True
+    elif q.family == "order":
+        target[0, 1:1 + n], target[1, 1:1 + n] = masks[q.objects[0]], masks[q.objects[1]]
+    elif q.objects:
+        target[0, 1:1 + n] = masks[list(q.objects)].any(0)
+    else:
+        target[0, 0] = True
+    return target
+
+
+@dataclass(frozen=True)
+class BankItem:
+    """One tokenized training question of a clip."""
+
+    suffix: tuple[int, ...]
+    answer: int
+    family: str
+    target: int  # index into the clip's target list
+
+
+def build_bank(clips: Sequence[Clip], codec: VideoCodec):
+    """Per clip: questions by family, and the stacked attention targets [Q, 2, 1 + 1153]."""
+    bank, targets = [], []
+    for clip in clips:
+        masks = clip.token_masks()
+        fams: dict[str, list[BankItem]] = {}
+        tg = []
+        for q in all_questions(clip):
+            item = BankItem(codec.suffix(q.question), codec.answer_id(q.answer), q.family,
+                            len(tg))
+            tg.append(attention_target(clip, q, masks))
+            fams.setdefault(q.family, []).append(item)
+        bank.append(fams)
+        targets.append(np.stack(tg))
+    return bank, targets
+
+
+@torch.no_grad()
+def frame_features(model, frames_batch: Sequence[Sequence], batch: int = 4,
+                   bf16: bool = False) -> torch.Tensor:
+    """Pooled projected frame features [N, 8 * 144, D] (float16) of N clips, newline excluded.
+
+    OneVision's video path (``get_video_features``) computed by hand so that the
+    tower stops at the feature layer (the layers above it cannot change the
+    selected hidden states); ``bf16``: under bf16 autocast.
+    """
+    from .build import pixel_values
+
+    out = []
+    dev = next(model.parameters()).device
+    cfg = model.config
+    tower = model.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    layer = cfg.vision_feature_layer
+    n_layers = len(vm.encoder.layers)
+    upto = layer if layer >= 0 else n_layers + 1 + layer  # hidden_states index
+    for i in range(0, len(frames_batch), batch):
+        pix = torch.stack([pixel_values(f) for f in frames_batch[i:i + batch]]).to(dev)
+        b, t = pix.shape[:2]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            h = vm.pre_layrnorm(vm.embeddings(pix.flatten(0, 1).to(model.dtype)))
+            for blk in vm.encoder.layers[:upto]:
+                h = blk(h, None)
+            if cfg.vision_feature_select_strategy == "default":
+                h = h[:, 1:]
+            feats = model.model.apply_pooling(model.model.multi_modal_projector(h))
+        out.append(feats.reshape(b, -1, feats.shape[-1]).to(torch.float16).cpu())
+    return torch.cat(out)
+
+
+def make_clips(split: str, n: int, start: int = 0) -> list[Clip]:
+    """Clips ``start .. start + n - 1`` of ``split``."""
+    return [make_clip(split, i) for i in range(start, start + n)]
+
+
+def cache_clips(model, split: str, n: int, log: Log = print, chunk: int = 64,
+                bf16: bool = False):
+    """Render ``n`` clips of ``split`` and cache their features; frames are dropped after."""
+    feats, clips = [], []
+    t0 = time.time()
+    for i in range(0, n, chunk):
+        part = make_clips(split, min(chunk, n - i), i)
+        feats.append(frame_features(model, [c.frames for c in part], bf16=bf16))
+        for c in part:
+            c.frames = []
+        clips.extend(part)
+        if (i // chunk) % 10 == 0:
+            log(f"cached {len(clips)}/{n} {split} clips t={time.time() - t0:.0f}s")
+    return clips, torch.cat(feats)
+
+
+def _video_embeds(model, feats: torch.Tensor) -> torch.Tensor:
+    nl = model.model.image_newline
+    return torch.cat([feats.to(nl.dtype), nl[None, None].expand(len(feats), 1, -1)], 1)
+
+
+def relevant_tokens(clip: Clip) -> np.ndarray:
+    """[8 * 144] bool: every token, in every frame, of a cell any object covers in any frame
+    (where things are, were or will be)."""
+    masks = clip.token_masks().reshape(len(clip.objects), NUM_FRAMES, TOKENS_PER_FRAME)
+    cells = masks.any((0, 1))
+    return np.tile(cells, NUM_FRAMES)
+
+
+def select_tokens(relevant: np.ndarray, rng: np.random.Generator, full: bool,
+                  max_extra: float) -> np.ndarray:
+    """Kept video-token indices [B, L] (ascending; the newline, index 1152, always kept).
+
+    ``full``: all 1153. Otherwise every relevant token plus random others, up to
+    ``max_extra`` of the rest (the same length for the whole batch).
+    """
+    b, n = relevant.shape
+    if full:
+        return np.tile(np.arange(n + 1), (b, 1))
+    extra = int(rng.integers(0, int(max_extra * (n - relevant.sum(1).min())) + 1))
+    length = min(n, int(relevant.sum(1).max()) + extra)
+    rows = []
+    for m in relevant:
+        keep, other = np.flatnonzero(m), np.flatnonzero(~m)
+        pick = rng.choice(other, length - len(keep), replace=False)
+        rows.append(np.sort(np.concatenate([keep, pick, [n]])))
+    return np.stack(rows)
+
+
+def subset_answer_logits(model, codec: VideoCodec, video_embeds: torch.Tensor,
+                         kept: torch.Tensor, suffixes: list, repeat: int = 1):
+    """Like :func:`~tokensieve.zoo.lm_training.lm_answer_logits` for a subset of the video
+    tokens that keep the RoPE positions they have in the full prompt.
+
+    ``video_embeds`` [B, L, D] at video-token indices ``kept`` [B, L].
+    """
+    from .lm_training import _cache_name, _output_cache
+
+    lm = model.model.language_model
+    embed = lm.get_input_embeddings()
+    b = video_embeds.shape[0]
+    dev = video_embeds.device
+    p = len(codec.prefix)
+    prefix = torch.cat([embed(torch.tensor(codec.prefix, device=dev))[None]
+                        .expand(b, -1, -1).to(video_embeds.dtype), video_embeds], dim=1)
+    pos = torch.cat([torch.arange(p, device=dev)[None].expand(b, -1), p + kept], 1)
+    cache = _output_cache(lm(inputs_embeds=prefix, position_ids=pos, use_cache=True))
+    if repeat > 1:
+        cache.batch_repeat_interleave(repeat)
+    lens = [len(s) for s in suffixes]
+    ids = torch.full((len(suffixes), max(lens)), codec.pad_id, dtype=torch.long)
+    for r, s in enumerate(suffixes):
+        ids[r, : len(s)] = torch.tensor(s)
+    ids = ids.to(dev)
+    spos = (p + VIDEO_TOKENS + torch.arange(ids.shape[1], device=dev))[None].expand(len(ids), -1)
+    out = lm(inputs_embeds=embed(ids), **{_cache_name(lm): cache}, position_ids=spos,
+             use_cache=False)
+    return model.lm_head(out.last_hidden_state), lens
+
+
+def sample_rows(bank: list, idx: Sequence[int], k: int, rng: np.random.Generator):
+    """``k`` questions per clip (families drawn by FAMILY_WEIGHTS among those defined)."""
+    rows = []
+    for i in idx:
+        fams = sorted(bank[i])
+        w = np.array([FAMILY_WEIGHTS[f] for f in fams])
+        picks = rng.choice(len(fams), size=k, p=w / w.sum())
+        for p in picks:
+            items = bank[i][fams[int(p)]]
+            rows.append((i, items[int(rng.integers(0, len(items)))]))
+    return rows
+
+
+@torch.no_grad()
+def quick_accuracy(model, codec: VideoCodec, feats: torch.Tensor, samples: list,
+                   batch: int = 16) -> dict[str, float]:
+    """Answer accuracy per family of ``samples`` ((clip index, question, answer, family))
+    from cached features (the answer token's argmax after the prompt)."""
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(samples), batch):
+        chunk = samples[i:i + batch]
+        emb = _video_embeds(model, feats[[c for c, *_ in chunk]].float())
+        sfx = [list(codec.suffix(q)) for _, q, _, _ in chunk]
+        logits, lens = lm_answer_logits(model, codec, emb, sfx)
+        pred = logits[torch.arange(len(chunk)), torch.tensor(lens) - 1].argmax(-1).tolist()
+        for p, (_, _, a, f) in zip(pred, chunk, strict=True):
+            hits.setdefault(f, []).append(p == codec.answer_id(a))
+    acc = {f: float(np.mean(h)) for f, h in sorted(hits.items())}
+    acc["overall"] = float(np.mean([x for h in hits.values() for x in h]))
+    return acc
+
+
+def train_video_lm(model, codec: VideoCodec, cfg: VideoTrainConfig, clips: Sequence[Clip],
+                   bank: list, targets: list, feats: torch.Tensor, log: Log = print,
+                   val: tuple[torch.Tensor, list] | None = None,
+                   deadline: float = math.inf) -> int:
+    """Train the LM (and ``image_newline``) on cached clip features; returns steps run.
+
+    Stops early (cosine schedule unchanged) once ``time.time()`` passes ``deadline``.
+    """
+    lm = model.model.language_model
+    dev = next(lm.parameters()).device
+    relevant = np.stack([relevant_tokens(c) for c in clips])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(lm.parameters()) + list(model.lm_head.parameters())
+    if cfg.train_newline:
+        params.append(model.model.image_newline)
+    for p in params:
+        p.requires_grad_(True)
+    rng = np.random.default_rng((cfg.seed, 31))
+    torch.manual_seed(cfg.seed + 3)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    capture = AttentionCapture(lm)
+    n, k = len(bank), cfg.questions_per_clip
+    order, pos = rng.permutation(n), 0
+    hits: dict[str, list[bool]] = {}
+    t0 = time.time()
+    step = 0
+    lm.train()
+    try:
+        for step in range(cfg.steps):
+            if time.time() > deadline:
+                log(f"deadline reached after {step} steps")
+                break
+            if pos + cfg.batch > n:
+                order, pos = rng.permutation(n), 0
+            idx = [int(i) for i in order[pos:pos + cfg.batch]]
+            pos += cfg.batch
+            rows = sample_rows(bank, idx, k, rng)
+            sel_np = select_tokens(relevant[idx], rng, rng.random() < cfg.full_prob,
+                                   cfg.max_extra)
+            sel = torch.from_numpy(sel_np).to(dev)
+            suffixes = [list(it.suffix) + [it.answer] for _, it in rows]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg.steps, cfg.lr)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16), capture:
+                emb = _video_embeds(model, feats[idx].to(dev).float())
+                emb = torch.gather(emb, 1, sel[..., None].expand(-1, -1, emb.shape[-1]))
+                logits, lens = subset_answer_logits(model, codec, emb, sel, suffixes, repeat=k)
+            r = torch.arange(len(rows), device=dev)
+            apos = torch.tensor(lens, device=dev) - 2
+            ans = torch.tensor([it.answer for _, it in rows], device=dev)
+            ans_logits = logits[r, apos].float()
+            loss = F.cross_entropy(ans_logits, ans) + 0.2 * F.cross_entropy(
+                logits[r, apos + 1].float(), torch.full_like(ans, codec.eos_id))
+            full = torch.from_numpy(np.stack([targets[i][it.target] for i, it in rows]))
+            keep = torch.from_numpy(sel_np).repeat_interleave(k, 0)
+            kept = torch.gather(full[..., 1:], 2, keep[:, None].expand(-1, 2, -1))
+            tg = torch.cat([full[..., :1], kept], -1)
+            attn_loss = capture.loss(tg, apos.cpu(), len(codec.prefix))
+            total = loss + cfg.attn_weight * attn_loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            for (_, it), ok in zip(rows, (ans_logits.argmax(-1) == ans).tolist(), strict=True):
+                hits.setdefault(it.family, []).append(ok)
+            if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+                accs = " ".join(f"{f[:5]}={np.mean(h):.2f}" for f, h in sorted(hits.items()))
+                acc = np.mean([x for h in hits.values() for x in h])
+                el = time.time() - t0
+                log(f"step {step + 1} loss={loss.item():.3f} attn={attn_loss.item():.3f} "
+                    f"len={sel.shape[1]} "
+                    f"acc={acc:.3f} [{accs}] t={el:.0f}s "
+                    f"({(step + 1) * cfg.batch * k / el:.1f} q/s)")
+                hits = {}
+            if val is not None and (step + 1) % cfg.val_every == 0:
+                lm.eval()
+                acc = quick_accuracy(model, codec, *val)
+                log("val " + " ".join(f"{f}={v:.3f}" for f, v in acc.items()))
+                lm.train()
+        else:
+            step = cfg.steps
+    finally:
+        capture.remove()
+        lm.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return step
+
+
+__all__ = [
+    "CLIP_FAMILIES",
+    "VideoCodec",
+    "VideoTrainConfig",
+    "build_bank",
+    "cache_clips",
+    "frame_features",
+    "quick_accuracy",
+    "train_video_lm",
+]
