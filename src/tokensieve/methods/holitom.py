@@ -80,7 +80,7 @@ def holitom_windows(sim: Tensor, tau: float, max_window: int) -> list[tuple[int,
     paper="HoliTom: Holistic Token Merging for Fast Video Large Language Models "
           "(Shao et al., NeurIPS 2025)",
     stage="pre-llm", kind="merge", signals=("frames", "attn_received"),
-    optional_signals=("grid",), config=HoliTomConfig,
+    optional_signals=("grid",), config=HoliTomConfig, llm_stage="holitom-llm",
 )
 def holitom(tokens: Tensor, k: int, signals: Signals, config: HoliTomConfig,
             generator: torch.Generator | None) -> Reduction:

@@ -109,7 +109,7 @@ def static_positions(window: Tensor, tau: float) -> Tensor:
     paper="PruneVid: Visual Token Pruning for Efficient Video Large Language Models "
           "(Huang et al., Findings of ACL 2025)",
     stage="pre-llm", kind="merge", signals=("frames",), optional_signals=("grid",),
-    config=PruneVidConfig,
+    config=PruneVidConfig, llm_stage="prunevid-llm",
 )
 def prunevid(tokens: Tensor, k: int, signals: Signals, config: PruneVidConfig,
              generator: torch.Generator | None) -> Reduction:

@@ -1,0 +1,132 @@
+"""PruneVid, question-guided KV pruning: after layer 10 keep the visual tokens the question
+attends to most; the later layers (and their cache) hold only those.
+
+Follows the official code (github.com/Visual-AI/PruneVid, ``VTPWindowCache`` in
+``models/pllava/elastic_cache.py`` called from ``LlamaModel.forward`` in
+``models/pllava/llama.py``; defaults of ``scripts/eval.sh``), read for its computations, not
+copied (the repository is CC BY-NC-SA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from tokensieve.core.budget import resolve_keep
+from tokensieve.core.ops import select, topk_indices
+from tokensieve.core.options import Share
+from tokensieve.core.reduction import Reduction
+from tokensieve.core.registry import register
+from tokensieve.core.schedule import (
+    LlmSchedule,
+    QueryRows,
+    ScoreSource,
+    check_layer,
+    check_positions,
+    scaled_layers,
+)
+from tokensieve.core.signals import Signals
+
+#: The official ``--selected_layer 10`` of the 32 decoder layers of PLLaVA-7B (Vicuna-7B):
+#: layer 10 scores, layer 11 is the first without the dropped tokens.
+OFFICIAL_LAYER, OFFICIAL_DEPTH = 11, 32
+#: The official ``--alpha 0.4``: the share of visual tokens kept (``int(size * alpha)``).
+OFFICIAL_ALPHA = 0.4
+
+
+@dataclass(frozen=True)
+class PruneVidLlmConfig(LlmSchedule):
+    """Options of PruneVid's question-guided KV pruning (official defaults of
+    ``scripts/eval.sh``).
+
+    Attributes:
+        layer: K, the first decoder layer that sees only the kept visual tokens; the scores
+            are the attention of layer K-1 (the official ``selected_layer`` is K-1).
+            ``None``: the official ``selected_layer=10`` of a 32-layer LLM, i.e. K = 11
+            scaled to the depth of the model at hand (``round(depth * 11 / 32)``).
+        alpha: the share of a visual run's tokens kept when no ``keep`` is given
+            (``int(N * alpha)``, floored as the official code; 0.4).
+        positions: "keep" (official: kept tokens keep their position ids, decoding
+            continues the original numbering) or "renumber".
+
+    Counts: without ``keep`` ``int(N * alpha)``; with ``keep`` the ``keep`` tokens (a count
+    or a fraction of the run) from layer K on.
+    """
+
+    scores: ClassVar[ScoreSource] = "previous"
+    query: ClassVar[QueryRows] = "text"
+
+    layer: int | None = None
+    alpha: Share = OFFICIAL_ALPHA
+    positions: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.layer is not None:
+            check_layer("layer", self.layer, minimum=1)
+        check_positions(self.positions)
+
+    def cut_layers(self, depth: int) -> tuple[int, ...]:
+        if self.layer is None:
+            return scaled_layers((OFFICIAL_LAYER / OFFICIAL_DEPTH,), depth)
+        if self.layer >= depth:
+            raise ValueError(f"layer={self.layer}: the LLM has {depth} decoder layers; "
+                             f"expected 1 <= layer < {depth}")
+        return (self.layer,)
+
+    def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
+        if keep is None:
+            return [int(n * self.alpha)]
+        return [resolve_keep(keep, n)]
+
+
+def question_scores(query_attn: Tensor) -> Tensor:
+    """``[B, N]`` the largest attention any text row gives each visual token (the official
+    reduction over the query rows); ``[B, N]`` input is one row already. All-zero padding
+    rows cannot raise a maximum of probabilities."""
+    attn = query_attn.float()
+    return attn if attn.dim() == 2 else attn.amax(dim=1)
+
+
+@register(
+    "prunevid-llm",
+    paper="PruneVid: Visual Token Pruning for Efficient Video Large Language Models "
+          "(Huang et al., Findings of ACL 2025), question-guided KV pruning",
+    stage="llm", kind="subset", signals=("query_attn",), config=PruneVidLlmConfig,
+)
+def prunevid_llm(tokens: Tensor, k: int, signals: Signals, config: PruneVidLlmConfig,
+                 generator: torch.Generator | None) -> Reduction:
+    """The ``k`` visual tokens with the largest attention from the text after them, in
+    original order.
+
+    Args (via ``reduce``):
+        tokens: ``[B, N, D]`` one visual run's tokens per row (hidden states at layer K).
+        query_attn: ``[B, R, N]`` the head-mean attention probabilities of layer K-1 from
+            the ``R`` text tokens after the run (all-zero rows: padding) to its tokens;
+            ``[B, N]``: one row.
+
+    In a model (``tokensieve.apply``) the cut happens before layer K: layers from K on see
+    and cache only the kept visual tokens, at their original positions.
+
+    Differences from the official code:
+
+    - Scores: the official eager attention returns, for the prefill, the softmax of the
+      layer's q/k logits *before* the rotary embedding and *without* the causal mask (over
+      every key), and reduces it by the maximum over heads, then over the text rows. The
+      in-LLM stage gives the layer's attention as it runs (rotary, causal), averaged over
+      heads; the maximum over the text rows is kept.
+    - Groups: the official code keeps ``int(alpha * size)`` of every static group and of
+      every frame's dynamic tokens of its pre-LLM merge (one top-k per group); the in-LLM
+      stage does not see that layout, so the whole visual run is one group.
+    - Cache: after the prefill the official code also prunes the KV cache of layers
+      ``0 .. selected_layer`` (decoded tokens never see the dropped visual tokens); here the
+      layers before the cut keep their whole cache, as in every in-LLM method of the
+      toolkit. The prefill (its logits) is the same; decoding differs in those layers.
+    - The official code handles one visual block of a batch of one; here every visual run
+      of every row is pruned on its own.
+    """
+    scores = signals.require("query_attn", "prunevid-llm")
+    assert isinstance(scores, Tensor)
+    return select(tokens, topk_indices(question_scores(scores), k), ascending=True)
