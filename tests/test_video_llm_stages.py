@@ -1,0 +1,282 @@
+"""holitom-llm and prunevid-llm (the in-LLM stages of HoliTom and PruneVid) against
+re-statements of the official selections, against by-hand references on tiny random LLaVA
+and Qwen2-VL models (the video run cut like an image), and the two-stage pipelines
+``apply(model, "holitom" / "prunevid", keep)`` on a Qwen2-VL video prompt; ``fastv`` cutting
+a video run like the hand reference of tests/llm_refs.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from llm_refs import allowed, attention, by_hand, eager_copy, record
+from test_llm_stage import ATOL, image_cols, inputs
+from test_models_llava import tiny_llava
+from test_models_qwen_vl import IMG as QIMG
+from test_models_qwen_vl import VID, tiny_qwen
+from test_models_video import qwen_inputs
+
+import tokensieve as ts
+import tokensieve.models as tm
+from tokensieve.core.budget import resolve_keep
+from tokensieve.models._llm import find_text_model
+
+# -- re-statements of the official selections ----------------------------------------------
+
+
+def official_holitom(hidden: torch.Tensor, last_row: torch.Tensor, ratio: float = 0.5,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One visual block of ``Qwen2Model_holitom.forward`` at ``layer_idx == HOLITOM_k``,
+    re-stated on plain tensors: ``hidden`` [N, D] the block's states at the layer input,
+    ``last_row`` [N] the head-mean attention of the last token (layer K-1). Returns the kept
+    indices (ascending) and their states after the in-place pairwise merges."""
+    h = hidden.clone()
+    n = h.shape[0]
+    top = last_row.topk(round(n * (1 - ratio))).indices  # score order, as the official
+    rest = torch.arange(n)[~torch.isin(torch.arange(n), top)]  # ascending
+    a, b = h[rest], h[top]
+    sim = (a @ b.T) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True).T)
+    best = sim.max(dim=-1).indices
+    for i, src in enumerate(rest.tolist()):
+        t = int(top[best[i]])
+        h[t] = (h[t] + h[src]) / 2
+    kept = top.sort().values
+    return kept, h[kept]
+
+
+def official_prunevid(attn: torch.Tensor, alpha: float = 0.4) -> torch.Tensor:
+    """``VTPWindowCache.process_attention`` with the visual block as one group: ``attn``
+    [H, R, N] (text rows after the block -> block columns), the max over heads then over
+    rows, the top ``int(N * alpha)``; returned ascending (the official sorts the kept
+    columns before gathering)."""
+    score = attn.max(dim=0).values.max(dim=0).values
+    return score.topk(int(attn.shape[-1] * alpha)).indices.sort().values
+
+
+@pytest.mark.parametrize("n", [7, 16, 49, 50])
+def test_holitom_llm_matches_official_merge(n):
+    g = torch.Generator().manual_seed(n)
+    hidden = torch.randn(1, n, 12, generator=g)
+    row = torch.rand(1, n, generator=g).softmax(-1)
+    k = ts.describe("holitom-llm").make_config({}).counts(n, None, 28)[0]
+    assert k == round(n * 0.5)
+    r = ts.reduce(hidden, "holitom-llm", k, query_attn=row)
+    kept, states = official_holitom(hidden[0], row[0])
+    assert r.indices[0].tolist() == kept.tolist() and torch.equal(r.positions, r.indices)
+    torch.testing.assert_close(r.tokens[0], states, atol=1e-6, rtol=1e-5)
+    assert int(r.sizes.sum()) == n
+    # The corrected variant: the mean of the kept token and the tokens merged into it.
+    mean = ts.reduce(hidden, "holitom-llm", k, query_attn=row, merge="mean")
+    dropped = torch.ones(n, dtype=torch.bool)
+    dropped[kept] = False
+    cos = torch.nn.functional.cosine_similarity(hidden[0, dropped, None], hidden[0, None, kept],
+                                                dim=-1)
+    target = cos.argmax(dim=1)
+    for j, t in enumerate(kept.tolist()):
+        group = torch.cat([hidden[0, t:t + 1], hidden[0, dropped][target == j]])
+        torch.testing.assert_close(mean.tokens[0, j], group.mean(0), atol=1e-6, rtol=1e-5)
+    # Keeping every token changes nothing.
+    assert torch.equal(ts.reduce(hidden, "holitom-llm", n, query_attn=row).tokens, hidden)
+
+
+@pytest.mark.parametrize("n,rows", [(20, 3), (49, 6), (144, 1)])
+def test_prunevid_llm_matches_official_selection(n, rows):
+    g = torch.Generator().manual_seed(n + rows)
+    attn = torch.rand(1, rows, n, generator=g).softmax(-1)  # one head: head-mean = head-max
+    k = ts.describe("prunevid-llm").make_config({}).counts(n, None, 32)[0]
+    assert k == int(n * 0.4)
+    x = torch.randn(1, n, 8, generator=g)
+    padded = torch.cat([attn, torch.zeros(1, 2, n)], dim=1)  # all-zero rows: padding
+    r = ts.reduce(x, "prunevid-llm", k, query_attn=padded)
+    assert r.indices[0].tolist() == official_prunevid(attn).tolist()
+    torch.testing.assert_close(r.tokens, x[:, r.indices[0]])
+
+
+def test_schedules_and_pipelines():
+    holi = ts.describe("holitom-llm").make_config({})
+    assert holi.cut_layers(28) == (18,)  # HOLITOM_k=18 of Qwen2-7B's 28 layers
+    assert holi.cut_layers(4) == (3,)
+    assert holi.counts(301, None, 28) == [150]  # round(150.5): Python rounding
+    assert holi.counts(300, 0.25, 28) == [75]
+    assert ts.describe("holitom-llm").make_config({"layer": 2}).cut_layers(4) == (2,)
+    prune = ts.describe("prunevid-llm").make_config({})
+    assert prune.cut_layers(32) == (11,)  # selected_layer=10 scores, 11 sees the kept set
+    assert prune.cut_layers(4) == (1,)
+    assert prune.counts(49, None, 32) == [19] and prune.counts(49, 10, 32) == [10]
+    assert ts.describe("holitom").llm_stage == "holitom-llm"
+    assert ts.describe("prunevid").llm_stage == "prunevid-llm"
+    with pytest.raises(ValueError, match="layer"):
+        ts.describe("holitom-llm").make_config({"layer": 5}).cut_layers(4)
+    with pytest.raises(ValueError, match="alpha"):
+        ts.describe("prunevid-llm").make_config({"alpha": 1.5})
+    with pytest.raises(ValueError, match="merge"):
+        ts.describe("holitom-llm").make_config({"merge": "sum"})
+
+
+# -- by-hand references in tiny models -------------------------------------------------------
+
+Choose = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]],
+                  tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def one_cut_by_hand(model, eager, kw: dict, layer: int, cols: list[torch.Tensor],
+                    choose: Choose) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of one sample (batch 1, no padding) cut by hand before decoder ``layer``:
+    the untouched layers run by hand up to it, ``choose(h [T, D], attn [T, T], cols)``
+    (``attn``: layer-1's eager attention, head-mean) gives the kept columns (ascending)
+    and their states; the later layers run on those with the kept columns' position
+    embeddings (original positions; M-RoPE (t, h, w) for Qwen) and a causal mask; every
+    column cut keeps its state at the cut. Also the kept indices per visual run."""
+    rec = record(model, kw)
+    lm, elm = find_text_model(model), find_text_model(eager)
+    h = rec.hidden
+    t = h.shape[1]
+    ok = allowed(t, None, None)
+    for i in range(layer):
+        before = h
+        h = lm.layers[i](h, attention_mask=ok[None, None], position_embeddings=rec.pos_emb[i])
+    attn = attention(elm, layer - 1, before, rec.pos_emb[layer - 1], ok)[0].mean(0)
+    full = h.clone()
+    keep, states = choose(h[0], attn, cols)
+    h = states[None]
+    for i in range(layer, len(lm.layers)):
+        cos, sin = rec.pos_emb[i]
+        h = lm.layers[i](h, attention_mask=allowed(len(keep), None, None)[None, None],
+                         position_embeddings=(cos[:, keep], sin[:, keep]))
+    full[:, keep] = h
+    kept = [torch.searchsorted(c, keep[torch.isin(keep, c)]) for c in cols]
+    return model.lm_head(lm.norm(full)), kept
+
+
+def holitom_choose(h, attn, cols):
+    h = h.clone()
+    keep = torch.ones(h.shape[0], dtype=torch.bool)
+    for c in cols:
+        kept, states = official_holitom(h[c], attn[-1, c])
+        keep[c] = False
+        keep[c[kept]] = True
+        h[c[kept]] = states
+    idx = torch.nonzero(keep).squeeze(1)
+    return idx, h[idx]
+
+
+def prunevid_choose(h, attn, cols):
+    visual = torch.zeros(h.shape[0], dtype=torch.bool)
+    for c in cols:
+        visual[c] = True
+    keep = ~visual
+    for c in cols:
+        text = torch.nonzero(~visual).squeeze(1)
+        text = text[text > c.max()]  # the text after the run rates it
+        kept = official_prunevid(attn[text][:, c][None])  # head-mean rows (the stage's)
+        keep[c[kept]] = True
+    idx = torch.nonzero(keep).squeeze(1)
+    return idx, h[idx]
+
+
+CHOOSE = {"holitom-llm": holitom_choose, "prunevid-llm": prunevid_choose}
+
+
+def visual_runs(ids: torch.Tensor, tokens: tuple[int, ...]) -> list[torch.Tensor]:
+    cols = torch.nonzero(torch.isin(ids[0], torch.tensor(tokens))).squeeze(1)
+    runs = torch.nonzero((torch.diff(cols) > 1) | (torch.diff(ids[0, cols]) != 0)).squeeze(1)
+    return list(torch.tensor_split(cols, (runs + 1).tolist()))
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model = tiny_llava(text_layers=4)
+    return model, eager_copy(model)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    model = tiny_qwen("qwen2", text_layers=4)
+    return model, eager_copy(model)
+
+
+def _check_by_hand(model, eager, kw, cols, method, options):
+    spec = ts.describe(method).make_config(options)
+    layer = spec.cut_layers(4)[0]
+    with torch.no_grad(), tm.applied(model, method, **options):
+        out = model(**kw).logits
+        cuts = tm.get_state(model).llm.last
+    ref, ref_kept = one_cut_by_hand(model, eager, kw, layer, cols, CHOOSE[method])
+    assert [c.layer for c in cuts] == [layer]
+    assert [k.tolist() for k in cuts[0].kept] == [k.tolist() for k in ref_kept]
+    assert [len(k) for k in ref_kept] == [spec.counts(len(c), None, 4)[0] for c in cols]
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    assert not torch.allclose(out, model(**kw).logits, atol=1e-3)  # the cut changed something
+
+
+@pytest.mark.parametrize("method,options", [("holitom-llm", {}), ("holitom-llm", {"layer": 2}),
+                                            ("prunevid-llm", {}),
+                                            ("prunevid-llm", {"layer": 2})])
+@pytest.mark.parametrize("sample", [0, 1])
+def test_llava_matches_hand_reference(llava, method, options, sample):
+    model, eager = llava
+    kw = inputs([sample])
+    _check_by_hand(model, eager, kw, image_cols(kw["input_ids"]), method, options)
+
+
+@pytest.mark.parametrize("method", ["holitom-llm", "prunevid-llm"])
+@pytest.mark.parametrize("sample", [0, 1])
+def test_qwen_video_run_matches_hand_reference(qwen, method, sample):
+    """Sample 0: an image then a video (both runs cut); sample 1: a video alone."""
+    model, eager = qwen
+    kw = qwen_inputs(model, [sample])
+    cols = visual_runs(kw["input_ids"], (QIMG, VID))
+    assert len(cols) == (2 if sample == 0 else 1)
+    _check_by_hand(model, eager, kw, cols, method, {"layer": 2})
+
+
+def test_fastv_cuts_the_qwen_video_run_like_the_hand_reference(qwen):
+    model, eager = qwen
+    kw = qwen_inputs(model, [0])
+    ids = kw["input_ids"]
+    cols = visual_runs(ids, (QIMG, VID))
+    assert [int(ids[0, c[0]]) for c in cols] == [QIMG, VID]
+    with torch.no_grad(), tm.applied(model, "fastv", 0.5):
+        out = model(**kw).logits
+        cuts = tm.get_state(model).llm.last
+    counts = [[resolve_keep(0.5, c.numel()) for c in cols]]
+    ref, ref_kept = by_hand(model, eager, record(model, kw), cols, [2], counts, "previous",
+                            "keep")
+    assert [len(k) for k in cuts[0].kept] == [8, 8]  # the video's 16 tokens cut to 8
+    assert [k.tolist() for k in cuts[0].kept] == [k.tolist() for k in ref_kept[0]]
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+# -- the two-stage pipelines on a Qwen2-VL video prompt ---------------------------------------
+
+
+@pytest.mark.parametrize("method,llm", [("holitom", "holitom-llm"),
+                                        ("prunevid", "prunevid-llm")])
+def test_pipeline_on_qwen_video(qwen, method, llm):
+    model, _ = qwen
+    kw = qwen_inputs(model, [1])  # text, a video of 3 x 2 x 2 merged tokens, text
+    n_video = int((kw["input_ids"] == VID).sum())
+    with torch.no_grad(), tm.applied(model, method, 0.5):
+        out = model(**kw).logits
+        state = tm.get_state(model)
+        described = state.to_dict()
+        cuts = state.llm.last
+        gen = model.generate(**kw, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    assert described["method"] == method and described["stage"] == "pre-llm"
+    assert described["llm"]["method"] == llm and described["llm"]["stage"] == "llm"
+    assert described["llm"]["keep"] is None  # the official in-LLM budget
+    assert torch.isfinite(out).all()
+    assert gen.shape == (1, kw["input_ids"].shape[1] + 3)
+    # The video reaches the LLM with at most half its tokens (the pre-LLM step shortens
+    # the sequence: logits are those of the shortened one), and the in-LLM stage cuts that
+    # run again at its official share.
+    entering = n_video - (kw["input_ids"].shape[1] - out.shape[1])
+    assert 0 < entering <= resolve_keep(0.5, n_video)
+    (video,) = cuts[0].kept
+    expect = ts.describe(llm).make_config({}).counts(entering, None, 4)[0]
+    assert len(video) == expect < entering
+    assert not tm.is_applied(model)
