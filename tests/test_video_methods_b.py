@@ -264,7 +264,7 @@ def _fastvid_reference(x, attn, t, n, segments, tau, seed, ratio=0.1, d=0.4, p=4
         rest.append(left)
         y = frames[f, left].float()
         m = len(left)
-        dist = torch.cdist(y, y, compute_mode="donot_use_mm_for_euclid_dist")
+        dist = torch.cdist(y, y)  # torch's default mode, as the official code
         dist = dist / math.sqrt(y.shape[1])
         jitter = torch.rand(m, generator=stream(seed, f))
         dens = [math.exp(-float((dist[i].sort().values[:min(4, m)] ** 2).mean()))

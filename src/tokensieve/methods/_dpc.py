@@ -62,18 +62,21 @@ class Peaks(NamedTuple):
 
 
 def density_peaks(tokens: Tensor, knn: int, *, generator: torch.Generator | None = None,
-                  noise: float = 1e-6) -> Peaks:
+                  noise: float = 1e-6,
+                  compute_mode: str = "donot_use_mm_for_euclid_dist") -> Peaks:
     """Distances, the strict density order and the centre scores ``delta * rho`` of the
     tokens of each row (steps 1-3 of the module docstring), for methods that pick density
     peaks without DPC-kNN's nearest-centre merge (FastVID's anchor tokens).
 
     ``knn`` counts the token itself; ``generator`` and ``noise`` as in :func:`dpc_knn` (one
-    draw of ``N`` values serves every row).
+    draw of ``N`` values serves every row). ``compute_mode``: ``torch.cdist``'s; the default
+    takes exact differences (not the ``|a|^2 + |b|^2 - 2ab`` shortcut: equal tokens are at
+    0), ``"use_mm_for_euclid_dist_if_necessary"`` is torch's own default (the shortcut
+    above 25 tokens: one matrix product, far faster for wide tokens).
     """
     b, n, d = tokens.shape
     x = tokens.float()
-    # Exact differences (not the |a|^2 + |b|^2 - 2ab shortcut): equal tokens are at 0.
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)
+    dist = torch.cdist(x, x, compute_mode=compute_mode) / math.sqrt(d)
     nearest = torch.topk(dist, knn, dim=-1, largest=False).values
     density = torch.exp(-(nearest ** 2).mean(dim=-1))
     where = tokens.device if generator is None else generator.device

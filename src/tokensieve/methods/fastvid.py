@@ -102,15 +102,17 @@ def fastvid_budget(keep: int, frames: int, per_frame: int, lengths: list[int],
     return salient, anchors
 
 
-def _anchor_merge(targets: Tensor, members: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def _anchor_merge(targets: Tensor, members: Tensor, unit: Tensor, beta: float,
+                  ) -> tuple[Tensor, Tensor]:
     """DTM: every member joins its most cosine-similar target (ties: the first); a target
     becomes ``w * target + (1 - w) * mean(members)`` with ``w = max(1 / (count + 1), beta)``
-    (the target itself is normally one of its members). Returns tokens (float32) and member
-    counts."""
-    choice = (normalize(members) @ normalize(targets).T).argmax(dim=1)
+    (the target itself is normally one of its members). ``members`` are float32, ``unit``
+    their L2-normalised rows (computed once per segment: every anchor frame of the segment
+    merges the same members). Returns tokens (float32) and member counts."""
+    choice = (unit @ normalize(targets).T).argmax(dim=1)
     onehot = torch.nn.functional.one_hot(choice, targets.shape[0]).float()
     count = onehot.sum(dim=0)
-    mean = (onehot.T @ members.float()) / count.clamp(min=1).unsqueeze(-1)
+    mean = (onehot.T @ members) / count.clamp(min=1).unsqueeze(-1)
     weight = (1.0 / (count + 1)).clamp(min=beta).unsqueeze(-1)
     return weight * targets.float() + (1 - weight) * mean, count.long()
 
@@ -169,15 +171,19 @@ def fastvid(tokens: Tensor, k: int, signals: Signals, config: FastVIDConfig,
         start = 0
         for length in lengths:
             seg = range(start, start + length)
-            members = torch.cat([x[f, rest[f]] for f in seg])
+            members = torch.cat([x[f, rest[f]] for f in seg]).float()
+            unit = normalize(members)
             for f in seg:
                 if anchors[f] == 0:
                     continue
                 own = x[f, rest[f]]
+                # torch.cdist's default, as the official code calls it (one matrix product
+                # above 25 tokens)
                 peaks = density_peaks(own[None], min(DENSITY_KNN, own.shape[0]),
-                                      generator=stream(seed, f))
+                                      generator=stream(seed, f),
+                                      compute_mode="use_mm_for_euclid_dist_if_necessary")
                 pick = peak_centres(peaks, anchors[f])[0]
-                merged, count = _anchor_merge(own[pick], members, config.beta)
+                merged, count = _anchor_merge(own[pick], members, unit, config.beta)
                 out_tok.append(merged)
                 out_pos.append(rest[f][pick] + f * n)
                 out_size.append(count.clamp(min=1))
