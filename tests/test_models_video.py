@@ -307,7 +307,7 @@ def test_video_method_output_reaches_the_llm(family, method, monkeypatch):
     name, case, model = family
     calls = _recording(monkeypatch, method)
     kw = case.batch(model)
-    with tm.applied(model, method, VIDEO_KEEPS.get(method, 0.5)), torch.no_grad():
+    with tm.applied(model, method, VIDEO_KEEPS.get(method, 0.5), llm=None), torch.no_grad():
         out = model(**kw).logits
         reductions = tm.last_reductions(model)
     # the method saw the untouched model's tokens of each video, with frames and grid
