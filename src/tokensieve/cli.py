@@ -133,6 +133,10 @@ def bench_command(
     answer_tokens: Annotated[int | None, typer.Option(
         help="greedy tokens per answer (default: 1 for the embedded VLM, whose answers are "
              "single tokens; 4 otherwise)")] = None,
+    task: Annotated[str, typer.Option(
+        help="'image': scene QA on the embedded tiny VLM (or --model); 'video': clip QA on "
+             "8-frame videos with the embedded tiny video VLM (budgets: 0.5,0.25,0.125 of a "
+             "clip's 1152 tokens; methods: the video ones, signals include frames)")] = "image",
 ) -> None:
     """Accuracy, FLOPs, latency and memory of methods x budgets; JSON, CSV and a Pareto plot.
 
@@ -151,14 +155,16 @@ def bench_command(
                              keeps=_keeps(keep), signal_layers=_signal_layers(signal_layers),
                              limit=limit, device=device, dtype=dtype,
                              seed=seed, batch_size=batch_size, timing_repeats=repeats,
-                             answer_tokens=answer_tokens, out=str(out))
+                             answer_tokens=answer_tokens, out=str(out), task=task)
         with console.status("checking the settings and loading the model..."):
             prepared = prepare(config)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(console, err) from None
-    name = model or "embedded tiny VLM"
+    video = config.task == "video"
+    name = model or ("embedded tiny video VLM" if video else "embedded tiny VLM")
     console.print(f"[bold]tokensieve bench[/]: {name} ({prepared.dims.image_tokens} visual "
-                  f"tokens), {limit} samples of the scene-QA {config.split} split, "
+                  f"tokens{' per clip' if video else ''}), {limit} samples of the "
+                  f"{'clip' if video else 'scene'}-QA {config.split} split, "
                   f"{prepared.device} {config.dtype}, seed {seed}")
     console.print(f"methods: {', '.join(prepared.methods) or '(none)'}; keep: "
                   f"{', '.join(map(str, prepared.keeps))}; {len(prepared.cells)} runs "

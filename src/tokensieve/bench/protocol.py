@@ -77,6 +77,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bf16": torch.bfloat16}
 #: Option names a method may use for the layer where it acts (encoder or LLM).
 LAYER_OPTIONS = ("layer", "prune_layer", "k_layer", "start_layer")
+#: Benchmark tasks: scene QA on images (the embedded tiny LLaVA) or clip QA on 8-frame
+#: videos (the embedded tiny LLaVA-OneVision, :mod:`tokensieve.zoo.clips`).
+TASKS = ("image", "video")
+#: Default video budgets: fractions of a clip's frame tokens (8 x 144 = 1152).
+VIDEO_KEEP_FRACTIONS = (0.5, 0.25, 0.125)
+#: Default video methods at most (those whose ``describe(m).signals`` include ``frames``).
+DEFAULT_MAX_VIDEO_METHODS = 4
 
 
 @dataclass
@@ -107,6 +114,10 @@ class BenchConfig:
             timed and untimed rounds (every cell once per round, in alternation);
             ``timing_new_tokens`` tokens for the decode timing.
         out: output folder.
+        task: ``"image"`` (scene QA, the default) or ``"video"`` (clip QA on the embedded
+            tiny video VLM; budgets count a clip's 1152 frame tokens, default
+            0.5 / 0.25 / 0.125 of them; default methods: the video methods, those whose
+            signals include ``frames``).
     """
 
     model: str | None = None
@@ -125,6 +136,7 @@ class BenchConfig:
     timing_warmup: int = 1
     timing_new_tokens: int = 8
     out: str = "bench-results"
+    task: str = "image"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (tuples as lists)."""
@@ -567,15 +579,24 @@ def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any],
     return plan_for(spec.stage, keep, layer, before_projector=spec.features == "vision")
 
 
+def _is_video(samples: Sequence[Any]) -> bool:
+    return bool(samples) and hasattr(samples[0], "frames")
+
+
 def _text_tokens(processor: Any, samples: Sequence[Any]) -> int:
-    """Mean number of non-image prompt tokens of ``samples`` (for the accounting)."""
+    """Mean number of non-image (non-video) prompt tokens of ``samples`` (for the
+    accounting)."""
     from tokensieve.zoo import build_prompt
+    from tokensieve.zoo.video_api import build_video_prompt
 
     tok = processor.tokenizer
-    image_token = getattr(processor, "image_token", None) or "<image>"
+    video = _is_video(samples)
+    image_token = getattr(processor, "video_token" if video else "image_token", None) \
+        or "<image>"
+    prompt = build_video_prompt if video else build_prompt
     counts = []
     for s in samples:
-        ids = tok(build_prompt(processor, s.question))["input_ids"]
+        ids = tok(prompt(processor, s.question))["input_ids"]
         image_id = tok.convert_tokens_to_ids(image_token)
         counts.append(sum(1 for i in ids if i != image_id))
     return round(sum(counts) / max(len(counts), 1))
@@ -584,19 +605,27 @@ def _text_tokens(processor: Any, samples: Sequence[Any]) -> int:
 def _timing_inputs(model: torch.nn.Module, processor: Any, samples: Sequence[Any],
                    dtype: torch.dtype) -> dict[str, Any]:
     from tokensieve.zoo import build_prompt
+    from tokensieve.zoo.video_api import build_video_prompt
 
     tokenizer = processor.tokenizer
     old = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = processor(text=[build_prompt(processor, s.question) for s in samples],
-                        images=[s.image for s in samples], return_tensors="pt", padding=True)
+        if _is_video(samples):
+            enc = processor(text=[build_video_prompt(processor, s.question) for s in samples],
+                            videos=[s.frames for s in samples], return_tensors="pt",
+                            padding=True)
+        else:
+            enc = processor(text=[build_prompt(processor, s.question) for s in samples],
+                            images=[s.image for s in samples], return_tensors="pt",
+                            padding=True)
     finally:
         tokenizer.padding_side = old
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    if "pixel_values" in enc:
-        enc["pixel_values"] = enc["pixel_values"].to(dtype)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in enc:
+            enc[key] = enc[key].to(dtype)
     return enc
 
 
@@ -642,6 +671,79 @@ def plan_grid(methods: Sequence[str], keeps: Sequence[int], n_tokens: int,
     return cells
 
 
+def video_methods(max_methods: int = DEFAULT_MAX_VIDEO_METHODS) -> tuple[str, ...]:
+    """The default video methods: the first ``max_methods`` registered methods (registry
+    order) whose ``describe(m).signals`` include ``frames``."""
+    from tokensieve.core.registry import describe
+
+    names = [m for m in list_methods() if "frames" in describe(m).signals]
+    return tuple(names[:max_methods])
+
+
+def video_dims(model: torch.nn.Module) -> VLMDims:
+    """Accounting dimensions of the tiny video VLM for one 8-frame clip: the LLM gets the
+    clip's frame tokens (the trailing newline is not counted); the tower runs once per
+    frame (``crops``)."""
+    from dataclasses import replace
+
+    from tokensieve.zoo.clips import NUM_FRAMES, TOKENS_PER_FRAME
+
+    dims = VLMDims.from_config(model.config)
+    return replace(dims, image_tokens=NUM_FRAMES * TOKENS_PER_FRAME, crops=NUM_FRAMES,
+                   approximate=f"video: {NUM_FRAMES} frames x {TOKENS_PER_FRAME} pooled "
+                               "tokens; LLM terms exact for the frame tokens (the one newline "
+                               "token is not counted); vision tower once per frame; projector "
+                               "and pooling estimated")
+
+
+def _load_video_model(config: BenchConfig, device: torch.device, dtype: torch.dtype):
+    if config.model is not None:
+        raise ValueError(f"task='video' runs on the embedded tiny video VLM only; got "
+                         f"model={config.model!r} (drop --model)")
+    from tokensieve.zoo.video_api import load_tiny_video_vlm, video_checkpoint_available
+
+    if not video_checkpoint_available():
+        raise ValueError("the embedded tiny video VLM checkpoint is not installed (expected "
+                         "under tokensieve/zoo/checkpoints/tiny-llava-video); regenerate it "
+                         "with scripts/train_tiny_video_vlm.py")
+    return load_tiny_video_vlm(dtype=dtype, device=device)
+
+
+def _prepare_video(config: BenchConfig, device: torch.device, dtype: torch.dtype,
+                   methods: tuple[str, ...] | None, out: Path, model: Any,
+                   processor: Any) -> Prepared:
+    """The video task's part of :func:`prepare` (after the shared checks). Methods are not
+    tried on the model beforehand: one that cannot reduce the clips gives an error row."""
+    from tokensieve.zoo.clips import CLIP_SPLIT_SEEDS, CLIP_TEST_SIZE, clip_qa
+
+    if config.split not in CLIP_SPLIT_SEEDS:
+        raise ValueError(f"split={config.split!r}: expected one of {sorted(CLIP_SPLIT_SEEDS)}")
+    if config.split == "test" and config.limit > CLIP_TEST_SIZE:
+        raise ValueError(f"limit={config.limit}: the video test split has {CLIP_TEST_SIZE} "
+                         "samples")
+    if config.signal_layers is not None:
+        raise ValueError("signal_layers: not used by the video task (video methods read the "
+                         "clip's LLM tokens)")
+    name = "tokensieve tiny video VLM (embedded)"
+    if model is None:
+        model, processor = _load_video_model(config, device, dtype)
+    elif processor is None:
+        raise ValueError("a model was given without its processor")
+    else:
+        name = config.model or type(model).__name__
+    dims = video_dims(model)
+    n = dims.image_tokens
+    keeps = check_keeps(config.keeps if config.keeps is not None else VIDEO_KEEP_FRACTIONS, n)
+    if methods is None:
+        methods = video_methods()
+    elif methods == (ALL,):
+        methods = tuple(m for m in list_methods() if method_runs(m)["bench"])
+    samples = clip_qa(config.split, config.limit)
+    return Prepared(config=config, model=model, processor=processor, dims=dims,
+                    device=device, dtype=dtype, methods=methods, keeps=keeps, out=out,
+                    cells=plan_grid(methods, keeps, n), samples=samples, model_name=name)
+
+
 @dataclass
 class Prepared:
     """A validated run: the loaded model and everything needed before the long work."""
@@ -676,6 +778,21 @@ def prepare(config: BenchConfig, model: Any = None, processor: Any = None) -> Pr
                          " expected >= 1")
     from tokensieve.zoo.scenes import SPLIT_SEEDS, TEST_SIZE
 
+    if config.task not in TASKS:
+        raise ValueError(f"task={config.task!r}: expected one of {list(TASKS)}")
+    if config.task == "video":
+        methods = check_methods(config.methods) if config.methods is not None else None
+        if config.keeps is not None and not config.keeps:
+            raise ValueError("keeps=[]: expected at least one budget")
+        if config.keeps is not None:
+            check_keep_values(config.keeps)
+        if isinstance(config.timing_repeats, bool) or not isinstance(
+                config.timing_repeats, int) or config.timing_repeats < 1 \
+                or config.timing_warmup < 0:
+            raise ValueError(f"timing_repeats={config.timing_repeats!r}, timing_warmup="
+                             f"{config.timing_warmup!r}: expected repeats >= 1, warmup >= 0")
+        return _prepare_video(config, device, dtype, methods, check_output_dir(config.out),
+                              model, processor)
     if config.split not in SPLIT_SEEDS:
         raise ValueError(f"split={config.split!r}: expected one of {sorted(SPLIT_SEEDS)}")
     if config.split == "test" and config.limit > TEST_SIZE:
@@ -753,8 +870,11 @@ def run(prepared: Prepared, progress: Progress | None = None,
         try:
             row, variant = _run_cell(prepared, method, keep, samples, timing_inputs,
                                      text_tokens, answer_tokens, full_acc)
-        except (ValueError, RuntimeError) as err:
-            if method == FULL:
+        except Exception as err:  # noqa: BLE001 - a failing method becomes an error row
+            # image task: only the adapter's refusals; video task (video support in the
+            # adapters is newer): any failure of a method's cell
+            expected = isinstance(err, (ValueError, RuntimeError)) or cfg.task == "video"
+            if method == FULL or not expected:
                 raise
             rows.append(_error_row(prepared, method, keep, err))
             continue
@@ -771,7 +891,7 @@ def run(prepared: Prepared, progress: Progress | None = None,
         if r.error is None:
             r.timing = timings[f"{r.method}@{r.keep}"].to_dict()
     env = environment(prepared.device, prepared.dtype, cfg.seed, len(samples))
-    model_info = {"name": prepared.model_name,
+    model_info = {"name": prepared.model_name, "task": cfg.task,
                   "accounting": prepared.dims.approximate or "exact",
                   "class": type(model).__name__, "visual_tokens": n,
                   "dims": prepared.dims.to_dict(), "answer_tokens": answer_tokens}
@@ -798,8 +918,10 @@ def _run_cell(prepared: Prepared, method: str, keep: int, samples: Sequence[Any]
     model is patched only inside); returns the row (timing still empty) and the variant
     that times it."""
     from tokensieve.zoo import accuracy_by_family, answer
+    from tokensieve.zoo.video_api import answer_video
 
     cfg, model, processor = prepared.config, prepared.model, prepared.processor
+    respond = answer_video if _is_video(samples) else answer
     models = _adapter()
     rc = ReduceConfig(method=method, keep=keep, seed=cfg.seed)
     patched = method != FULL
@@ -816,8 +938,8 @@ def _run_cell(prepared: Prepared, method: str, keep: int, samples: Sequence[Any]
     enter()
     try:
         t0 = time.perf_counter()
-        preds = answer(model, processor, samples, batch_size=cfg.batch_size,
-                       max_new_tokens=answer_tokens)
+        preds = respond(model, processor, samples, batch_size=cfg.batch_size,
+                        max_new_tokens=answer_tokens)
         eval_s = time.perf_counter() - t0
         calls = capture_reduce_calls(model, timing_inputs) if patched else []
         state = models.get_state(model) if patched else None
