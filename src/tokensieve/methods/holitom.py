@@ -110,7 +110,9 @@ def holitom(tokens: Tensor, k: int, signals: Signals, config: HoliTomConfig,
     cluster centre, as the official grid layout places them); ``indices`` is ``None``
     (the dominant tokens are unchanged but their number depends on the clip; ``sizes`` 1).
     Left out: the official ``BETA`` merge variant and the image newline tokens (the
-    adapter keeps the model's own).
+    adapter keeps the model's own). The inner-LLM merge is the in-LLM method
+    ``holitom-llm``, which ``tokensieve.apply`` runs after this one by default
+    (``llm=None``: this stage alone).
     """
     b, n_all, _ = tokens.shape
     t, h, w = frame_grid(signals, n_all, "holitom")

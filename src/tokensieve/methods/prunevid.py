@@ -131,7 +131,9 @@ def prunevid(tokens: Tensor, k: int, signals: Signals, config: PruneVidConfig,
     Output: ``[B, keep, D]`` sorted by position (a static token sits at its centre's
     position in the segment's first frame; the official code emits a segment's static
     tokens before its dynamic ones, in cluster order); ``sizes`` count source tokens.
-    Left out: the question-guided KV pruning inside the LLM (layer 10, alpha 0.4).
+    The question-guided pruning inside the LLM (scores at layer 10 of 32, alpha 0.4) is
+    the in-LLM method ``prunevid-llm``, which ``tokensieve.apply`` runs after this one by
+    default (``llm=None``: this stage alone).
     Differences: the official code segments every sample like the batch's first and needs
     equal static counts across the batch; here every sample is independent.
     """
