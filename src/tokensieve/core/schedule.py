@@ -40,6 +40,20 @@ def check_layer(name: str, value: object, minimum: int = 0) -> None:
         raise ValueError(f"{name}={value!r}: expected an int decoder layer index >= {minimum}")
 
 
+def single_cut(layer: int | None, depth: int, fraction: float | None = None,
+               ) -> tuple[int, ...]:
+    """The cut of a one-cut schedule in a ``depth``-layer LLM: ``layer`` (``1 <= layer <
+    depth``), or, when it is ``None``, the official layer as a ``fraction`` of the depth."""
+    if layer is None:
+        if fraction is None:
+            raise ValueError("layer=None: this method needs a decoder layer index")
+        return scaled_layers((fraction,), depth)
+    if layer >= depth:
+        raise ValueError(f"layer={layer}: the LLM has {depth} decoder layers; "
+                         f"expected 1 <= layer < {depth}")
+    return (layer,)
+
+
 def check_layer_list(layers: object, minimum: int = 1, name: str = "layers") -> None:
     """Validate an optional ``layers`` option: ``None`` or a non-empty, strictly ascending
     tuple of decoder layer indices ``>= minimum``."""

@@ -14,7 +14,7 @@ from tokensieve.core.ops import normalize, select, select_mask
 from tokensieve.core.options import Count, PositiveCount, Share
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
-from tokensieve.core.schedule import LlmSchedule, ScoreSource, check_layer
+from tokensieve.core.schedule import LlmSchedule, ScoreSource, check_layer, single_cut
 from tokensieve.core.signals import Signals
 from tokensieve.methods._greedy import text_dim_check
 
@@ -68,10 +68,7 @@ class DARTConfig(LlmSchedule):
 
     def cut_layers(self, depth: int) -> tuple[int, ...]:
         check_layer("layer", self.layer, minimum=1)
-        if self.layer >= depth:
-            raise ValueError(f"layer={self.layer}: the LLM has {depth} decoder layers; "
-                             f"expected 1 <= layer < {depth}")
-        return (self.layer,)
+        return single_cut(self.layer, depth)
 
     def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
         if keep is None:

@@ -14,6 +14,7 @@ from tokensieve.core.schedule import (
     LlmSchedule,
     check_layer,
     check_positions,
+    single_cut,
     single_cut_count,
 )
 from tokensieve.core.signals import Signals
@@ -44,10 +45,7 @@ class FastVConfig(LlmSchedule):
         check_positions(self.positions)
 
     def cut_layers(self, depth: int) -> tuple[int, ...]:
-        if self.layer >= depth:
-            raise ValueError(f"layer={self.layer}: the LLM has {depth} decoder layers; "
-                             f"expected 1 <= layer < {depth}")
-        return (self.layer,)
+        return single_cut(self.layer, depth)
 
     def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
         return [single_cut_count(n, keep, self.ratio)]

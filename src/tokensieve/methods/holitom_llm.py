@@ -22,7 +22,7 @@ from tokensieve.core.schedule import (
     LlmSchedule,
     check_layer,
     check_positions,
-    scaled_layers,
+    single_cut,
     single_cut_count,
 )
 from tokensieve.core.signals import Signals
@@ -67,12 +67,7 @@ class HoliTomLlmConfig(LlmSchedule):
         check_positions(self.positions)
 
     def cut_layers(self, depth: int) -> tuple[int, ...]:
-        if self.layer is None:
-            return scaled_layers((OFFICIAL_LAYER / OFFICIAL_DEPTH,), depth)
-        if self.layer >= depth:
-            raise ValueError(f"layer={self.layer}: the LLM has {depth} decoder layers; "
-                             f"expected 1 <= layer < {depth}")
-        return (self.layer,)
+        return single_cut(self.layer, depth, OFFICIAL_LAYER / OFFICIAL_DEPTH)
 
     def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
         return [single_cut_count(n, keep, self.ratio)]

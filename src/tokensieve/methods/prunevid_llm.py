@@ -26,7 +26,7 @@ from tokensieve.core.schedule import (
     ScoreSource,
     check_layer,
     check_positions,
-    scaled_layers,
+    single_cut,
 )
 from tokensieve.core.signals import Signals
 
@@ -69,12 +69,7 @@ class PruneVidLlmConfig(LlmSchedule):
         check_positions(self.positions)
 
     def cut_layers(self, depth: int) -> tuple[int, ...]:
-        if self.layer is None:
-            return scaled_layers((OFFICIAL_LAYER / OFFICIAL_DEPTH,), depth)
-        if self.layer >= depth:
-            raise ValueError(f"layer={self.layer}: the LLM has {depth} decoder layers; "
-                             f"expected 1 <= layer < {depth}")
-        return (self.layer,)
+        return single_cut(self.layer, depth, OFFICIAL_LAYER / OFFICIAL_DEPTH)
 
     def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
         if keep is None:

@@ -24,7 +24,7 @@ from tokensieve.core.schedule import (
     ScoreSource,
     check_layer,
     check_positions,
-    scaled_layers,
+    single_cut,
 )
 from tokensieve.core.signals import Signals
 
@@ -67,12 +67,7 @@ class ToDRELlmConfig(LlmSchedule):
         check_positions(self.positions)
 
     def cut_layers(self, depth: int) -> tuple[int, ...]:
-        if self.layer is None:
-            return scaled_layers((OFFICIAL_FRACTION,), depth)
-        if self.layer >= depth:
-            raise ValueError(f"layer={self.layer}: the LLM has {depth} decoder layers; "
-                             f"expected 1 <= layer < {depth}")
-        return (self.layer,)
+        return single_cut(self.layer, depth, OFFICIAL_FRACTION)
 
     def counts(self, n: int, keep: int | float | None, depth: int) -> list[int]:
         return [n if keep is None else resolve_keep(keep, n)]
