@@ -48,8 +48,8 @@ def test_list_marks_where_methods_run():
     assert rows["pdrop"][2:] == ["yes", "yes", "yes"]
     assert rows["tome"] == ["encoder", "merge", "yes", "yes", "yes"]  # keep maps to r
     assert rows["ats"] == ["encoder", "subset", "yes", "-", "-"]  # its own options only
-    assert rows["kmedoids"] == ["encoder", "subset", "-", "-", "-"]  # no in-encoder patch
-    assert "ts.reduce only: kmedoids." in " ".join(res.output.split())
+    assert rows["kmedoids"] == ["encoder", "subset", "yes", "yes", "yes"]  # keep = clusters
+    assert "ts.reduce only: none." in " ".join(res.output.split())
 
 
 def test_bench_all_fractions_and_signal_layers_reach_the_run(tmp_path, monkeypatch):

@@ -305,7 +305,7 @@ def test_evit_official_layers_scale_with_depth():
     ("clip", "evit", {"layers": (7,)}, "not layers of this 4-layer"),
     ("siglip", "evit", {}, "needs a CLS token"),
     ("clip", "fastervlm", {"keep": 8}, "vision backbone without an LLM"),
-    ("clip", "kmedoids", {}, "in-encoder patch is not built yet"),
+    ("clip", "kmedoids", {}, "needs clusters"),
 ])
 def test_bad_options_refused(kind, method, kw, match):
     m = backbone(kind)

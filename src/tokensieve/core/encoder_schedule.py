@@ -71,6 +71,14 @@ class EncoderSchedule:
         Returns ``None`` when nothing is reduced at this size."""
         raise NotImplementedError
 
+    def run_step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
+                 param: Any, has_cls: bool, state: dict[str, Any]) -> LayerStep | None:
+        """:meth:`step` with ``state``, a dict that lives for one pass through the encoder
+        (empty at layer 0 but for ``state["input"]``, the ``[B, N, D]`` tokens entering
+        layer 0): methods that carry something across layers (FlowCut's cumulative scores,
+        GTP's graph) override this; the default ignores it."""
+        return self.step(tokens, sizes, signals, param, has_cls)
+
     def count(self, param: Any, tokens: int, has_cls: bool) -> int:
         """Tokens that :meth:`step` with ``param`` leaves of ``tokens`` (the accounting and
         the budget solver use it; it must agree with :meth:`step`). Default: unchanged."""

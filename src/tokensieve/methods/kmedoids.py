@@ -1,13 +1,29 @@
-"""CenterCLIP-style k-medoids: cluster the tokens and keep one token per cluster."""
+"""CenterCLIP-style k-medoids: cluster the tokens and keep one token per cluster.
+
+Two uses: ``kmedoids`` on a token set (``ts.reduce``) and inside a CLIP-like vision encoder
+(``ts.apply(model, "kmedoids", clusters=49)``, :class:`KMedoidsSchedule`): as CenterCLIP's
+``TokenClusterInter`` does, before the attention of one layer (block 8 of 12 in its
+MSR-VTT evaluation runs, 0-based 7) the patch tokens of each image are clustered into
+``clusters`` groups by k-medoids (KKZ start, at most 100 rounds, stop below a medoid shift
+of 1e-6, Euclidean) and replaced by the medoids in ascending index order (``aggregation``
+None); the CLS token stays first. That layer and the later ones run on ``1 + clusters``
+tokens.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from tokensieve.core.encoder_schedule import (
+    EncoderSchedule,
+    LayerStep,
+    encoder_layers,
+    register_encoder_schedule,
+)
 from tokensieve.core.ops import gather_tokens, merge_into_slots, normalize, pow2_rescale
 from tokensieve.core.options import Count, NonNegative
 from tokensieve.core.reduction import Reduction
@@ -164,3 +180,111 @@ def kmedoids(tokens: Tensor, k: int, signals: Signals, config: KMedoidsConfig,
     means, _ = merge_into_slots(tokens, assign, k)
     return Reduction(tokens=means, indices=None, positions=medoids, sizes=sizes,
                      assignment=assign)
+
+
+# -- inside the encoder ------------------------------------------------------------------------
+#: CenterCLIP clusters before block 8 (1-based) of CLIP ViT-B/32's 12 (msrvtt.sh, run 80).
+OFFICIAL_LAYER = 7
+OFFICIAL_DEPTH = 12
+
+
+def cluster_step(tokens: Tensor, sizes: Tensor | None, k: int, has_cls: bool,
+                 config: KMedoidsConfig) -> LayerStep:
+    """k-medoids of each image's patch tokens (``tokens[:, has_cls:]``) into ``k`` clusters,
+    as one encoder step: ``[CLS] + k`` medoid tokens (ascending) or cluster means; every
+    patch goes to its cluster's slot, ``sizes`` add up the prior sizes of its members."""
+    b, t, _ = tokens.shape
+    c = int(has_cls)
+    red = kmedoids(tokens[:, c:], k, Signals(), config, None)
+    dev = tokens.device
+    head = torch.zeros(b, c, dtype=torch.long, device=dev)
+    slot = torch.cat([head, red.assignment + c], dim=1)
+    medoids = red.indices if red.indices is not None else red.positions
+    kept = torch.cat([head, medoids + c], dim=1)
+    prior = torch.ones(b, t, device=dev) if sizes is None else sizes.float()
+    new_sizes = torch.zeros(b, k + c, device=dev).scatter_add_(1, slot, prior)
+    out = torch.cat([tokens[:, :c], red.tokens], dim=1)
+    return LayerStep(tokens=out, sizes=new_sizes, slot=slot, kept=kept)
+
+
+@register_encoder_schedule("kmedoids")
+@dataclass(frozen=True)
+class KMedoidsSchedule(EncoderSchedule):
+    """In-encoder options of ``kmedoids`` (CenterCLIP's ``TokenClusterInter`` with
+    ``cluster_algo='kmediods++'`` on one frame per segment).
+
+    Before the attention of layer ``layer`` (position "pre"), each image's patch tokens are
+    clustered into ``clusters`` groups (:func:`kmedoids`) and replaced by the medoids
+    (ascending token index, ``id_sort``) or the cluster means; CLS stays first. The
+    official code stops when the medoid shift averaged over its batch falls below
+    ``threshold``; here each image stops on its own shift (a batch gives each image's own
+    clusters).
+
+    Attributes:
+        clusters: patch tokens left (``cluster_num``; required: CenterCLIP's 49 per
+            3-frame segment of ViT-B/32 leaves a single frame untouched).
+        layer: 0-based layer before whose attention the tokens are clustered; ``None``: 7
+            of 12 scaled to the depth (``7 * depth // 12``).
+        iterations: at most this many rounds (``cluster_iter_limit`` 100 in the scripts).
+        threshold: stop below this medoid shift (``cluster_threshold`` 1e-6).
+        distance: "euclidean" (official) or "cosine".
+        output: "medoids" (official ``aggregation`` None) or "means" (cluster means).
+    """
+
+    clusters: int | None = None
+    layer: int | None = None
+    iterations: int = 100
+    threshold: float = 1e-6
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    output: Literal["medoids", "means"] = "medoids"
+
+    position: ClassVar[str] = "pre"
+
+    def __post_init__(self) -> None:
+        c = self.clusters
+        if c is None:
+            raise ValueError("kmedoids inside the encoder needs clusters, the patch tokens "
+                             "left (e.g. ts.apply(model, 'kmedoids', clusters=49)) or keep")
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"kmedoids: clusters={c!r}: expected an int >= 1")
+        lay = self.layer
+        if lay is not None and (isinstance(lay, bool) or not isinstance(lay, int) or lay < 0):
+            raise ValueError(f"kmedoids: layer={lay!r}: expected a 0-based layer index")
+        KMedoidsConfig(self.iterations, self.threshold, self.distance, self.output)
+
+    @property
+    def config(self) -> KMedoidsConfig:
+        """The token-set options of the clustering."""
+        return KMedoidsConfig(self.iterations, self.threshold, self.distance, self.output)
+
+    def plan_layer(self, depth: int) -> int:
+        """The layer that clusters in a ``depth``-layer encoder."""
+        layers = None if self.layer is None else (self.layer,)
+        return encoder_layers("kmedoids", layers, (OFFICIAL_LAYER,), OFFICIAL_DEPTH, depth)[0]
+
+    def plan(self, depth: int) -> dict[int, Any]:
+        return {self.plan_layer(depth): self.clusters}
+
+    def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
+             param: Any, has_cls: bool) -> LayerStep | None:
+        """Cluster the patch tokens of ``tokens`` ``[B, T, D]`` into ``param`` medoids
+        (:func:`cluster_step`); None when ``param`` is not below the patch count."""
+        if int(param) >= tokens.shape[1] - int(has_cls):
+            return None
+        return cluster_step(tokens, sizes, int(param), has_cls, self.config)
+
+    def count(self, param: Any, tokens: int, has_cls: bool) -> int:
+        return min(tokens, int(param) + int(has_cls))
+
+    @classmethod
+    def for_keep(cls, keep: int, tokens: int, has_cls: bool, depth: int, until: int,
+                 options: dict[str, Any]) -> KMedoidsSchedule:
+        """``clusters = keep`` (the clustering layer must be one whose output is used)."""
+        if "clusters" in options:
+            raise ValueError("kmedoids: keep and clusters both set; keep is the cluster count")
+        sched = cls(clusters=max(keep, 1), **options)
+        if sched.plan_layer(depth) > until:
+            raise ValueError(f"kmedoids: keep={keep}: the clustering layer "
+                             f"{sched.plan_layer(depth)} is after the last layer whose "
+                             f"output is used ({until})")
+        return sched

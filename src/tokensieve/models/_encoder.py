@@ -73,6 +73,9 @@ PROJECTIONS: dict[str, tuple[str, ...]] = {
     "cls_attn": ("q_proj", "k_proj"),
     "attn_received": ("q_proj", "k_proj"),
     "values": ("v_proj",),
+    "head_values": ("v_proj",),
+    "attn_self_heads": ("q_proj", "k_proj"),
+    "attn_received_heads": ("q_proj", "k_proj"),
 }
 
 
@@ -154,6 +157,31 @@ def attention_received_row(q: Tensor, k: Tensor, heads: int, scale: float,
     return total / w.sum(dim=1, keepdim=True)
 
 
+def attention_head_stats(q: Tensor, k: Tensor, heads: int, scale: float,
+                         bias: Tensor | None = None, valid: Tensor | None = None,
+                         chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Per head, the attention each token pays itself and the attention each key receives
+    summed over the (``valid``) queries: ``(self [B, H, T], received [B, H, T])`` float32
+    (GTP's ``diagonal(attn)`` and ``attn.sum(-2)``), from the projections ``q``, ``k``
+    ``[B, T, H*Dh]`` and an optional additive mask ``bias`` broadcastable to
+    ``[B, 1, 1, T]``. Queries in chunks."""
+    b, t, _ = k.shape
+    qh = q.float().reshape(b, t, heads, -1).transpose(1, 2)  # [B, H, T, Dh]
+    kh = k.float().reshape(b, t, heads, -1).transpose(1, 2)
+    w = torch.ones(b, t, device=k.device) if valid is None else valid.float()
+    received = torch.zeros(b, heads, t, device=k.device)
+    diag = torch.empty(b, heads, t, device=k.device)
+    for s in range(0, t, chunk):
+        logits = (qh[:, :, s:s + chunk] @ kh.transpose(-1, -2)) * scale  # [B, H, c, T]
+        if bias is not None:
+            logits = logits + bias.float()
+        probs = logits.softmax(dim=-1)
+        received += (probs * w[:, None, s:s + chunk, None]).sum(dim=2)
+        rows = torch.arange(probs.shape[2], device=k.device)
+        diag[:, :, s:s + chunk] = probs[:, :, rows, rows + s]
+    return diag, received
+
+
 @dataclass(frozen=True)
 class EncoderTrace:
     """What the stage did to the tokens of one pass, up to some layer.
@@ -187,6 +215,8 @@ class EncoderRun:
     captured: dict[str, Tensor] = field(default_factory=dict)
     #: Reconstructions still to apply (Expedit's ``step.restore``), in step order.
     restores: list[Any] = field(default_factory=list)
+    #: What a schedule carries across layers (``EncoderSchedule.run_step``).
+    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def current(self) -> EncoderTrace:
@@ -370,7 +400,8 @@ class EncoderStage:
                 raise ValueError(f"{self.spec.name}: the tokens are padded (adaptive counts) "
                                  "and this method cannot skip padding")
             signals = {**signals, "valid": valid}
-        step = self.schedule.step(x, run.current.sizes, signals, param, self.has_cls)
+        step = self.schedule.run_step(x, run.current.sizes, signals, param, self.has_cls,
+                                      run.state)
         if step is None:
             return x
         run.record(step, i)
@@ -379,7 +410,8 @@ class EncoderStage:
     def _layer_forward(self, i: int, hidden_states: Tensor, attention_mask: Any = None,
                        *args: Any, **kwargs: Any) -> Tensor:
         if i == 0:
-            self._run.set(EncoderRun(tokens_in=int(hidden_states.shape[1])))
+            self._run.set(EncoderRun(tokens_in=int(hidden_states.shape[1]),
+                                     state={"input": hidden_states}))
         run = self._run.get()
         if run is None or run.current.sizes is not None and \
                 run.current.sizes.shape[1] != hidden_states.shape[1]:
@@ -433,6 +465,13 @@ class EncoderStage:
                 captured["q_proj"], captured["k_proj"], self.heads, self.scale, bias, valid)
         if "values" in wanted:
             signals["values"] = captured["v_proj"].float()
+        if "head_values" in wanted:
+            v = captured["v_proj"].float()
+            signals["head_values"] = v.reshape(*v.shape[:2], self.heads, -1).transpose(1, 2)
+        if "attn_self_heads" in wanted or "attn_received_heads" in wanted:
+            diag, received = attention_head_stats(captured["q_proj"], captured["k_proj"],
+                                                  self.heads, self.scale, bias, valid)
+            signals["attn_self_heads"], signals["attn_received_heads"] = diag, received
         return signals
 
     def _attention_half(self, run: EncoderRun, i: int, layer: torch.nn.Module, x: Tensor,
