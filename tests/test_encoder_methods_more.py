@@ -138,3 +138,145 @@ def test_kmedoids_options_and_keep():
     ts.apply(m, "kmedoids", keep=16)
     assert run(m, pixels()).last_hidden_state.shape[1] == 17
     ts.remove(m)
+
+
+# -- GTP-ViT -----------------------------------------------------------------------------------
+def official_gtp(x, probs, graph, num_prop, alpha=0.1, scales=None):
+    """GTP's ``select`` (MixedAttnMax) and ``propagate`` (GraphProp) with a CLS token,
+    re-stated: ``x`` ``[B, N, C]``, ``probs`` ``[B, H, N, N]``, ``graph`` ``[B, N-1, N-1]``.
+    Returns (x', graph', scales') with the kept tokens in rank order, and the kept indices."""
+    b, n, c = x.shape
+    rank = torch.diagonal(probs, dim1=-2, dim2=-1)[:, :, 1:].max(1)[0] * \
+        probs[:, :, :, 1:].sum(-2).max(1)[0]
+    rank = torch.argsort(rank, dim=1, descending=True)
+    kept, prop = rank[:, :-num_prop] + 1, rank[:, -num_prop:] + 1
+
+    def rows(t, idx):
+        return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+    xk, xp = rows(x, kept), rows(x, prop)
+    w = rows(graph, kept - 1)
+    wp = w.gather(2, (prop - 1).unsqueeze(1).expand(-1, w.shape[1], -1))
+    w = w.gather(2, (kept - 1).unsqueeze(1).expand(-1, w.shape[1], -1))
+    xk = xk + alpha * wp @ xp
+    s = torch.ones(b, n) if scales is None else scales
+    sp = s[:, 1:].gather(1, prop - 1)
+    sk = s[:, 1:].gather(1, kept - 1) + alpha * (wp @ sp[..., None])[..., 0]
+    return torch.cat([x[:, :1], xk], 1), w, torch.cat([s[:, :1], sk], 1), kept
+
+
+def official_spatial(n):
+    """GTP's spatial graph of ``n`` patches, symmetrically normalised."""
+    side = int(n ** 0.5)
+    i = torch.arange(n)
+    r1, c1 = i[:, None] // side, i[:, None] % side
+    r2, c2 = i[None] // side, i[None] % side
+    g = ((r1 - r2).abs() <= 1).float() * ((c1 - c2).abs() <= 1).float() - torch.eye(n)
+    dg = torch.diag_embed(g.sum(-1) ** -0.5)
+    return dg @ g @ dg
+
+
+def test_gtp_propagation_equals_official():
+    from tokensieve.methods.gtp import build_graph, gtp_propagate, gtp_ranking
+
+    g = torch.Generator().manual_seed(4)
+    b, n, h = 2, 37, 3
+    x = torch.randn(b, n, 8, generator=g)
+    probs = (torch.randn(b, h, n, n, generator=g) * 2).softmax(-1)
+    scales = torch.rand(b, n, generator=g) + 0.5
+    graph = build_graph("spatial", x[:, 1:], None, 8)
+    torch.testing.assert_close(graph[0], official_spatial(n - 1))
+    want_x, want_g, want_s, kept = official_gtp(x, probs, graph, 7, scales=scales)
+    scores = gtp_ranking(torch.diagonal(probs, dim1=-2, dim2=-1), probs.sum(-2), "MixedAttnMax")
+    prop = gtp_propagate(x, 7, scores, graph, alpha=0.1, has_cls=True, sizes=scales)
+    order = kept.argsort(dim=1)  # official rank order -> ascending
+    assert torch.equal(prop.kept[:, 1:], kept.gather(1, order))
+    idx = torch.cat([torch.zeros(b, 1, dtype=torch.long), order + 1], 1)
+    torch.testing.assert_close(prop.tokens, want_x.gather(1, idx[..., None].expand(-1, -1, 8)))
+    torch.testing.assert_close(prop.sizes, want_s.gather(1, idx))
+    og = want_g.gather(1, order[..., None].expand(-1, -1, n - 8))
+    torch.testing.assert_close(prop.graph, og.gather(2, order[:, None].expand(-1, n - 8, -1)))
+
+
+def test_gtp_semantic_graph_equals_official():
+    from tokensieve.methods.gtp import semantic_graph
+
+    x = torch.randn(2, 30, 8, generator=torch.Generator().manual_seed(5))
+    xn = x / x.norm(dim=-1, keepdim=True)
+    cos = xn @ xn.transpose(-1, -2)
+    thr = torch.kthvalue(cos, 30 - 4, dim=-1, keepdim=True)[0]
+    want = torch.where(cos >= thr, 1.0, 0.0) - torch.eye(30)
+    assert torch.equal(semantic_graph(x, 4), want)
+
+
+def gtp_rule(m, pv, num_prop, alpha=0.1, prop_attn=False, kind="spatial"):
+    """GTP by hand: the graph from the layer-0 input, per layer MixedAttnMax from the eager
+    probabilities and :func:`gtp_propagate` between attention and MLP."""
+    from tokensieve.methods.gtp import build_graph, gtp_propagate, gtp_ranking
+
+    with torch.no_grad():
+        x0 = m.pre_layrnorm(m.embeddings(pv))
+    state = {"graph": build_graph(kind, x0[:, 1:], None, 8)}
+
+    def rule(i, where, x, probs, v, sizes):
+        r = min(num_prop[i], x.shape[1] - 2)
+        if where != "mid" or r <= 0:
+            return x, sizes
+        scores = gtp_ranking(torch.diagonal(probs, dim1=-2, dim2=-1), probs.sum(-2),
+                             "MixedAttnMax")
+        prop = gtp_propagate(x, r, scores, state["graph"], alpha=alpha, has_cls=True,
+                             sizes=sizes)
+        state["graph"] = prop.graph
+        return prop.tokens, prop.sizes
+    return rule
+
+
+@pytest.mark.parametrize(("options", "per_layer"), [
+    ({"num_prop": 6}, [6] * 4),
+    ({"num_prop": [0, 20, 30, 3], "prop_attn": True, "alpha": 0.5}, [0, 20, 30, 3]),
+    ({"num_prop": 5, "graph": "mixed"}, [5] * 4),
+])
+def test_gtp_equals_hand_run_tower(options, per_layer):
+    m = backbone("clip")
+    pv = pixels(2)
+    rule = gtp_rule(m, pv, per_layer, options.get("alpha", 0.1), options.get("prop_attn", False),
+                    options.get("graph", "spatial"))
+    ref = hand_tower(m, pv, rule, prop_attn=options.get("prop_attn", False))
+    ts.apply(m, "gtp", **options)
+    out = run(m, pv)
+    assert [h.shape for h in out.hidden_states] == [h.shape for h in ref]
+    for a, b in zip(out.hidden_states, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    trace = tm.get_state(m).encoder.last.current
+    assert trace.positions[:, 0].eq(0).all()
+    ts.remove(m)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2"])
+def test_gtp_keep_all_batch_remove(kind):
+    check_keep_all(kind, "gtp", num_prop=0)
+    m = backbone(kind)
+    pv = pixels(3)
+    run(m, pv)
+    before = hooks(m)
+    out = check_batch_equals_single(m, pv, "gtp", num_prop=5, graph="mixed")
+    assert out.shape[1] == 64 + int(kind != "siglip") - 20
+    assert_untouched(m, before)
+
+
+def test_gtp_options_and_keep():
+    from tokensieve.methods.gtp import GTPSchedule
+
+    assert GTPSchedule(num_prop=4).plan(12) == {i: 4 for i in range(12)}
+    assert GTPSchedule(num_prop=[0, 2]).plan(3) == {1: 2}
+    for bad in ({}, {"num_prop": -1}, {"num_prop": 2, "alpha": -1.0},
+                {"num_prop": 2, "selection": "CLSAttnMean"}, {"num_prop": 2, "graph": "knn"}):
+        with pytest.raises(ValueError):
+            GTPSchedule(**bad)
+    m = backbone("clip")
+    ts.apply(m, "gtp", keep=21)
+    assert run(m, pixels()).last_hidden_state.shape[1] == 22
+    ts.remove(m)
+    r = ts.reduce(torch.randn(2, 17, 8), "gtp", 9, attn_received=torch.rand(2, 17),
+                  has_cls=True)
+    assert r.tokens.shape == (2, 9, 8) and r.indices[:, 0].eq(0).all()
