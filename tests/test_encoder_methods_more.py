@@ -280,3 +280,165 @@ def test_gtp_options_and_keep():
     r = ts.reduce(torch.randn(2, 17, 8), "gtp", 9, attn_received=torch.rand(2, 17),
                   has_cls=True)
     assert r.tokens.shape == (2, 9, 8) and r.indices[:, 0].eq(0).all()
+
+
+# -- FlowCut -----------------------------------------------------------------------------------
+def official_flowcut_layer(x, probs, v_heads, cum, rpl, target):
+    """The FlowCut block of the official ``CLIPEncoderLayer_forward``, re-stated, after the
+    MLP: ``x`` ``[B, T, C]``, ``probs`` ``[B, H, T, T]``, ``v_heads`` ``[B, H, T, Dh]``,
+    ``target`` CLS included. Returns ``(x, cum)``."""
+    if x.shape[1] <= target:
+        return x, cum
+    cls_attention = probs[:, :, 0, 1:].mean(dim=1)
+    semantic = (v_heads[:, :, :1] @ v_heads.transpose(-1, -2)).softmax(-1).mean(1)[:, 0]
+    value = v_heads.mean(1)
+    score = (cls_attention / cls_attention.sum(-1, keepdim=True)
+             + semantic[:, 1:] / semantic[:, 1:].sum(-1, keepdim=True)) * \
+        torch.norm(value[:, 1:], p=1, dim=-1)
+    cum = score.clone() if cum is None else 0.5 * cum + 0.5 * score
+    if rpl % 2:
+        return x, cum
+    if rpl:
+        n = cls_attention.shape[-1]
+        prob = cls_attention / cls_attention.sum(-1, keepdim=True)
+        ratio = -(prob * prob.log()).sum(-1) / torch.log(torch.tensor(n))
+        r = (n - (target - 1)) / rpl ** 0.5 * (1 - ratio ** 2)
+        prune = int(r.max(0).values.round())
+    else:
+        prune = x.shape[1]
+    keep_n = max(x.shape[1] - prune, target)
+    idx = torch.topk(cum, keep_n - 1, dim=1).indices.sort(dim=1).values
+    top = x[:, 1:].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :1], top], 1), cum.gather(1, idx)
+
+
+def test_flowcut_layer_equals_official():
+    from tokensieve.methods.ats import padded_subset_step  # noqa: F401  (shared helper)
+    from tokensieve.methods.flowcut import FlowCutSchedule
+
+    g = torch.Generator().manual_seed(6)
+    b, h, t = 1, 4, 50
+    sched = FlowCutSchedule(target_num=9)
+    for rpl in (4, 3, 0):
+        x = torch.randn(b, t, 16, generator=g)
+        probs = (torch.randn(b, h, t, t, generator=g) * 2).softmax(-1)
+        v = torch.randn(b, h, t, 8, generator=g)
+        prev = torch.rand(b, t - 1, generator=g)
+        want, want_cum = official_flowcut_layer(x, probs, v, prev, rpl, 10)
+        state = {"flowcut_scores": prev.clone()}
+        signals = {"cls_attn": probs[:, :, 0].mean(1), "head_values": v}
+        step = sched.run_step(x, None, signals, rpl, True, state)
+        got = x if step is None else step.tokens
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(state["flowcut_scores"], want_cum)
+        assert rpl % 2 == 0 or step is None
+    assert got.shape[1] == 10
+
+
+def flowcut_rule(select: int, target: int, heads: int = 4):
+    state = {"cum": None}
+
+    def rule(i, where, x, probs, v, sizes):
+        if where != "post" or i >= select:
+            return x, sizes
+        vh = v.reshape(v.shape[0], v.shape[1], heads, -1).transpose(1, 2)
+        x, state["cum"] = official_flowcut_layer(x, probs, vh, state["cum"], select - i - 1,
+                                                 target + 1)
+        return x, sizes
+    return rule
+
+
+@pytest.mark.parametrize(("options", "select"), [({"target_num": 12}, 2),
+                                                 ({"target_num": 5, "select_layer": 3}, 3)])
+def test_flowcut_equals_hand_run_tower_per_image(options, select):
+    """Each image of a batch (own adaptive counts, padded) equals the official layers run
+    by hand on it alone; the last pruning layer leaves exactly CLS + target_num."""
+    m = backbone("clip")
+    pv = pixels(3)
+    ts.apply(m, "flowcut", **options)
+    out = run(m, pv)
+    for i in range(3):
+        ref = hand_tower(m, pv[i:i + 1], flowcut_rule(select, options["target_num"]))
+        for a, r in zip(out.hidden_states, ref, strict=True):
+            torch.testing.assert_close(a[i:i + 1, :r.shape[1]], r, atol=ATOL, rtol=0)
+            assert bool((a[i, r.shape[1]:] == 0).all())
+        assert ref[select].shape[1] == options["target_num"] + 1
+    trace = tm.get_state(m).encoder.last.current
+    assert trace.positions[:, 0].eq(0).all()
+    ts.remove(m)
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_flowcut_keep_all_batch_remove(kind):
+    check_keep_all(kind, "flowcut", target_num=64)
+    m = backbone(kind)
+    pv = pixels(3)
+    run(m, pv)
+    before = hooks(m)
+    check_batch_equals_single(m, pv, "flowcut", target_num=7)
+    assert_untouched(m, before)
+
+
+def test_flowcut_options_token_set_and_keep():
+    from tokensieve.methods.flowcut import FlowCutSchedule
+
+    assert FlowCutSchedule(target_num=64).plan(24) == {i: 21 - i for i in range(22)}
+    for bad in ({}, {"target_num": 0}, {"target_num": 4, "select_layer": 0}):
+        with pytest.raises(ValueError):
+            FlowCutSchedule(**bad)
+    with pytest.raises(ValueError, match="needs a CLS token"):
+        ts.apply(backbone("siglip"), "flowcut", target_num=8)
+    m = backbone("clip")
+    ts.apply(m, "flowcut", keep=10)
+    assert run(m, pixels()).hidden_states[2].shape[1] == 11
+    ts.remove(m)
+    g = torch.Generator().manual_seed(7)
+    x, attn, v = torch.randn(2, 30, 8, generator=g), torch.rand(2, 30, generator=g), \
+        torch.randn(2, 30, 16, generator=g)
+    r = ts.reduce(x, "flowcut", 10, cls_attn=attn, values=v, heads=2)
+    assert r.indices[:, 0].eq(0).all() and r.tokens.shape == (2, 10, 8)
+    vh = v.reshape(2, 30, 2, 8).transpose(1, 2)
+    score = ((attn[:, 1:] / attn[:, 1:].sum(-1, keepdim=True))
+             + (vh[:, :, :1] @ vh.transpose(-1, -2)).softmax(-1).mean(1)[:, 0, 1:]
+             / (vh[:, :, :1] @ vh.transpose(-1, -2)).softmax(-1).mean(1)[:, 0, 1:].sum(-1, True)
+             ) * vh.mean(1)[:, 1:].abs().sum(-1)
+    want = score.topk(9, dim=1).indices.sort(dim=1).values + 1
+    assert torch.equal(r.indices[:, 1:], want)
+
+
+def test_flowcut_padded_batch_equals_official_per_image():
+    """Two pruning layers on a batch whose images prune different adaptive counts: the
+    second layer gets the padded tokens (and the padding-masked signals the stage gives);
+    each image's real rows equal the official layers run on it alone."""
+    from tokensieve.methods.flowcut import FlowCutSchedule
+
+    g = torch.Generator().manual_seed(8)
+    b, h, t, target = 3, 4, 60, 8
+    sched = FlowCutSchedule(target_num=target - 1)
+    x = torch.randn(b, t, 16, generator=g)
+    sharp = torch.tensor([1.0, 4.0, 8.0])[:, None, None, None]
+    logits = torch.randn(b, h, t, t, generator=g) * sharp
+    v = torch.randn(b, h, t, 8, generator=g)
+    state: dict = {}
+    step = sched.run_step(x, None, {"cls_attn": logits.softmax(-1)[:, :, 0].mean(1),
+                                    "head_values": v}, 4, True, state)
+    assert step is not None and step.mask is not None
+    counts = step.mask.sum(1)
+    assert len(set(counts.tolist())) == 3, "the test wants three different counts"
+    # second layer on the padded tokens: new attention logits / values over the kept rows
+    t2 = step.tokens.shape[1]
+    logits2 = torch.randn(b, h, t2, t2, generator=g) * sharp
+    v2 = torch.randn(b, h, t2, 8, generator=g)
+    masked = logits2.masked_fill(~step.mask[:, None, None], float("-inf"))
+    signals = {"cls_attn": masked.softmax(-1)[:, :, 0].mean(1), "head_values": v2,
+               "valid": step.mask}
+    step2 = sched.run_step(step.tokens, step.sizes, signals, 0, True, state)
+    for i in range(b):
+        n = int(counts[i])
+        one, cum = official_flowcut_layer(x[i:i + 1], logits[i:i + 1].softmax(-1),
+                                          v[i:i + 1], None, 4, target)
+        torch.testing.assert_close(step.tokens[i:i + 1, :n], one)
+        lg = logits2[i:i + 1, :, :n, :n]
+        two, _ = official_flowcut_layer(one, lg.softmax(-1), v2[i:i + 1, :, :n], cum, 0,
+                                        target)
+        torch.testing.assert_close(step2.tokens[i:i + 1], two)

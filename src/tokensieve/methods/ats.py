@@ -210,6 +210,25 @@ class PaddedLayerStep(LayerStep):
     mask: Tensor | None = None
 
 
+def padded_subset_step(tokens: Tensor, sizes: Tensor | None, keep: Tensor) -> PaddedLayerStep:
+    """The encoder step keeping the tokens of ``keep`` ``[B, T]`` (bool; counts may differ per
+    image): real tokens first in original order, the batch padded to the largest count
+    (:func:`~tokensieve.core.ops.select_mask`), dropped tokens' slot -1, sizes carried."""
+    b, t, _ = tokens.shape
+    r = select_mask(tokens, keep)
+    dev = tokens.device
+    kept = r.indices  # [B, T'] (padding repeats the row's last real index)
+    width = kept.shape[1]
+    mask = r.mask
+    real_out = torch.ones(b, width, dtype=torch.bool, device=dev) if mask is None else mask
+    ranks = torch.arange(width, device=dev).expand(b, -1)
+    slot = torch.full((b, t + 1), -1, dtype=torch.long, device=dev).scatter(
+        1, torch.where(real_out, kept, t), ranks)[:, :t]
+    prior = torch.ones(b, t, device=dev) if sizes is None else sizes.float()
+    new_sizes = torch.where(real_out, prior.gather(1, kept), 0.0)
+    return PaddedLayerStep(tokens=r.tokens, sizes=new_sizes, slot=slot, kept=kept, mask=mask)
+
+
 def ats_layer_keep(cls_attn: Tensor, values: Tensor | None, valid: Tensor | None,
                    tokens: int | None, min_tokens: int) -> Tensor:
     """Which tokens one ATS block keeps, ``[B, T]`` bool (CLS always, padding never).
@@ -308,16 +327,4 @@ class ATSSchedule(EncoderSchedule):
         real = torch.ones_like(keep) if valid is None else valid
         if bool((keep == real).all()):
             return None
-        r = select_mask(tokens, keep)
-        dev = tokens.device
-        kept = r.indices  # [B, T'] (padding repeats the row's last real index)
-        width = kept.shape[1]
-        mask = r.mask
-        real_out = torch.ones(b, width, dtype=torch.bool, device=dev) if mask is None else mask
-        ranks = torch.arange(width, device=dev).expand(b, -1)
-        slot = torch.full((b, t + 1), -1, dtype=torch.long, device=dev).scatter(
-            1, torch.where(real_out, kept, t), ranks)[:, :t]
-        prior = torch.ones(b, t, device=dev) if sizes is None else sizes.float()
-        new_sizes = torch.where(real_out, prior.gather(1, kept), 0.0)
-        return PaddedLayerStep(tokens=r.tokens, sizes=new_sizes, slot=slot, kept=kept,
-                               mask=mask)
+        return padded_subset_step(tokens, sizes, keep)
