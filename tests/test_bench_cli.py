@@ -201,6 +201,13 @@ def test_viz_warns_on_a_real_photo_with_the_embedded_model(tmp_path, monkeypatch
     assert "synthetic-scene" not in res.output  # another model: no warning
 
 
+def test_viz_refuses_video_methods(no_long_work, tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 64)).save(img)
+    res = _invoke("viz", str(img), "--method", "evs", "--keep", "0.5")
+    assert res.exit_code == 2 and "reduces video clips" in res.output
+
+
 def test_viz_runs_on_random_tiny(tmp_path):
     pytest.importorskip("tokensieve.models")
     from tokensieve.zoo import scene_qa

@@ -44,7 +44,9 @@ def list_command() -> None:
         f"ones ({names('encoder', 'apply', True)}: their own options, or keep); bench: "
         "pre-LLM and in-LLM methods and the in-encoder ones whose keep maps to their options "
         f"({names('encoder', 'bench', True)}; its grid sets keep); ts.reduce only: "
-        f"{names('', 'apply', False)}. viz: the methods bench runs.", highlight=False)
+        f"{names('', 'apply', False)}. Video methods (signals include frames) reduce the "
+        "videos of OneVision / Qwen2-VL inputs and run in `bench --task video`. viz: the "
+        "methods bench runs, but the video ones.", highlight=False)
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -258,8 +260,10 @@ def viz_command(
         img = load_image(image)
         spec = get_method(method)
         if not method_runs(spec.name)["viz"]:
-            raise ValueError(f"method {spec.name!r} acts at stage {spec.stage!r}; viz draws "
-                             "pre-LLM and in-LLM reductions (`tokensieve list`, column viz)")
+            what = "reduces video clips" if "frames" in spec.signals else \
+                f"acts at stage {spec.stage!r}"
+            raise ValueError(f"method {spec.name!r} {what}; viz draws pre-LLM and in-LLM "
+                             "reductions of one image (`tokensieve list`, column viz)")
         k: int | float = int(keep) if float(keep).is_integer() and keep >= 1 else keep
         if isinstance(k, float) and not 0.0 < k < 1.0:
             raise ValueError(f"--keep {keep}: expected a count >= 1 or a fraction in (0, 1)")

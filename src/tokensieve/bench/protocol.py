@@ -286,16 +286,18 @@ def method_runs(name: str) -> dict[str, bool]:
     """Where a registered method runs: ``apply`` (tokensieve.apply patches it: pre-LLM
     methods, in-LLM ones with a layer schedule, encoder ones with an in-encoder schedule),
     ``bench`` (the protocol's grid of budgets: pre-LLM and in-LLM methods, and in-encoder
-    ones whose schedule maps ``keep`` to its options: ToMe, EViT) and ``viz`` (a pre-LLM
-    or in-encoder reduction's picture, or an in-LLM one's panel per cut)."""
+    ones whose schedule maps ``keep`` to its options: ToMe, EViT; video methods with
+    ``--task video``) and ``viz`` (a pre-LLM or in-encoder reduction's picture of one image,
+    or an in-LLM one's panel per cut; not the video methods, which need clips)."""
     spec = get_method(name)
     in_llm = spec.stage == "llm" and isinstance(spec.config, type) and issubclass(
         spec.config, LlmSchedule)
     by_keep = spec.stage == "pre-llm" or in_llm
     in_encoder = spec.stage == "encoder" and _in_encoder_patch(spec.name)
     encoder_keep = in_encoder and _encoder_keep(spec.name)
+    video = "frames" in spec.signals
     return {"apply": by_keep or in_encoder, "bench": by_keep or encoder_keep,
-            "viz": by_keep or encoder_keep}
+            "viz": (by_keep or encoder_keep) and not video}
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
