@@ -198,7 +198,9 @@ def family(request):
 
 
 # (a) keep everything ------------------------------------------------------------------------
-@pytest.mark.parametrize("method,video", [("random", "clip"), ("divprune", "frame")])
+@pytest.mark.parametrize("method,video", [("random", "clip"), ("divprune", "frame"),
+                                          ("evs", None),
+                                          ("frame-sample", None)])
 def test_keep_all_equals_untouched(family, method, video):
     name, case, model = family
     kw = case.batch(model)
