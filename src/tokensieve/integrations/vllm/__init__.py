@@ -36,6 +36,10 @@ from tokensieve.integrations.vllm.settings import (
 ARCHITECTURES = {
     ARCH_PREFIX + "LlavaForConditionalGeneration":
         "tokensieve.integrations.vllm.llava:TokensieveLlavaForConditionalGeneration",
+    ARCH_PREFIX + "Qwen2VLForConditionalGeneration":
+        "tokensieve.integrations.vllm.qwen_vl:TokensieveQwen2VLForConditionalGeneration",
+    ARCH_PREFIX + "Qwen2_5_VLForConditionalGeneration":
+        "tokensieve.integrations.vllm.qwen_vl:TokensieveQwen2_5_VLForConditionalGeneration",
 }
 
 
@@ -43,6 +47,9 @@ def register() -> None:
     """Register the plugin's architectures with vLLM (the entry point; idempotent)."""
     from vllm import ModelRegistry
 
+    from tokensieve.integrations.vllm._common import patch_cpu_runner
+
+    patch_cpu_runner()
     known = set(ModelRegistry.get_supported_archs())
     for arch, target in ARCHITECTURES.items():
         if arch not in known:

@@ -22,7 +22,12 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from tokensieve.core.api import ReduceConfig
+from tokensieve.integrations.vllm._common import (
+    BudgetedInfo,
+    check_exact,
+    gather_heads,
+    reduce_config,
+)
 from tokensieve.integrations.vllm.settings import VllmSieve, from_config
 from tokensieve.models._base import Adapter
 from tokensieve.models._signals import (
@@ -46,14 +51,9 @@ def tower_weight_name(name: str) -> str:
     return name
 
 
-class TokensieveLlavaProcessingInfo(LlavaProcessingInfo):
+class TokensieveLlavaProcessingInfo(BudgetedInfo, LlavaProcessingInfo):
     """vLLM's LLaVA processing info with each image's placeholder count cut to the budget
     (checked when vLLM builds the processor, before any request)."""
-
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        sieve = from_config(self.get_hf_config())
-        return n if sieve is None else sieve.kept(n)
 
 
 class _Sieve(Adapter):
@@ -98,9 +98,7 @@ class TokensieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _make_adapter(self, sieve: VllmSieve) -> _Sieve:
         spec = sieve.spec
-        config = ReduceConfig(method=spec.name, keep=sieve.keep, options=dict(sieve.options),
-                              seed=sieve.seed)
-        adapter = _Sieve(self, spec, config, sieve.signal_layers)
+        adapter = _Sieve(self, spec, reduce_config(sieve), sieve.signal_layers)
         adapter.check_signals()
         strategy = self.config.vision_feature_select_strategy
         if strategy not in ("default", "full"):
@@ -180,11 +178,7 @@ class TokensieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _split_qkv(attn: Any, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v ``[I, T, H*Dh]`` over all heads from a fused projection's output (the
         heads of every tensor-parallel rank gathered)."""
-        q, k, v = qkv.chunk(3, dim=-1)
-        if getattr(attn, "tp_size", 1) > 1:
-            from vllm.distributed import tensor_model_parallel_all_gather
-
-            q, k, v = (tensor_model_parallel_all_gather(t.contiguous()) for t in (q, k, v))
+        q, k, v = gather_heads(attn, qkv, interleaved=True).chunk(3, dim=-1)
         return q, k, v
 
     def _encode_reduced(self, pixel_values: Tensor) -> list[Tensor]:
@@ -212,12 +206,7 @@ class TokensieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             one = {name: v[i:i + 1] for name, v in signals.items()}
             r = adapter.run_method(tokens[i:i + 1], k_keep, {**one, "grid": grid},
                                    has_cls=start == 0)
-            if r.mask is not None or r.tokens.shape[1] != k_keep:
-                raise ValueError(
-                    f"tokensieve: method {adapter.spec.name!r} returned {r.tokens.shape[1]} "
-                    f"tokens (adaptive: {r.mask is not None}) for a budget of {k_keep}; vLLM "
-                    "fixes each image's placeholder count before encoding, so the plugin "
-                    "runs methods that keep exactly the budget")
+            check_exact(adapter.spec.name, r.tokens.shape[1], k_keep, r.mask is not None)
             feats = r.tokens[0]
             out.append(feats if adapter.spec.features == "projected" else projector(feats))
         return out

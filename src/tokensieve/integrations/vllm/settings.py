@@ -19,7 +19,9 @@ CONFIG_KEY = "tokensieve"
 #: Prefix of the architectures the plugin registers (``Tokensieve`` + vLLM's name).
 ARCH_PREFIX = "Tokensieve"
 #: Keys of the ``tokensieve`` entry.
-KEYS = ("method", "keep", "options", "seed", "signal_layers")
+KEYS = ("method", "keep", "options", "seed", "signal_layers", "llm")
+#: ``llm`` as in ``ts.apply``: a multi-stage method's own in-LLM stages (the default there).
+OFFICIAL = "official"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class VllmSieve:
         options: the method's options (as in ``ts.apply``).
         seed: seed of the methods that draw random numbers.
         signal_layers: encoder layers of the attention signals (as in ``ts.apply``).
+        llm: as in ``ts.apply``: ``"official"`` (its default) runs a multi-stage method's
+            in-LLM stages after its pre-LLM one, which the plugin cannot (they cut the
+            sequence inside vLLM's LLM), so such methods need ``llm=None``: the pre-LLM
+            stage alone, as ``ts.apply(model, method, llm=None)`` runs it.
     """
 
     method: str
@@ -39,6 +45,7 @@ class VllmSieve:
     options: dict[str, Any] = field(default_factory=dict)
     seed: int | None = 0
     signal_layers: Any = None
+    llm: str | None = OFFICIAL
 
     @property
     def spec(self) -> MethodSpec:
@@ -58,6 +65,8 @@ class VllmSieve:
                                "options": dict(self.options), "seed": self.seed}
         if self.signal_layers is not None:
             out["signal_layers"] = self.signal_layers
+        if self.llm != OFFICIAL:
+            out["llm"] = self.llm
         return out
 
 
@@ -86,7 +95,8 @@ def parse(value: Any) -> VllmSieve | None:
         raise ValueError(f"tokensieve: options must be a dict, got {options!r}")
     sieve = VllmSieve(method=value["method"], keep=value["keep"], options=dict(options),
                       seed=check_seed(value.get("seed", 0)),
-                      signal_layers=value.get("signal_layers"))
+                      signal_layers=value.get("signal_layers"),
+                      llm=value.get("llm", OFFICIAL))
     spec = sieve.spec  # unknown names raise with close matches
     if spec.stage != "pre-llm":
         raise ValueError(
@@ -98,6 +108,15 @@ def parse(value: Any) -> VllmSieve | None:
         raise ValueError(
             f"tokensieve: method {spec.name!r} is text-conditioned (it needs the prompt's "
             "text); vLLM encodes images without their prompt, so the plugin cannot run it")
+    if sieve.llm not in (None, OFFICIAL):
+        raise ValueError(f"tokensieve: llm={sieve.llm!r}: the vLLM plugin runs no in-LLM "
+                         "method (they cut the sequence inside vLLM's LLM); expected None")
+    if spec.llm_stage is not None and sieve.llm == OFFICIAL:
+        raise ValueError(
+            f"tokensieve: method {spec.name!r} runs its in-LLM stage {spec.llm_stage!r} after "
+            "its pre-LLM one by default (ts.apply(..., llm='official')), which the vLLM "
+            "plugin cannot run; set llm=None (\"llm\": null) for the pre-LLM stage alone, "
+            f"as ts.apply(model, {spec.name!r}, llm=None) runs it")
     keep = sieve.keep
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0 or \
             (isinstance(keep, float) and keep > 1):
@@ -131,7 +150,7 @@ def from_config(hf_config: Any) -> VllmSieve | None:
 def hf_overrides(method: str, keep: int | float, *,
                  architecture: str = "LlavaForConditionalGeneration",
                  seed: int | None = 0, signal_layers: Any = None,
-                 **options: Any) -> dict[str, Any]:
+                 llm: str | None = OFFICIAL, **options: Any) -> dict[str, Any]:
     """The ``hf_overrides`` that make vLLM run ``method`` through the plugin.
 
     Example::
@@ -139,9 +158,11 @@ def hf_overrides(method: str, keep: int | float, *,
         LLM(model=path, hf_overrides=hf_overrides("divprune", 64))
 
     Checks the settings now (``ValueError``); ``architecture`` is the model's own vLLM
-    architecture name.
+    architecture name (``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+    ``Qwen2_5_VLForConditionalGeneration``); the other arguments mean what they mean in
+    ``ts.apply`` (``llm=None`` for a multi-stage method: its pre-LLM stage alone).
     """
     sieve = VllmSieve(method=method, keep=keep, options=options, seed=seed,
-                      signal_layers=signal_layers)
+                      signal_layers=signal_layers, llm=llm)
     parse(sieve.to_dict())
     return {"architectures": [ARCH_PREFIX + architecture], CONFIG_KEY: sieve.to_dict()}
