@@ -149,9 +149,33 @@ def expedit_reduce(tokens: Tensor, k: int, signals: Signals, config: ExpeditConf
 
 @dataclass(frozen=True)
 class ExpeditStep(LayerStep):
-    """A clustering step plus the reconstruction to apply at the end of the tower."""
+    """A clustering step plus the reconstruction to apply at the end of the tower.
+
+    Attributes:
+        restore: ``[B, T', D] -> [B, T, D]``, the reconstruction of the step's input tokens.
+        anchors: ``[B, T']`` long, the input token whose position each output token takes
+            (towers with per-token rotary positions, Qwen2-VL): the CLS token, and for a
+            cluster the centre patch of its initial cell (:func:`cell_centres`).
+    """
 
     restore: Callable[[Tensor], Tensor] | None = None
+    anchors: Tensor | None = None
+
+
+def cell_centres(grid: tuple[int, int], clusters: tuple[int, int],
+                 device: torch.device | None = None) -> Tensor:
+    """Raster index ``[h*w]`` in the ``H x W`` grid of the centre patch of every cluster's
+    initial cell: the ``adaptive_avg_pool2d`` window rows ``floor(a H / h) ..
+    ceil((a + 1) H / h) - 1`` (columns alike), their middle (the upper / left one of the
+    two middles of an even span)."""
+    (hh, ww), (h, w) = grid, clusters
+
+    def middle(a: Tensor, full: int, n: int) -> Tensor:
+        return (a * full // n + (-((-(a + 1) * full) // n)) - 1) // 2
+
+    rows = middle(torch.arange(h, device=device), hh, h)
+    cols = middle(torch.arange(w, device=device), ww, w)
+    return (rows[:, None] * ww + cols[None, :]).reshape(-1)
 
 
 def _pair(v: Any, name: str) -> tuple[int, int]:
@@ -233,19 +257,28 @@ class ExpeditSchedule(EncoderSchedule):
     def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
              param: Any, has_cls: bool) -> ExpeditStep | None:
         """Cluster the patch tokens of a layer's output ``[B, c + H*W, D]`` (the CLS token,
-        if any, set aside) into ``param = (h, w)`` tokens; the step's ``restore`` rebuilds
-        ``c + H*W`` tokens from ``c + h*w`` ones."""
+        if any, set aside; raster order) into ``param = (h, w)`` tokens; the step's
+        ``restore`` rebuilds ``c + H*W`` tokens from ``c + h*w`` ones. The grid is
+        ``signals["grid"]`` ``(H, W)`` when given (non-square images, Qwen2-VL), else
+        square."""
         b, t, _ = tokens.shape
         c = int(has_cls)
         n = t - c
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"expedit: {n} patch tokens are not a square grid")
+        given = signals.get("grid")
+        if given is not None:
+            grid = (int(given[0]), int(given[1]))
+            if grid[0] * grid[1] != n:
+                raise ValueError(f"expedit: {n} patch tokens are not a {grid[0]}x{grid[1]} grid")
+        else:
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"expedit: {n} patch tokens are not a square grid")
+            grid = (side, side)
         h, w = param
         if h * w >= n:
             return None
         patches = tokens[:, c:]
-        centres, labels = token_clustering(patches, (side, side), (h, w), self.iters,
+        centres, labels = token_clustering(patches, grid, (h, w), self.iters,
                                            self.temperature, self.window)
         dev = tokens.device
         slot = torch.cat([torch.zeros(b, c, dtype=torch.long, device=dev), labels + c], 1)
@@ -262,4 +295,7 @@ class ExpeditSchedule(EncoderSchedule):
             return torch.cat([x[:, :c], out], dim=1)
 
         out = torch.cat([tokens[:, :c], centres.to(tokens.dtype)], dim=1)
-        return ExpeditStep(tokens=out, sizes=new_sizes, slot=slot, kept=kept, restore=restore)
+        anchors = torch.cat([torch.zeros(c, dtype=torch.long, device=dev),
+                             cell_centres(grid, (h, w), dev) + c]).expand(b, -1)
+        return ExpeditStep(tokens=out, sizes=new_sizes, slot=slot, kept=kept, restore=restore,
+                           anchors=anchors)

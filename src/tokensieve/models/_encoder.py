@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,14 +57,39 @@ REFUSED: dict[str, str] = {
                   "tokens per row) after the tower",
     "llava-onevision": "anyres packing and the bilinear pooling of its features need every "
                        "image's whole patch grid",
-    "qwen2-vl": "the 2x2 patch merger needs the whole patch grid (merge units of 4 patches)",
+    "qwen2-vl": "the 2x2 patch merger needs the whole patch grid (merge units of 4 patches), "
+                "and its blocks run on one packed sequence with per-token rotary positions",
     "gemma3": "the 4x4 average pooling of the SigLIP grid into 256 soft tokens needs the "
               "whole patch grid",
     "idefics3": "the pixel shuffle (space-to-depth) of each crop needs the whole patch grid",
 }
-#: Families of :data:`REFUSED` whose towers (CLIP / SigLIP layers, no padding mask) run a
-#: method that rebuilds the whole grid at the end (``expedit``): the LLM gets the usual grid.
-REBUILT = ("llava-next", "llava-onevision", "gemma3")
+#: Families of :data:`REFUSED` whose towers run a method that rebuilds the whole grid at the
+#: end (``expedit``): the LLM gets the usual grid. CLIP / SigLIP layers without a padding
+#: mask (Idefics3: crops with padded patches are refused when called), and Qwen2-VL /
+#: 2.5-VL's packed tower (:class:`PackedTower`).
+REBUILT = ("llava-next", "llava-onevision", "gemma3", "idefics3", "qwen2-vl")
+
+
+@dataclass(frozen=True)
+class PackedTower:
+    """A tower whose layers run on one packed sequence ``[S, D]`` of all its images (Qwen2-VL,
+    Qwen2.5-VL): every layer gets the attention segments as ``cu_seqlens`` and rotary
+    ``position_embeddings`` ``(cos, sin)`` ``[S, Dh]`` per token as keyword arguments.
+
+    Attributes:
+        tower: the module whose call runs the layers; its ``grid_thw`` (keyword or second
+            positional argument) gives the images' patch grids.
+        layout: ``grid_thw`` -> per attention segment (one per image frame), in sequence
+            order: ``(order [h*w] long, h, w)``, the sequence index of every patch of the
+            segment in raster order, and its patch grid. The segments cover the sequence.
+        windowed: layers that attend within windows (Qwen2.5-VL's blocks outside
+            ``fullatt_block_indexes``) rather than within the segments: no reduced token set
+            may enter one (the windows are laid out on the whole grid).
+    """
+
+    tower: torch.nn.Module
+    layout: Callable[[Tensor], list[tuple[Tensor, int, int]]]
+    windowed: frozenset[int] = frozenset()
 
 
 #: The q / k / v projections each in-encoder signal is computed from.
@@ -77,6 +102,22 @@ PROJECTIONS: dict[str, tuple[str, ...]] = {
     "attn_self_heads": ("q_proj", "k_proj"),
     "attn_received_heads": ("q_proj", "k_proj"),
 }
+
+
+#: Why a padding mask stops the stage (Idefics3's crops with padded patches).
+PADDED = ("the tokensieve in-encoder stage cannot reduce tokens under a padding mask (e.g. "
+          "Idefics3 / SmolVLM crops with padded patches, pixel_attention_mask): padded patches "
+          "would be merged or clustered with real ones; run the crops unpadded")
+
+
+def masks_padding(mask: Any) -> bool:
+    """Whether an encoder attention mask hides any key: a bool mask with a False, or an
+    additive float mask with a non-zero entry (None: no)."""
+    if not isinstance(mask, Tensor):
+        return False
+    if mask.dtype == torch.bool:
+        return not bool(mask.all())
+    return bool((mask != 0).any())
 
 
 @dataclass(frozen=True)
@@ -258,11 +299,15 @@ class EncoderStage:
             reductions would be wasted); ``None``: every layer of the schedule.
         feeds_llm: the tower's output goes to an LLM (the VLM's call is cut to the reduced
             count by the pre-LLM surgery); False for a plain backbone.
+        packed: the tower runs its layers on one packed sequence (:class:`PackedTower`,
+            Qwen2-VL); only a schedule that reduces after a layer's output and rebuilds the
+            grid (``expedit``) runs there, per attention segment, with the layers' own
+            forward.
     """
 
     def __init__(self, layers: Sequence[torch.nn.Module], spec: MethodSpec,
                  schedule: EncoderSchedule, has_cls: bool, until: int | None = None,
-                 feeds_llm: bool = False) -> None:
+                 feeds_llm: bool = False, packed: PackedTower | None = None) -> None:
         if len(layers) == 0:
             raise ValueError("the in-encoder stage needs an encoder with layers")
         if schedule.needs_cls and not has_cls:
@@ -273,11 +318,10 @@ class EncoderStage:
         self.schedule = schedule
         self.has_cls = has_cls
         self.feeds_llm = feeds_llm
-        self.anatomy = find_anatomy(layers[0])
+        self.packed = packed
         depth = len(layers)
         plan = schedule.plan(depth)
         self.plan = {i: p for i, p in plan.items() if until is None or i <= until}
-        self.heads, self.scale = attention_geometry(getattr(layers[0], self.anatomy.attn))
         self._saved: dict[int, tuple[bool, Any]] = {}
         self._handles: list[Any] = []
         self._run: contextvars.ContextVar[EncoderRun | None] = contextvars.ContextVar(
@@ -291,7 +335,40 @@ class EncoderStage:
         self._projections = sorted({n for s in schedule.signals for n in PROJECTIONS[s]})
         # Where a reconstructing schedule (Expedit) rebuilds the full token set.
         self._restore_at = len(layers) - 1 if until is None else until
+        if packed is not None:
+            self.anatomy: Anatomy | None = None
+            self._restore_at = self._packed_restore_at(packed, self._restore_at)
+            return
+        self.anatomy = find_anatomy(layers[0])
+        self.heads, self.scale = attention_geometry(getattr(layers[0], self.anatomy.attn))
         self._verify()
+
+    def _packed_restore_at(self, packed: PackedTower, last: int) -> int:
+        """Where the grid is rebuilt in a packed tower: after the last layer before the first
+        windowed layer that follows the reducing one (or ``last``). ValueError for a schedule
+        that does not rebuild the grid after its layer's output, or when a windowed layer
+        directly follows the reducing one."""
+        name = self.spec.name
+        if not getattr(self.schedule, "restores", False) or self.position != "post" or \
+                self.schedule.signals:
+            raise ValueError(f"method {name!r}: this tower runs its layers on one packed "
+                             "sequence (cu_seqlens, per-token rotary positions); only a method "
+                             "that reduces after a layer's output and rebuilds the whole grid "
+                             "(expedit) runs in it")
+        if len(self.plan) > 1:
+            raise ValueError(f"method {name!r}: one reducing layer in a packed tower")
+        for i in self.plan:
+            ends = [j - 1 for j in sorted(packed.windowed) if j > i]
+            restore_at = min([last, *ends])
+            if restore_at <= i:
+                full = sorted(j - 1 for j in range(1, last + 1) if j not in packed.windowed)
+                raise ValueError(
+                    f"method {name!r}: layer={i}: layer {i + 1} of this tower attends within "
+                    "windows of the whole patch grid, which a reduced token set does not have; "
+                    "reduce after a layer that a full-attention layer follows (layer in "
+                    f"{full}): the grid is rebuilt before the next windowed layer")
+            return restore_at
+        return last
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -316,10 +393,15 @@ class EncoderStage:
 
     # -- install / remove ---------------------------------------------------------------------
     def install(self) -> None:
+        forward = self._layer_forward if self.packed is None else self._packed_forward
         for i, layer in enumerate(self.layers):
             self._saved[i] = ("forward" in layer.__dict__, layer.__dict__.get("forward"))
-            object.__setattr__(layer, "forward", functools.partial(self._layer_forward, i))
-        for i in self.plan:
+            object.__setattr__(layer, "forward", functools.partial(forward, i))
+        if self.packed is not None:
+            self._handles.append(self.packed.tower.register_forward_pre_hook(
+                self._packed_start, with_kwargs=True))
+        for i in self.plan if self._projections else ():
+            assert self.anatomy is not None
             attn = getattr(self.layers[i], self.anatomy.attn)
             for name in self._projections:
                 hook = functools.partial(self._capture, i, name)
@@ -338,6 +420,7 @@ class EncoderStage:
         for restore in reversed(run.restores):
             out = restore(out)
         run.restores.clear()
+        run.state.pop("packed_kwargs", None)  # the later layers get the tower's own kwargs
         run.traces.append(EncoderTrace(run.tokens_in, self._restore_at))
         return out
 
@@ -372,9 +455,8 @@ class EncoderStage:
         trace = run.current
         if trace.sizes is None:
             return mask
-        if mask is not None:
-            raise ValueError("the tokensieve in-encoder stage takes no attention_mask for the "
-                             "encoder once tokens are reduced (padding masks are not merged)")
+        if masks_padding(mask):
+            raise ValueError(PADDED)
         bias = trace.sizes.float().log() if self.schedule.proportional else None
         if trace.mask is not None:
             pad = torch.zeros(trace.mask.shape, device=trace.mask.device).masked_fill(
@@ -418,6 +500,8 @@ class EncoderStage:
             # A layer run on its own (outside a pass from layer 0): untouched.
             return self._original(i)(hidden_states, attention_mask, *args, **kwargs)
         param = self.plan.get(i)
+        if param is not None and masks_padding(attention_mask):
+            raise ValueError(PADDED)
         if param is not None and self.position == "pre":
             hidden_states = self._pre_step(run, i, hidden_states, attention_mask, param)
         mask = self._mask(run, attention_mask, hidden_states)
@@ -447,6 +531,100 @@ class EncoderStage:
         h = getattr(layer, self.anatomy.norm1)(x)
         captured = {name: getattr(attn, name)(h).detach() for name in self._projections}
         return self._step(run, i, x, self._signals(captured, mask, run.current.mask), param)
+
+    # -- packed towers (Qwen2-VL) ------------------------------------------------------------
+    def _packed_start(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
+                      ) -> None:
+        """Before the packed tower runs: its segments (from ``grid_thw``) for layer 0."""
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        assert self.packed is not None
+        segments = None if grid is None else self.packed.layout(grid)
+        self._run.set(EncoderRun(tokens_in=0, state={"segments": segments}))
+
+    def _packed_forward(self, i: int, hidden_states: Tensor, *args: Any, **kwargs: Any,
+                        ) -> Tensor:
+        """Layer ``i`` of a packed tower: its own forward, on the reduced sequence with the
+        reduced segments and rotary positions once a layer has reduced, then the step."""
+        run = self._run.get()
+        if i == 0 and run is not None and run.tokens_in == 0:
+            run = EncoderRun(tokens_in=int(hidden_states.shape[0]),
+                             state={"segments": run.state["segments"]})
+            self._run.set(run)
+        elif i == 0:
+            run = None  # the layers run outside the tower's call: untouched
+            self._run.set(None)
+        if run is None or run.state.get("segments") is None or run.current.sizes is not None \
+                and run.current.sizes.shape[1] != hidden_states.shape[0]:
+            return self._original(i)(hidden_states, *args, **kwargs)
+        kwargs = {**kwargs, **run.state.get("packed_kwargs", {})}
+        out = self._original(i)(hidden_states, *args, **kwargs)
+        param = self.plan.get(i)
+        if param is None:
+            return out
+        return self._packed_step(run, i, out, kwargs, param)
+
+    def _packed_step(self, run: EncoderRun, i: int, x: Tensor, kwargs: dict[str, Any],
+                     param: Any) -> Tensor:
+        """The schedule's step on each attention segment of the packed output ``x``
+        ``[S, D]`` of layer ``i`` (its patches in raster order, ``signals["grid"]`` its
+        grid; a segment the step leaves whole keeps its tokens). The reduced segments are
+        packed again; the later layers get their ``cu_seqlens`` and the rotary positions of
+        the tokens the step's ``anchors`` name (``kept`` without): recorded as one
+        ``[1, S]`` step, with the reconstruction of the whole packed sequence."""
+        s, d = x.shape
+        dev = x.device
+        slot = torch.empty(s, dtype=torch.long, device=dev)
+        pieces, sizes, kept, anchors = [], [], [], []
+        parts: list[tuple[Tensor, int, int, Any]] = []
+        start = 0
+        for order, h, w in run.state["segments"]:
+            order = order.to(dev)
+            seg = x[order].unsqueeze(0)  # [1, h*w, D], raster order
+            step = self.schedule.run_step(seg, None, {"grid": (h, w)},  # type: ignore[dict-item]
+                                          param, False, run.state)
+            if step is None:
+                n = h * w
+                pieces.append(seg[0])
+                slot[order] = torch.arange(n, device=dev) + start
+                sizes.append(torch.ones(n, device=dev))
+                kept.append(order)
+                anchors.append(order)
+                parts.append((order, start, n, None))
+            else:
+                n = step.tokens.shape[1]
+                pieces.append(step.tokens[0])
+                slot[order] = step.slot[0] + start
+                sizes.append(step.sizes[0].float())
+                kept.append(order[step.kept[0]])
+                anchor = getattr(step, "anchors", None)
+                anchors.append(order[(step.kept if anchor is None else anchor)[0]])
+                parts.append((order, start, n, step.restore))
+            start += n
+        if all(p[3] is None for p in parts):
+            return x
+        tokens = torch.cat(pieces)
+        cu = kwargs["cu_seqlens"]
+        lengths = torch.tensor([p[2] for p in parts], device=cu.device)
+        new_cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(cu.dtype)
+        where = torch.cat(anchors)
+        cos, sin = kwargs["position_embeddings"]
+        packed: dict[str, Any] = {"cu_seqlens": new_cu, "position_embeddings": (cos[where],
+                                                                                sin[where])}
+        if kwargs.get("max_seqlen") is not None:
+            packed["max_seqlen"] = int(lengths.max())
+        run.state["packed_kwargs"] = packed
+
+        def restore(y: Tensor) -> Tensor:
+            out = y.new_empty(s, d)
+            for order, at, n, rebuild in parts:
+                piece = y[at:at + n]
+                out[order] = piece if rebuild is None else rebuild(piece.unsqueeze(0))[0]
+            return out
+
+        run.record(LayerStep(tokens=tokens.unsqueeze(0), sizes=torch.cat(sizes).unsqueeze(0),
+                             slot=slot.unsqueeze(0), kept=torch.cat(kept).unsqueeze(0)), i)
+        run.restores.append(restore)
+        return tokens
 
     def _signals(self, captured: dict[str, Tensor], mask: Any, valid: Tensor | None,
                  ) -> dict[str, Tensor]:
@@ -606,11 +784,13 @@ def apply_encoder(model: torch.nn.Module, adapter_cls: type, method: str,
     # The adapter holds no token-set options (the schedule has the in-encoder ones).
     adapter = adapter_cls(model, spec, ReduceConfig(method=spec.name, keep=None, seed=seed))
     layers, has_cls, until = adapter.encoder_tower()
+    packed = adapter.packed_tower() if hasattr(adapter, "packed_tower") else None
     if keep is not None:
         schedule = schedule_for_keep(model, spec.name, keep, layers, has_cls, until, options)
     # A schedule that rebuilds the grid leaves the tower's output shape: no call is patched.
     feeds_llm = family != "vision" and not rebuilds
-    stage = EncoderStage(layers, spec, schedule, has_cls, until=until, feeds_llm=feeds_llm)
+    stage = EncoderStage(layers, spec, schedule, has_cls, until=until, feeds_llm=feeds_llm,
+                         packed=packed)
     llm_stage = None
     if llm is not None and llm != OFFICIAL:
         if not feeds_llm:

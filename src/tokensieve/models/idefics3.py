@@ -49,6 +49,14 @@ class Idefics3Adapter(GroupedTowerAdapter):
     def _layers(self) -> Any:
         return self.inner.vision_model.encoder.layers
 
+    def encoder_tower(self) -> tuple[Any, bool, int]:
+        """``(layers, has_cls, until)`` for the in-encoder stage: the SigLIP-style layers of
+        the per-crop tower, no CLS, the last layer (its output is pixel-shuffled). Only
+        methods that rebuild the whole grid (``expedit``) run here; crops with padded patches
+        are refused when called (their padding mask)."""
+        layers = self._layers()
+        return layers, False, len(layers) - 1
+
     def _real_images(self, args: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """(pixel values ``[I, 3, H, W]`` of the real images, patch mask ``[I, h, w]``,
         indices of the real images among the ``B * max_images`` slots)."""

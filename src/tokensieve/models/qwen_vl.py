@@ -80,6 +80,49 @@ class QwenVLAdapter(Adapter):
         if self.wants("attn_received"):
             self.layer_plan(len(self.inner.visual.blocks), self.signal_block)
 
+    # -- the tower, for in-encoder methods -------------------------------------------------
+    def encoder_tower(self) -> tuple[Any, bool, int]:
+        """``(layers, has_cls, until)`` for the in-encoder stage: the vision blocks, no CLS,
+        the last block (its output is merged). Only methods that rebuild the whole grid
+        (``expedit``) run here, on the packed sequence (:meth:`packed_tower`)."""
+        blocks = self.inner.visual.blocks
+        return blocks, False, len(blocks) - 1
+
+    def packed_tower(self) -> Any:
+        """The tower's packed layout for the in-encoder stage: one attention segment per
+        image frame, its patches' sequence indices in raster order (block-major merge units,
+        and Qwen2.5-VL's window order), and the window-attention blocks."""
+        from tokensieve.models._encoder import PackedTower
+
+        visual = self.inner.visual
+        full = getattr(visual, "fullatt_block_indexes", None)
+        windowed = frozenset() if full is None else frozenset(
+            i for i in range(len(visual.blocks)) if i not in full)
+        return PackedTower(tower=visual, layout=self._packed_layout, windowed=windowed)
+
+    def _packed_layout(self, thw: Tensor) -> list[tuple[Tensor, int, int]]:
+        """Per frame of the images / videos of grids ``thw``, in the tower's sequence order:
+        ``(order, h, w)``, the sequence index of each of its patches in raster order."""
+        from transformers.vision_utils import get_vision_position_ids
+
+        unit = self.merge * self.merge
+        pos = get_vision_position_ids(thw, self.merge)  # [S, 2] (row, col), block-major
+        reverse = self._window_reverse(thw)
+        if reverse is not None:  # the sequence is in window order (Qwen2.5-VL)
+            pos = pos.reshape(-1, unit, 2)[torch.argsort(reverse)].reshape(-1, 2)
+        out, start = [], 0
+        for t, h, w in thw.tolist():
+            for _ in range(int(t)):
+                rows = pos[start:start + h * w]
+                order = torch.argsort(rows[:, 0] * w + rows[:, 1]) + start
+                if not torch.equal((rows[:, 0] * w + rows[:, 1]).sort().values,
+                                   torch.arange(h * w, device=rows.device)):
+                    raise ValueError("qwen2-vl: the tower's sequence does not keep each frame's "
+                                     "patches together; its layout is not supported")
+                out.append((order, int(h), int(w)))
+                start += h * w
+        return out
+
     # -- encoding -------------------------------------------------------------------------
     def _window_reverse(self, thw: Tensor) -> Tensor | None:
         """Permutation from the tower's window order back to raster order (merged-group
