@@ -177,6 +177,28 @@ def test_qwen_equals_hand_written_tower(qwen, clusters):
     assert run.current.sizes is None  # the grid was rebuilt
 
 
+def test_qwen_generate_equals_hand_written_tower():
+    model = tiny_qwen("qwen2.5")
+    kw = qwen_inputs(model, [0, 1])
+    gen = checks.gen_kwargs(4)
+    with torch.no_grad(), tm.applied(model, "expedit", clusters=(3, 3), layer=0):
+        out = model.generate(**kw, **gen)
+    visual = model.model.visual
+
+    def hook(module, args, kwargs, result):
+        pooled = hand_visual(module, args[0], kwargs["grid_thw"], 0, (3, 3))
+        return BaseModelOutputWithPooling(last_hidden_state=result.last_hidden_state,
+                                          pooler_output=pooled)
+
+    handle = visual.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ref = model.generate(**kw, **gen)
+    finally:
+        handle.remove()
+    assert torch.equal(out, ref)
+
+
 def test_qwen_batch_equals_single_images(qwen):
     case = checks.Family(inputs=qwen_inputs, reference=None,  # type: ignore[arg-type]
                          options={"expedit": {"clusters": (3, 3), "layer": 0}})
