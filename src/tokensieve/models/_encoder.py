@@ -34,6 +34,12 @@ config or attention implementation of the model:
   original token represents each output token) is kept per thread (:attr:`last`).
 - The layers' outputs are the reduced tensors, so ``output_hidden_states`` shows what
   each layer produced (``hidden_states[i + 1]``: the output of layer ``i``).
+- Packed towers (:class:`PackedTower`, Qwen2-VL / 2.5-VL: all images in one ``[S, D]``
+  sequence, segments in ``cu_seqlens``, rotary positions per token) run only a schedule
+  that reduces after a layer's output and rebuilds the grid (``expedit``): each segment
+  (image frame) is reduced on its own in raster order, the later layers get the reduced
+  segments' ``cu_seqlens`` and the rotary positions of the step's ``anchors``, and no
+  reduced set enters a window-attention layer (the grid is rebuilt before it).
 """
 
 from __future__ import annotations
