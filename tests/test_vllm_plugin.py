@@ -135,6 +135,8 @@ def test_answers_equal_transformers(served: tuple[str, list[str], list[int]],
     ({"method": "divprune", "keep": 1.5}, "keep=1.5"),
     ({"method": "divprune", "keep": 64, "options": {"nope": 1}}, "unknown option"),
     ({"method": "divprune", "keep": 64, "extra": 1}, "unknown setting"),
+    ({"method": "visiondrop", "keep": 64}, "llm=None"),  # its in-LLM stage: not in vLLM
+    ({"method": "divprune", "keep": 64, "llm": "fastv"}, "llm='fastv'"),
 ])
 def test_bad_settings_refused_up_front(setting: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

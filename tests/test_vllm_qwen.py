@@ -240,3 +240,24 @@ def test_bad_settings_fail_at_start(checkpoints: dict[str, Path], setting: dict[
                  "tokensieve": setting}
     with pytest.raises(Exception, match=message):
         make_llm(checkpoints["qwen2"], overrides)
+
+
+def test_image_below_budget_fails_its_request_only(checkpoints: dict[str, Path]) -> None:
+    """Qwen images differ in size: one with fewer tokens than an int budget is refused with
+    a clear error, and the engine goes on serving the others."""
+    from PIL import Image
+    from vllm import SamplingParams
+
+    llm = make_llm(checkpoints["qwen2"], hf_overrides("divprune", 16,
+                                                      architecture=ARCH["qwen2"]))
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        small = Image.new("RGB", (16, 16), (200, 30, 30))  # 2 x 2 merged tokens
+        with pytest.raises(ValueError, match="keep=16"):
+            llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": small}}, params,
+                         use_tqdm=False)
+        out = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": scene_images()[0]}},
+                           params, use_tqdm=False)
+        assert len(out[0].prompt_token_ids) == TEXT_TOKENS + 16
+    finally:
+        close(llm)

@@ -72,6 +72,7 @@ def media_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> Tensor:
 
 
 def _enabled() -> bool:
+    """``MultiModalConfig.is_multimodal_pruning_enabled`` of a reducing Qwen model."""
     return True
 
 
@@ -104,6 +105,8 @@ class _Tower:
 
 
 class _Inner:
+    """``QwenVLAdapter.inner``: the model as the adapter reads it (its ``visual``)."""
+
     def __init__(self, visual: Any, heads: int) -> None:
         self.visual = _Tower(visual, heads)
 
