@@ -380,8 +380,8 @@ def test_errors(model):
         tm.apply(model, "hired", 8)
     with pytest.raises(ValueError, match="unknown option"):
         tm.apply(model, "fastervlm", 8, nope=1)
-    with pytest.raises(ValueError, match="stage 'encoder'; its in-encoder patch"):
-        tm.apply(model, "kmedoids", 8)
+    with pytest.raises(ValueError, match="the llava adapter takes no video inputs"):
+        tm.apply(model, "evs", 8)  # a video method on a family without videos
     assert not tm.is_applied(model)
     tm.apply(model, "random", 8)
     try:
