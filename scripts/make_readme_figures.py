@@ -2,6 +2,9 @@
 
     tokensieve bench --out bench-results
     python scripts/make_readme_figures.py bench-results [--docs docs/bench] [--readme README.md]
+    tokensieve bench --task video --limit 400 --out bench-video
+    python scripts/make_readme_figures.py bench-video --docs docs/bench/video --readme README.md \
+        --marker video-table --no-analytic
 
 Writes ``<docs>/results.md`` (overall and per-family tables), ``<docs>/llava15-cost.md``
 (the analytic cost of LLaVA-1.5-7B under the same budgets), ``<docs>/pareto.png`` and a
@@ -40,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="a results.json or the folder holding it")
     parser.add_argument("--docs", default="docs/bench", help="where to write the figures")
     parser.add_argument("--readme", default=None, help="README to update between markers")
+    parser.add_argument("--marker", default="bench-table",
+                        help="the README block to replace: <!-- MARKER:start/end --> "
+                             "(video-table for `bench --task video`)")
+    parser.add_argument("--no-analytic", action="store_true",
+                        help="skip the LLaVA-1.5-7B analytic cost table (video results)")
     args = parser.parse_args(argv)
     try:
         data = load_results(args.results)
@@ -51,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         (docs / "results.md").write_text(
             "## Accuracy and cost\n\n" + table + "\n## Accuracy per question family\n\n"
             + family_table(data))
-        write_analytic(docs)
+        if not args.no_analytic:
+            write_analytic(docs)
         (docs / "results.json").write_text(json.dumps(data, indent=2) + "\n")
         if args.readme:
             readme = Path(args.readme)
             block = f"{table}\n![accuracy vs cost]({png.as_posix()})\n"
-            readme.write_text(replace_between_markers(readme.read_text(), block))
+            readme.write_text(replace_between_markers(readme.read_text(), block, args.marker))
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

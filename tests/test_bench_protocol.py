@@ -290,6 +290,13 @@ def test_markdown_table_and_readme_script(result, tmp_path):
     assert make_readme_figures.main([str(tmp_path / "nothing")]) == 2
     with pytest.raises(ValueError, match="markers"):
         replace_between_markers("no markers", "x")
+    # a second, named block (the video benchmark's) is replaced on its own
+    both = "a\n<!-- bench-table:start -->\ni\n<!-- bench-table:end -->\n" \
+           "<!-- video-table:start -->\nv\n<!-- video-table:end -->\n"
+    out_text = replace_between_markers(both, "new", "video-table")
+    assert "\ni\n" in out_text and "\nv\n" not in out_text and "new" in out_text
+    with pytest.raises(ValueError, match="video-table"):
+        replace_between_markers("a", "x", "video-table")
 
 
 def test_run_uses_prepared_cells(tiny, samples, tmp_path, monkeypatch):

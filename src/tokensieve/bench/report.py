@@ -111,10 +111,12 @@ def family_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_between_markers(text: str, block: str) -> str:
-    """Replace what lies between ``START`` and ``END`` in ``text`` with ``block``."""
-    if START not in text or END not in text or text.index(START) > text.index(END):
-        raise ValueError(f"expected the markers {START!r} and {END!r} (in that order)")
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    return f"{before}{START}\n{block.rstrip()}\n{END}{after}"
+def replace_between_markers(text: str, block: str, name: str = "bench-table") -> str:
+    """Replace what lies between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->`` in
+    ``text`` with ``block`` (default: ``START`` and ``END``, the image benchmark's table)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text or text.index(start) > text.index(end):
+        raise ValueError(f"expected the markers {start!r} and {end!r} (in that order)")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{block.rstrip()}\n{end}{after}"
