@@ -54,7 +54,6 @@ def build_prompt(processor, question: str) -> str:
     return PROMPT.format(question=question)
 
 
-@torch.no_grad()
 def answer(model, processor, samples: Sequence[Sample], batch_size: int = 16,
            max_new_tokens: int = 3) -> list[str]:
     """Greedy answers (stripped strings) to ``samples``, batched with left padding.
@@ -62,6 +61,19 @@ def answer(model, processor, samples: Sequence[Sample], batch_size: int = 16,
     Uses ``model.generate``, so it works for any Hugging Face VLM whose
     processor takes ``text=`` and ``images=`` (patched by tokensieve or not).
     """
+    return generate_answers(model, processor, [build_prompt(processor, s.question)
+                                               for s in samples],
+                            {"images": [s.image for s in samples]}, "pixel_values",
+                            batch_size, max_new_tokens)
+
+
+@torch.no_grad()
+def generate_answers(model, processor, prompts: Sequence[str], media: dict[str, Sequence],
+                     pixel_key: str, batch_size: int = 16, max_new_tokens: int = 3,
+                     ) -> list[str]:
+    """Greedy answers to ``prompts`` with their ``media`` (the processor's keyword, e.g.
+    ``images`` or ``videos``, to one item per prompt), batched with left padding; the
+    processor's ``pixel_key`` output is cast to the model's dtype."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
@@ -72,13 +84,13 @@ def answer(model, processor, samples: Sequence[Sample], batch_size: int = 16,
     dtype = next(model.parameters()).dtype
     out: list[str] = []
     try:
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
-            enc = processor(text=[build_prompt(processor, s.question) for s in chunk],
-                            images=[s.image for s in chunk], return_tensors="pt", padding=True)
+        for i in range(0, len(prompts), batch_size):
+            chunk = {k: list(v[i:i + batch_size]) for k, v in media.items()}
+            enc = processor(text=list(prompts[i:i + batch_size]), **chunk, return_tensors="pt",
+                            padding=True)
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            if "pixel_values" in enc:
-                enc["pixel_values"] = enc["pixel_values"].to(dtype)
+            if pixel_key in enc:
+                enc[pixel_key] = enc[pixel_key].to(dtype)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             new = gen[:, enc["input_ids"].shape[1]:]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .api import accuracy_by_family, is_correct
+from .api import accuracy_by_family, generate_answers, is_correct
 from .clips import VideoSample
 from .video_build import VIDEO_PROMPT, TinyVideoProcessor
 
@@ -47,7 +47,6 @@ def build_video_prompt(processor, question: str) -> str:
     return make(question) if callable(make) else VIDEO_PROMPT.format(question=question)
 
 
-@torch.no_grad()
 def answer_video(model, processor, samples: Sequence[VideoSample], batch_size: int = 8,
                  max_new_tokens: int = 3) -> list[str]:
     """Greedy answers (stripped strings) to clip ``samples``, batched with left padding.
@@ -55,31 +54,10 @@ def answer_video(model, processor, samples: Sequence[VideoSample], batch_size: i
     Uses ``model.generate`` on ``processor(text=..., videos=...)``, so a model
     patched by tokensieve answers through it too.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tokenizer = processor.tokenizer
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    dtype = next(model.parameters()).dtype
-    out: list[str] = []
-    try:
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
-            enc = processor(text=[build_video_prompt(processor, s.question) for s in chunk],
-                            videos=[s.frames for s in chunk], return_tensors="pt",
-                            padding=True)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            if "pixel_values_videos" in enc:
-                enc["pixel_values_videos"] = enc["pixel_values_videos"].to(dtype)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-    return out
+    return generate_answers(model, processor, [build_video_prompt(processor, s.question)
+                                               for s in samples],
+                            {"videos": [s.frames for s in samples]}, "pixel_values_videos",
+                            batch_size, max_new_tokens)
 
 
 __all__ = [
