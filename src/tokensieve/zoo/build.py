@@ -62,9 +62,11 @@ class TinyConfig:
         return asdict(self)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the scene vocabulary; '?' is split off, '<image>' is special."""
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + vocabulary())}
+def word_level(words: list[str]) -> Tokenizer:
+    """A word-level ``tokenizers.Tokenizer`` whose ids are the positions in ``words`` (which
+    hold ``<unk>`` and ``<s>``): '?' is split off, words split on whitespace, ``<s>``
+    prepended."""
+    vocab = {tok: i for i, tok in enumerate(words)}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r"\?"), "isolated"), pre_tokenizers.WhitespaceSplit()]
@@ -72,6 +74,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
+    return tok
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the scene vocabulary; '?' is split off, '<image>' is special."""
+    tok = word_level(list(SPECIAL_TOKENS) + vocabulary())
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",

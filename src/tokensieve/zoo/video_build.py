@@ -20,15 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, pre_tokenizers, processors
-from tokenizers.models import WordLevel
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     PreTrainedTokenizerFast,
 )
 
-from .build import SPECIAL_TOKENS, pixel_values
+from .build import SPECIAL_TOKENS, pixel_values, word_level
 from .clips import NUM_FRAMES, VIDEO_TOKENS, clip_vocabulary
 from .scenes import vocabulary
 
@@ -42,14 +40,7 @@ def build_video_tokenizer() -> PreTrainedTokenizerFast:
     ``<video>`` (appended, so the image model's embedding rows keep their ids)."""
     base = list(SPECIAL_TOKENS) + vocabulary()
     extra = [w for w in clip_vocabulary() if w not in base] + [VIDEO_TOKEN]
-    vocab = {tok: i for i, tok in enumerate(base + extra)}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r"\?"), "isolated"), pre_tokenizers.WhitespaceSplit()]
-    )
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
+    tok = word_level(base + extra)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
