@@ -103,29 +103,38 @@ class QuestionBank:
 
 
 class PromptCodec:
-    """Splits the tokenized prompt into a constant prefix and a per-question suffix."""
+    """Splits the tokenized prompt into a constant prefix and a per-question suffix.
 
-    def __init__(self, tokenizer) -> None:
+    ``placeholder`` / ``template``: the visual placeholder token and the prompt format (the
+    image model's by default); ``strict``: refuse questions with unknown words.
+    """
+
+    def __init__(self, tokenizer, placeholder: str = "<image>", template: str = PROMPT,
+                 strict: bool = False) -> None:
         self.tokenizer = tokenizer
-        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.image_id = tokenizer.convert_tokens_to_ids(placeholder)
+        self.template = template
+        self.strict = strict
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
         self.prefix = self.split("?")[0]
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def split(self, question: str) -> tuple[list[int], list[int]]:
-        """(ids before the image tokens, ids after them) for ``question``."""
-        ids = self.tokenizer(PROMPT.format(question=question)).input_ids
+        """(ids before the placeholder tokens, ids after them) for ``question``."""
+        ids = self.tokenizer(self.template.format(question=question)).input_ids
         first = ids.index(self.image_id)
         last = len(ids) - 1 - ids[::-1].index(self.image_id)
         return ids[:first], ids[last + 1:]
 
     def suffix(self, question: str) -> tuple[int, ...]:
-        """Token ids after the image tokens (cached)."""
+        """Token ids after the placeholder tokens (cached)."""
         if question not in self._cache:
             pre, post = self.split(question)
             if pre != self.prefix:
                 raise ValueError(f"prompt prefix changed for {question!r}")
+            if self.strict and self.tokenizer.unk_token_id in post:
+                raise ValueError(f"unknown word in {question!r}")
             self._cache[question] = tuple(post)
         return self._cache[question]
 

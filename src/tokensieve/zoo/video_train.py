@@ -39,7 +39,7 @@ from .clips import (
     all_questions,
     make_clip,
 )
-from .lm_training import AttentionCapture, lm_answer_logits, lr_at
+from .lm_training import AttentionCapture, PromptCodec, lm_answer_logits, lr_at
 from .video_build import VIDEO_PROMPT, VIDEO_TOKEN
 
 Log = Callable[[str], None]
@@ -71,40 +71,13 @@ class VideoTrainConfig:
         return asdict(self)
 
 
-class VideoCodec:
-    """Splits the tokenized video prompt into a constant prefix and a per-question suffix."""
+class VideoCodec(PromptCodec):
+    """Splits the tokenized video prompt (one ``<video>`` placeholder) into a constant prefix
+    and a per-question suffix; questions with unknown words are refused."""
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id
-        self.prefix = self.split("?")[0]
-        self._cache: dict[str, tuple[int, ...]] = {}
-
-    def split(self, question: str) -> tuple[list[int], list[int]]:
-        """(ids before the video placeholder, ids after it) for ``question``."""
-        ids = self.tokenizer(VIDEO_PROMPT.format(question=question)).input_ids
-        at = ids.index(self.video_id)
-        return ids[:at], ids[at + 1:]
-
-    def suffix(self, question: str) -> tuple[int, ...]:
-        """Token ids after the video tokens (cached)."""
-        if question not in self._cache:
-            pre, post = self.split(question)
-            if pre != self.prefix:
-                raise ValueError(f"prompt prefix changed for {question!r}")
-            if self.tokenizer.unk_token_id in post:
-                raise ValueError(f"unknown word in {question!r}")
-            self._cache[question] = tuple(post)
-        return self._cache[question]
-
-    def answer_id(self, answer: str) -> int:
-        """The single token id of ``answer``."""
-        ids = self.tokenizer(answer, add_special_tokens=False).input_ids
-        if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
-            raise ValueError(f"answer {answer!r} is not a single known token")
-        return ids[0]
+        super().__init__(tokenizer, VIDEO_TOKEN, VIDEO_PROMPT, strict=True)
+        self.video_id = self.image_id
 
 
 def attention_target(clip: Clip, q: ClipQuestion, masks: np.ndarray) -> np.ndarray:
