@@ -2,7 +2,7 @@
 
     tokensieve bench --out bench-results
     python scripts/make_readme_figures.py bench-results [--docs docs/bench] [--readme README.md]
-    tokensieve bench --task video --limit 400 --out bench-video
+    tokensieve bench --task video --limit 80 --out bench-video
     python scripts/make_readme_figures.py bench-video --docs docs/bench/video --readme README.md \
         --marker video-table --no-analytic
 
