@@ -36,6 +36,7 @@ from tokensieve.models._surgery import (
 )
 from tokensieve.models._video import (
     Clip,
+    first_columns,
     is_video_method,
     merge_items,
     reduce_clips,
@@ -452,16 +453,12 @@ class Adapter:
             images = whole(self.image_features(args))
         else:
             images = self.encode(args, image_mask)
-        if images.positions is None and self.needs_positions:
-            raise ValueError(f"the {self.family} adapter gave no image positions")
         clips = self.encode_clips(args)
         counts = [c.count for c in clips]
         text = None
         if self.wants("text"):
             text = self.text_signal(args, video_mask, counts, exclude=image_mask)
         videos = reduce_clips(self, clips, self.video or "clip", text)
-        if images.positions is None and videos.positions is not None:
-            videos.positions = None
         return merge_items(image_mask, images, video_mask, videos)
 
     def continue_positions(self, pos: Tensor, plan: SurgeryPlan) -> Tensor:
@@ -511,10 +508,7 @@ class Adapter:
 
 def image_sample(placeholder: Tensor, counts: list[int]) -> Tensor:
     """``[I]`` the batch row holding each image's placeholder run."""
-    rows = torch.nonzero(placeholder, as_tuple=True)[0]
-    starts = torch.tensor(counts, device=rows.device).cumsum(0) - torch.tensor(
-        counts, device=rows.device)
-    return rows[starts]
+    return first_columns(placeholder, counts) // placeholder.shape[1]
 
 
 def _slice_reduction(r: Reduction, i: int) -> Reduction:

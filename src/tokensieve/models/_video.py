@@ -209,14 +209,11 @@ def whole(features: list[Tensor]) -> Encoded:
                    positions=[torch.arange(f.shape[0], device=f.device) for f in features])
 
 
-def first_columns(mask: Tensor, counts: list[int]) -> list[int]:
-    """Flat index (over ``[B, T]``) of the first placeholder of each item's run."""
-    if not counts:
-        return []
+def first_columns(mask: Tensor, counts: list[int]) -> Tensor:
+    """``[I]`` flat index (over ``[B, T]``) of the first placeholder of each item's run."""
     cols = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
-    starts = torch.tensor(counts, device=cols.device).cumsum(0) - torch.tensor(
-        counts, device=cols.device)
-    return [int(c) for c in cols[starts].tolist()]
+    sizes = torch.tensor(counts, dtype=torch.long, device=cols.device)
+    return cols[sizes.cumsum(0) - sizes]
 
 
 def merge_items(image_mask: Tensor, images: Encoded, video_mask: Tensor, videos: Encoded,
@@ -231,7 +228,8 @@ def merge_items(image_mask: Tensor, images: Encoded, video_mask: Tensor, videos:
             f"the prompts hold {int(image_mask.sum())} image and {int(video_mask.sum())} video "
             f"placeholder tokens, but the images give {sum(images.counts)} and the videos "
             f"{sum(videos.counts)} tokens; expected them to match")
-    starts = first_columns(image_mask, images.counts) + first_columns(video_mask, videos.counts)
+    starts = (first_columns(image_mask, images.counts).tolist()
+              + first_columns(video_mask, videos.counts).tolist())
     kinds_all = ["image"] * len(images.counts) + ["video"] * len(videos.counts)
     order = sorted(range(len(starts)), key=starts.__getitem__)
 

@@ -80,28 +80,23 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         b, t = videos.shape[:2]
         hidden, tower = self.run_tower(args, videos.flatten(0, 1))  # [B*T, (1 +) n, Dv]
         start = self._patch_start(args)
-        feats = self.inner.apply_pooling(self.inner.multi_modal_projector(hidden[:, start:]))
-        side = self.grid[0]
-        pooled = (-(-side // 2), -(-side // 2))
-
-        def pool(x: Tensor) -> Tensor:
-            """``[B*T, n, C]`` patch signal -> ``[B*T, n', C]`` as the tokens are pooled."""
-            grid = x.float().reshape(x.shape[0], side, side, -1).permute(0, 3, 1, 2)
-            out = torch.nn.functional.interpolate(grid, size=pooled, mode="bilinear")
-            return out.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[-1])
+        pool = self.inner.apply_pooling  # [B*T, n, C] -> [B*T, n', C], tokens and signals
+        feats = pool(self.inner.multi_modal_projector(hidden[:, start:]))
+        side = -(-self.grid[0] // 2)
+        pooled = (side, side)
 
         signals: dict[str, Tensor] = {}
         for name, value in tower.items():
             value = value[..., start:] if name in ("cls_attn", "attn_received") else \
                 value[:, start:]
             if name in ("keys", "values"):
-                per = pool(value)  # [B*T, n', C]
+                per = pool(value.float().contiguous())  # [B*T, n', C]
                 signals[name] = per.reshape(b, -1, per.shape[-1])
             elif value.dim() == 2:  # [B*T, n]
-                per = pool(value.unsqueeze(-1))[..., 0]
+                per = pool(value.float().unsqueeze(-1).contiguous())[..., 0]
                 signals[name] = per.reshape(b, -1)
             else:  # [B*T, L, n]
-                per = pool(value.transpose(1, 2)).transpose(1, 2)  # [B*T, L, n']
+                per = pool(value.float().transpose(1, 2).contiguous()).transpose(1, 2)
                 layers = per.shape[1]
                 signals[name] = per.reshape(b, t, layers, -1).transpose(1, 2).reshape(
                     b, layers, -1)
