@@ -946,17 +946,21 @@ def _run_cell(prepared: Prepared, method: str, keep: int, samples: Sequence[Any]
         calls = capture_reduce_calls(model, timing_inputs) if patched else []
         state = models.get_state(model) if patched else None
         tower = None
+        llm_keep = keep
         if state is not None:
             rc = state.config
             if getattr(state, "encoder", None) is not None:
-                tower = state.encoder.layer_tokens(prepared.dims.vision_tokens)
+                # adaptive methods (ATS, FlowCut) counted at what images really kept
+                tower = state.encoder.layer_tokens(prepared.dims.vision_tokens, measured=True)
+                if state.encoder.measured_tokens():
+                    llm_keep = min(keep, tower[-1][1] - int(state.encoder.has_cls))
     finally:
         leave()
     acc = accuracy_by_family(samples, preds)
     ref = acc if method == FULL else full_acc
     retention = {f: (a / ref[f] if ref.get(f) else float("nan")) for f, a in acc.items()}
     n = prepared.dims.image_tokens
-    plan = _plan(method, keep, n, dict(rc.options), prepared.dims.llm.layers, tower)
+    plan = _plan(method, llm_keep, n, dict(rc.options), prepared.dims.llm.layers, tower)
     cost: Cost = account(prepared.dims, plan, text_tokens=text_tokens,
                          bytes_per_element=torch.finfo(prepared.dtype).bits // 8)
     row = Row(

@@ -13,6 +13,7 @@ pure function over tensors that reuses the method's token-set functions); the mo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -96,6 +97,44 @@ class EncoderSchedule:
                          f"({', '.join(f.name for f in dataclasses.fields(cls))}), not by keep")
 
 
+def spread_merges(name: str, tokens: int, keep: int, has_cls: bool, layers: Sequence[int],
+                  most: Callable[[int], int]) -> dict[int, int]:
+    """Per reducing layer the tokens it merges so that ``keep`` patch tokens are left of
+    ``tokens`` (CLS included) entering the first of ``layers`` (ascending).
+
+    The ``tokens - has_cls - keep`` merges are spread evenly (each layer the ceiling of the
+    mean still to do, the larger shares first; a constant ``r`` where it divides), each
+    capped by ``most(t)``, the largest merge the method allows at ``t`` tokens (ToMe: half
+    the patches); where the later layers' caps could not absorb their share, earlier layers
+    merge more. ValueError naming ``keep`` when the caps cannot reach it.
+    """
+    c = int(has_cls)
+    todo = tokens - c - keep
+    layers = list(layers)
+
+    def fewest(t: int, n: int) -> int:  # patch tokens left when n layers merge all they can
+        for _ in range(n):
+            t -= most(t)
+        return t - c
+
+    out: dict[int, int] = {}
+    t = tokens
+    for j, layer in enumerate(layers):
+        left = len(layers) - j
+        cap = min(most(t), todo)
+        r = min(-(-todo // left), cap)
+        while r < cap and fewest(t - r, left - 1) > keep:
+            r += 1  # the later layers' caps cannot absorb the rest: merge more now
+        out[layer] = r
+        t -= r
+        todo -= r
+    if todo > 0:
+        raise ValueError(f"{name}: keep={keep} is out of reach: {len(layers)} reducing "
+                         f"layer(s), each merging at most what the method allows, leave "
+                         f"{fewest(tokens, len(layers))} of {tokens - c} patch tokens")
+    return out
+
+
 def encoder_layers(name: str, layers: tuple[int, ...] | None, official: tuple[int, ...],
                    official_depth: int, depth: int) -> tuple[int, ...]:
     """The layers a method reduces at in a ``depth``-layer encoder: its ``layers`` option, or
@@ -111,18 +150,21 @@ def encoder_layers(name: str, layers: tuple[int, ...] | None, official: tuple[in
 
 
 def layer_tokens(schedule: EncoderSchedule, plan: dict[int, Any], depth: int, tokens: int,
-                 has_cls: bool) -> list[tuple[int, int]]:
+                 has_cls: bool, counts: dict[int, int] | None = None) -> list[tuple[int, int]]:
     """Per encoder layer, ``(attention tokens, MLP tokens)``: what each half of the layer
     runs on when ``tokens`` enter layer 0 and the layers of ``plan`` reduce to
     :meth:`EncoderSchedule.count` tokens, where the schedule's ``position`` puts the step
     (``"mid"``, the default: between the attention and the MLP; ``"post"``: after the MLP;
-    ``"pre"``: before the layer)."""
+    ``"pre"``: before the layer). ``counts``: layer -> tokens left there, replacing
+    :meth:`EncoderSchedule.count` (an adaptive method's measured counts)."""
     position = getattr(schedule, "position", "mid")
     out = []
     t = tokens
     for i in range(depth):
         before = t
-        if i in plan:
+        if counts is not None and i in counts:
+            t = counts[i]
+        elif i in plan:
             t = schedule.count(plan[i], t, has_cls)
         out.append({"pre": (t, t), "post": (before, before)}.get(position, (before, t)))
     return out

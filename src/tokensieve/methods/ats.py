@@ -314,6 +314,24 @@ class ATSSchedule(EncoderSchedule):
         layers = encoder_layers("ats", self.layers, OFFICIAL_LAYERS, OFFICIAL_DEPTH, depth)
         return {v: self.tokens for v in layers}
 
+    def count(self, param: Any, tokens: int, has_cls: bool) -> int:
+        """The most tokens the layer keeps (its ``num_tokens`` cap); images keep fewer when
+        their sampled targets collide (the stage records what they kept)."""
+        return tokens if param is None else min(max(int(param), self.min_tokens), tokens)
+
+    @classmethod
+    def for_keep(cls, keep: int, tokens: int, has_cls: bool, depth: int, until: int,
+                 options: dict[str, Any]) -> ATSSchedule:
+        """``num_tokens = keep`` (+ CLS) in every ATS layer: ``keep`` caps the patch tokens
+        each image keeps (as for every adaptive method); the count adapts below it."""
+        if "tokens" in options:
+            raise ValueError("ats: keep and tokens both set; keep sets tokens (keep + CLS)")
+        floor = options.get("min_tokens", 8)
+        if keep + int(has_cls) < floor and keep < tokens - int(has_cls):
+            raise ValueError(f"ats: keep={keep} is below ATS's floor of min_tokens={floor} "
+                             "tokens (CLS included); pass min_tokens to lower it")
+        return cls(tokens=keep + int(has_cls), **options)
+
     def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
              param: Any, has_cls: bool) -> LayerStep | None:
         """One ATS layer on ``tokens`` ``[B, T, D]`` (token 0: CLS; ``signals``:

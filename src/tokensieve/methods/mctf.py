@@ -37,6 +37,7 @@ from tokensieve.core.encoder_schedule import (
     LayerStep,
     encoder_layers,
     register_encoder_schedule,
+    spread_merges,
 )
 from tokensieve.core.ops import normalize
 from tokensieve.core.reduction import Reduction
@@ -265,7 +266,7 @@ class MCTFSchedule(EncoderSchedule):
         one_step_ahead: 2 (default) or 0, see above.
     """
 
-    r: int | float = 16
+    r: int | float | list[int] = 16
     layers: tuple[int, ...] | None = None
     tau_sim: float = 1.0
     tau_info: float = 20.0
@@ -278,10 +279,14 @@ class MCTFSchedule(EncoderSchedule):
     signals: ClassVar[tuple[str, ...]] = ("attn_received",)
 
     def __post_init__(self) -> None:
+        def count(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
         r = self.r
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (
-                (isinstance(r, int) and r >= 0) or (isinstance(r, float) and 0 <= r < 1)):
-            raise ValueError(f"mctf: r={r!r}: expected an int >= 0 or a float in [0, 1)")
+        if not (count(r) or (isinstance(r, float) and 0 <= r < 1)
+                or (isinstance(r, list) and all(count(v) for v in r))):
+            raise ValueError(f"mctf: r={r!r}: expected an int >= 0, a float in [0, 1) or a "
+                             "list of ints >= 0 (one per merging layer)")
         if self.layers is not None:
             ok = isinstance(self.layers, (tuple, list)) and all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.layers)
@@ -309,7 +314,28 @@ class MCTFSchedule(EncoderSchedule):
 
     def plan(self, depth: int) -> dict[int, Any]:
         layers = encoder_layers("mctf", self.layers, OFFICIAL_LAYERS, OFFICIAL_DEPTH, depth)
+        if isinstance(self.r, list):
+            if len(self.r) != len(layers):
+                raise ValueError(f"mctf: r={self.r!r} gives {len(self.r)} counts for the "
+                                 f"{len(layers)} merging layers {layers}")
+            return {v: r for v, r in zip(layers, self.r, strict=True) if r > 0}
         return {} if self.r == 0 else {v: self.r for v in layers}
+
+    @classmethod
+    def for_keep(cls, keep: int, tokens: int, has_cls: bool, depth: int, until: int,
+                 options: dict[str, Any]) -> MCTFSchedule:
+        """``r`` per merging layer (its ``layers``, official 1..11 of 12 scaled) leaving ``keep``
+        patch tokens, spread as ``tome`` spreads it
+        (:func:`~tokensieve.core.encoder_schedule.spread_merges`) under MCTF's caps (half
+        the patches, at least 10 tokens left); layers after ``until`` merge nothing."""
+        if "r" in options:
+            raise ValueError("mctf: keep and r both set; keep solves r (a per-layer list)")
+        c = int(has_cls)
+        layers = encoder_layers("mctf", options.get("layers"), OFFICIAL_LAYERS,
+                                OFFICIAL_DEPTH, depth)
+        rs = spread_merges("mctf", tokens, keep, has_cls, [v for v in layers if v <= until],
+                           lambda t: max(min(t - 10, (t - c) // 2), 0))
+        return cls(r=[rs.get(v, 0) for v in layers], **options)
 
     @staticmethod
     def layer_r(param: int | float, t: int, has_cls: bool) -> int:

@@ -13,7 +13,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from tokensieve.core.encoder_schedule import EncoderSchedule, LayerStep, register_encoder_schedule
+from tokensieve.core.encoder_schedule import (
+    EncoderSchedule,
+    LayerStep,
+    register_encoder_schedule,
+    spread_merges,
+)
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.signals import Signals
@@ -202,26 +207,6 @@ class ToMeSchedule(EncoderSchedule):
         if "r" in options:
             raise ValueError("tome: keep and r both set; keep solves r (a per-layer list)")
         c = int(has_cls)
-        todo = tokens - c - keep
-        layers = list(range(min(until, depth - 1) + 1))
-        rs = [0] * len(layers)
-
-        def fewest(t: int, n: int) -> int:  # patch tokens left when n layers merge all they can
-            for _ in range(n):
-                t -= (t - c) // 2
-            return t - c
-
-        t = tokens
-        for j in layers:
-            left = len(layers) - j
-            r = min(-(-todo // left), (t - c) // 2, todo)
-            while r < min((t - c) // 2, todo) and fewest(t - r, left - 1) > keep:
-                r += 1  # the later layers' caps cannot absorb the rest: merge more now
-            rs[j] = r
-            t -= r
-            todo -= r
-        if todo > 0:
-            raise ValueError(f"tome: keep={keep} is out of reach: {len(layers)} reducing layers "
-                             f"merging at most half their tokens each leave "
-                             f"{fewest(tokens, len(layers))} of {tokens - c} patch tokens")
-        return cls(r=rs, **options)
+        layers = range(min(until, depth - 1) + 1)
+        rs = spread_merges("tome", tokens, keep, has_cls, layers, lambda t: (t - c) // 2)
+        return cls(r=[rs[i] for i in layers], **options)

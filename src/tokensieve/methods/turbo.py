@@ -28,7 +28,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from tokensieve.core.encoder_schedule import EncoderSchedule, LayerStep, register_encoder_schedule
+from tokensieve.core.encoder_schedule import (
+    EncoderSchedule,
+    LayerStep,
+    register_encoder_schedule,
+    spread_merges,
+)
 from tokensieve.core.options import NonNegative
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
@@ -192,6 +197,21 @@ class TurboSchedule(EncoderSchedule):
         if tokens < self.min_tokens:
             return tokens
         return tokens - min(int(param), (tokens - int(has_cls)) // 2)
+
+    @classmethod
+    def for_keep(cls, keep: int, tokens: int, has_cls: bool, depth: int, until: int,
+                 options: dict[str, Any]) -> TurboSchedule:
+        """``r`` per layer leaving ``keep`` patch tokens, spread as ``tome`` spreads it
+        (:func:`~tokensieve.core.encoder_schedule.spread_merges`), a layer with fewer than
+        ``min_tokens`` tokens merging nothing."""
+        if "r" in options:
+            raise ValueError("turbo: keep and r both set; keep solves r (a per-layer list)")
+        c = int(has_cls)
+        floor = options.get("min_tokens", R_THRESHOLD)
+        layers = range(min(until, depth - 1) + 1)
+        rs = spread_merges("turbo", tokens, keep, has_cls, layers,
+                           lambda t: (t - c) // 2 if t >= floor else 0)
+        return cls(r=[rs[i] for i in layers], **options)
 
     def step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
              param: Any, has_cls: bool) -> LayerStep | None:

@@ -329,6 +329,7 @@ class EncoderStage:
         plan = schedule.plan(depth)
         self.plan = {i: p for i, p in plan.items() if until is None or i <= until}
         self._saved: dict[int, tuple[bool, Any]] = {}
+        self._measured: dict[int, list[int]] = {}  # layer -> [real tokens, images]
         self._handles: list[Any] = []
         self._run: contextvars.ContextVar[EncoderRun | None] = contextvars.ContextVar(
             "tokensieve_encoder_run", default=None)
@@ -390,12 +391,24 @@ class EncoderStage:
         """The calling thread's last pass through the encoder (None before any)."""
         return self._run.get()
 
-    def layer_tokens(self, tokens: int) -> list[tuple[int, int]]:
+    def measured_tokens(self) -> dict[int, float]:
+        """Adaptive schedules (ATS, FlowCut): per reducing layer, the mean tokens (CLS
+        included) an image really kept there over every call so far; empty before the
+        first call and for fixed counts."""
+        return {layer: real / images for layer, (real, images) in list(self._measured.items())
+                if images}
+
+    def layer_tokens(self, tokens: int, measured: bool = False) -> list[tuple[int, int]]:
         """Per layer, the tokens its attention and its MLP run on when ``tokens`` (CLS
-        included) enter layer 0 (for the compute accounting)."""
+        included) enter layer 0 (for the compute accounting): the schedule's counts (an
+        adaptive schedule's caps), or with ``measured`` the rounded means an image really
+        kept (:meth:`measured_tokens`) where calls recorded them."""
         from tokensieve.core.encoder_schedule import layer_tokens
 
-        return layer_tokens(self.schedule, self.plan, len(self.layers), tokens, self.has_cls)
+        counts = ({i: round(v) for i, v in self.measured_tokens().items()} if measured
+                  else None)
+        return layer_tokens(self.schedule, self.plan, len(self.layers), tokens, self.has_cls,
+                            counts=counts)
 
     # -- install / remove ---------------------------------------------------------------------
     def install(self) -> None:
@@ -490,10 +503,16 @@ class EncoderStage:
             signals = {**signals, "valid": valid}
         step = self.schedule.run_step(x, run.current.sizes, signals, param, self.has_cls,
                                       run.state)
-        if step is None:
-            return x
-        run.record(step, i)
-        return step.tokens
+        out = x if step is None else step.tokens
+        if step is not None:
+            run.record(step, i)
+        if getattr(self.schedule, "pads", False):  # adaptive counts: what images really kept
+            mask = run.current.mask
+            real = out.shape[0] * out.shape[1] if mask is None else int(mask.sum())
+            acc = self._measured.setdefault(i, [0, 0])  # a statistic: a rare lost update
+            acc[0] += real                                # under threads is harmless
+            acc[1] += out.shape[0]
+        return out
 
     def _layer_forward(self, i: int, hidden_states: Tensor, attention_mask: Any = None,
                        *args: Any, **kwargs: Any) -> Tensor:
