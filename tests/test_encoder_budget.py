@@ -13,8 +13,8 @@ import tokensieve.models as tm
 from tokensieve.bench import protocol
 from tokensieve.bench.flops import Plan, VLMDims, account
 from tokensieve.core.encoder_schedule import layer_tokens
-from tokensieve.methods.evit import EViTSchedule
 from tokensieve.methods.ats import ATSSchedule
+from tokensieve.methods.evit import EViTSchedule
 from tokensieve.methods.mctf import MCTFSchedule
 from tokensieve.methods.tome import ToMeSchedule
 from tokensieve.methods.turbo import TurboSchedule
