@@ -50,8 +50,10 @@ def main() -> None:
         else:
             ap.add_argument(flag, type=type(f.default), default=getattr(defaults, f.name))
     ap.add_argument("--test", type=int, default=CLIP_TEST_SIZE, help="test samples scored")
-    ap.add_argument("--budget-min", type=float, default=40.0,
+    ap.add_argument("--budget-min", type=float, default=55.0,
                     help="training stops (schedule unchanged) after this many minutes of it")
+    ap.add_argument("--feature-store", type=Path, default=None,
+                    help="keep the cached clip features here across runs (default: none)")
     args = ap.parse_args()
     cfg = VideoTrainConfig(**{f.name: getattr(args, f.name)
                               for f in dataclasses.fields(VideoTrainConfig)})
@@ -77,7 +79,7 @@ def main() -> None:
     log(f"params: total {n_params / 1e6:.2f} M, LM {n_lm / 1e6:.2f} M, vocab {len(tokenizer)}")
 
     t0 = time.time()
-    clips, feats = cache_clips(model, "train", cfg.clips, log=log)
+    clips, feats = cache_clips(model, "train", cfg.clips, log=log, store=args.feature_store)
     bank, targets = build_bank(clips, codec)
     val_samples = clip_qa("val", cfg.val) if cfg.val else []
     val = None

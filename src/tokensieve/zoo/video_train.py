@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +66,8 @@ class VideoTrainConfig:
     val_every: int = 300
     full_prob: float = 0.35  # share of steps on all 1153 video tokens (else object subsets)
     max_extra: float = 0.25  # subsets: at most this share of the other tokens added
+    temporal_weight: float = 1.0  # layer-0 "where was this cell" loss (TemporalCapture)
+    renumber_prob: float = 0.2  # subsets: share given contiguous positions (as ts.apply does)
 
     def to_dict(self) -> dict:
         """Plain dict (for logs)."""
@@ -97,6 +100,15 @@ def attention_target(clip: Clip, q: ClipQuestion, masks: np.ndarray) -> np.ndarr
         target[0, 0] = True
     elif q.family == "order":
         target[0, 1:1 + n], target[1, 1:1 + n] = masks[q.objects[0]], masks[q.objects[1]]
+    elif q.family == "vanished":
+        # its cells in the frames it is gone from: only there does a token (by its layer-0
+        # "first frame" head) differ from a static object's; its value still carries the
+        # object's look from frame 0. Its own tokens look static to a causal LM.
+        (j,) = q.objects
+        grid = masks[j].reshape(NUM_FRAMES, TOKENS_PER_FRAME)
+        gone = np.zeros_like(grid)
+        gone[clip.objects[j].event_frame:] = grid.any(0)
+        target[0, 1:1 + n] = gone.reshape(-1)
     elif q.objects:
         target[0, 1:1 + n] = masks[list(q.objects)].any(0)
     else:
@@ -129,6 +141,95 @@ def build_bank(clips: Sequence[Clip], codec: VideoCodec):
         bank.append(fams)
         targets.append(np.stack(tg))
     return bank, targets
+
+
+#: LM layer-0 heads taught (TemporalCapture) where the same cell was: in frame 0, in the
+#: previous frame, and in every frame so far (uniformly); the fourth head is free.
+TEMPORAL_SETS = ("first", "previous", "history")
+
+
+def temporal_masks(kept: torch.Tensor) -> torch.Tensor:
+    """[B, 3, L, L] bool: for each kept video token (query) the kept tokens of the same cell
+    in frame 0, in the previous frame (frame 0: itself) and in every frame up to its own.
+
+    ``kept`` [B, L]: video-token indices (frame-major; the newline, 1152, takes no part).
+    """
+    n = NUM_FRAMES * TOKENS_PER_FRAME
+    video = kept < n
+    frame, cell = kept // TOKENS_PER_FRAME, kept % TOKENS_PER_FRAME
+    fq, fk = frame[:, :, None], frame[:, None, :]
+    same = ((cell[:, :, None] == cell[:, None, :]) & (fk <= fq)
+            & video[:, :, None] & video[:, None, :])
+    return torch.stack([same & (fk == 0), same & (fk == (fq - 1).clamp(min=0)), same], 1)
+
+
+class TemporalCapture:
+    """A forward hook on LM layer 0's attention that keeps the prefix pass's post-RoPE q and k
+    of the heads in :data:`TEMPORAL_SETS`, for :meth:`loss`.
+
+    Telling three heads where each video token's cell was before gives every token
+    what changed there (the temporal questions all hinge on it) from the first steps;
+    unsupervised, a 3-layer LM finds it slowly or not at all.
+    """
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = lm.layers[0].self_attn
+        heads = lm.config.num_attention_heads
+        if lm.config.num_key_value_heads != heads or heads < len(TEMPORAL_SETS):
+            raise ValueError(f"TemporalCapture needs >= {len(TEMPORAL_SETS)} heads without "
+                             f"grouped keys; got {heads} heads, "
+                             f"{lm.config.num_key_value_heads} key heads")
+        self._rope = apply_rotary_pos_emb
+        self.active = False
+        self.qk: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self.handle = attn.register_forward_hook(self._hook, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Detach the hook."""
+        self.handle.remove()
+
+    def __enter__(self):
+        self.active, self.qk = True, None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active = False
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        if not self.active or self.qk is not None:  # only the first call: the prefix pass
+            return
+        h = kwargs["hidden_states"]
+        b, s, _ = h.shape
+        h_sets = len(TEMPORAL_SETS)
+        q = module.q_proj(h).view(b, s, -1, module.head_dim).transpose(1, 2)[:, :h_sets]
+        k = module.k_proj(h).view(b, s, -1, module.head_dim).transpose(1, 2)[:, :h_sets]
+        cos, sin = kwargs["position_embeddings"]
+        q, k = self._rope(q, k, cos, sin)
+        self.qk = (q, k, module.scaling)
+
+    def loss(self, kept: torch.Tensor, n_text: int) -> torch.Tensor:
+        """Mean cross-entropy between each supervised head's attention row of every kept video
+        token and the uniform distribution over its set (:func:`temporal_masks`).
+
+        ``kept`` [B, L]: the video-token indices of the prefix pass, which started with
+        ``n_text`` prompt tokens.
+        """
+        if self.qk is None:
+            return torch.zeros(())
+        q, k, scaling = self.qk
+        length = kept.shape[1]
+        qv = q[:, :, n_text:n_text + length].float()
+        scores = torch.einsum("bhqd,bhkd->bhqk", qv, k.float()) * scaling
+        pos = torch.arange(k.shape[2], device=k.device)
+        visible = pos[None, :] <= (n_text + torch.arange(length, device=k.device))[:, None]
+        # a finite fill: masked keys never carry target mass, and 0 * finite stays 0
+        logp = scores.masked_fill(~visible, -1e4).log_softmax(-1)[..., n_text:n_text + length]
+        sets = temporal_masks(kept.to(k.device)).float()
+        count = sets.sum(-1)
+        ce = -(sets * logp).sum(-1) / count.clamp(min=1)
+        return ce[count > 0].mean()
 
 
 @torch.no_grad()
@@ -169,9 +270,39 @@ def make_clips(split: str, n: int, start: int = 0) -> list[Clip]:
     return [make_clip(split, i) for i in range(start, start + n)]
 
 
+def feature_key(model, split: str, n: int, bf16: bool) -> str:
+    """A digest of what the cached features of :func:`cache_clips` depend on: the frozen
+    tower and projector weights, the clip and scene generators' source, the split, the
+    count and the precision."""
+    import hashlib
+    import inspect
+
+    from . import scenes
+
+    h = hashlib.sha256(f"{split}:{n}:{bf16}:{model.config.vision_feature_layer}".encode())
+    for mod in (model.model.vision_tower, model.model.multi_modal_projector):
+        for name, t in sorted(mod.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    for src in (make_clip, scenes, frame_features):
+        h.update(inspect.getsource(src).encode())
+    return h.hexdigest()[:16]
+
+
 def cache_clips(model, split: str, n: int, log: Log = print, chunk: int = 64,
-                bf16: bool = False):
-    """Render ``n`` clips of ``split`` and cache their features; frames are dropped after."""
+                bf16: bool = False, store: Path | None = None):
+    """Render ``n`` clips of ``split`` and cache their features; frames are dropped after.
+
+    ``store``: a folder where the features are kept across runs under :func:`feature_key`
+    (a hit skips the rendering and the tower; the clips' objects are laid out again).
+    """
+    path = None
+    if store is not None:
+        path = Path(store) / f"{split}-{n}-{feature_key(model, split, n, bf16)}.pt"
+        if path.exists():
+            log(f"features of {n} {split} clips from {path}")
+            return ([make_clip(split, i, render=False) for i in range(n)],
+                    torch.load(path, weights_only=True))
     feats, clips = [], []
     t0 = time.time()
     for i in range(0, n, chunk):
@@ -182,7 +313,13 @@ def cache_clips(model, split: str, n: int, log: Log = print, chunk: int = 64,
         clips.extend(part)
         if (i // chunk) % 10 == 0:
             log(f"cached {len(clips)}/{n} {split} clips t={time.time() - t0:.0f}s")
-    return clips, torch.cat(feats)
+    out = torch.cat(feats)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
+    return clips, out
 
 
 def _video_embeds(model, feats: torch.Tensor) -> torch.Tensor:
@@ -219,9 +356,12 @@ def select_tokens(relevant: np.ndarray, rng: np.random.Generator, full: bool,
 
 
 def subset_answer_logits(model, codec: VideoCodec, video_embeds: torch.Tensor,
-                         kept: torch.Tensor, suffixes: list, repeat: int = 1):
+                         kept: torch.Tensor, suffixes: list, repeat: int = 1,
+                         renumber: bool = False):
     """Like :func:`~tokensieve.zoo.lm_training.lm_answer_logits` for a subset of the video
-    tokens that keep the RoPE positions they have in the full prompt.
+    tokens that keep the RoPE positions they have in the full prompt (``renumber``:
+    consecutive positions, the question right after the kept tokens, as ``ts.apply``
+    feeds a pre-LLM reduction on OneVision).
 
     ``video_embeds`` [B, L, D] at video-token indices ``kept`` [B, L].
     """
@@ -234,7 +374,10 @@ def subset_answer_logits(model, codec: VideoCodec, video_embeds: torch.Tensor,
     p = len(codec.prefix)
     prefix = torch.cat([embed(torch.tensor(codec.prefix, device=dev))[None]
                         .expand(b, -1, -1).to(video_embeds.dtype), video_embeds], dim=1)
-    pos = torch.cat([torch.arange(p, device=dev)[None].expand(b, -1), p + kept], 1)
+    length = kept.shape[1]
+    pos = torch.cat([torch.arange(p, device=dev)[None].expand(b, -1),
+                     p + (torch.arange(length, device=dev)[None].expand(b, -1) if renumber
+                          else kept)], 1)
     cache = _output_cache(lm(inputs_embeds=prefix, position_ids=pos, use_cache=True))
     if repeat > 1:
         cache.batch_repeat_interleave(repeat)
@@ -243,7 +386,8 @@ def subset_answer_logits(model, codec: VideoCodec, video_embeds: torch.Tensor,
     for r, s in enumerate(suffixes):
         ids[r, : len(s)] = torch.tensor(s)
     ids = ids.to(dev)
-    spos = (p + VIDEO_TOKENS + torch.arange(ids.shape[1], device=dev))[None].expand(len(ids), -1)
+    start = p + (length if renumber else VIDEO_TOKENS)
+    spos = (start + torch.arange(ids.shape[1], device=dev))[None].expand(len(ids), -1)
     out = lm(inputs_embeds=embed(ids), **{_cache_name(lm): cache}, position_ids=spos,
              use_cache=False)
     return model.lm_head(out.last_hidden_state), lens
@@ -303,6 +447,7 @@ def train_video_lm(model, codec: VideoCodec, cfg: VideoTrainConfig, clips: Seque
     torch.manual_seed(cfg.seed + 3)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     capture = AttentionCapture(lm)
+    temporal = TemporalCapture(lm)
     n, k = len(bank), cfg.questions_per_clip
     order, pos = rng.permutation(n), 0
     hits: dict[str, list[bool]] = {}
@@ -319,16 +464,19 @@ def train_video_lm(model, codec: VideoCodec, cfg: VideoTrainConfig, clips: Seque
             idx = [int(i) for i in order[pos:pos + cfg.batch]]
             pos += cfg.batch
             rows = sample_rows(bank, idx, k, rng)
-            sel_np = select_tokens(relevant[idx], rng, rng.random() < cfg.full_prob,
-                                   cfg.max_extra)
+            full_step = rng.random() < cfg.full_prob
+            sel_np = select_tokens(relevant[idx], rng, full_step, cfg.max_extra)
+            renumber = not full_step and rng.random() < cfg.renumber_prob
             sel = torch.from_numpy(sel_np).to(dev)
             suffixes = [list(it.suffix) + [it.answer] for _, it in rows]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg.steps, cfg.lr)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16), capture:
+            with (torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16), capture,
+                  temporal):
                 emb = _video_embeds(model, feats[idx].to(dev).float())
                 emb = torch.gather(emb, 1, sel[..., None].expand(-1, -1, emb.shape[-1]))
-                logits, lens = subset_answer_logits(model, codec, emb, sel, suffixes, repeat=k)
+                logits, lens = subset_answer_logits(model, codec, emb, sel, suffixes, repeat=k,
+                                                    renumber=renumber)
             r = torch.arange(len(rows), device=dev)
             apos = torch.tensor(lens, device=dev) - 2
             ans = torch.tensor([it.answer for _, it in rows], device=dev)
@@ -340,7 +488,9 @@ def train_video_lm(model, codec: VideoCodec, cfg: VideoTrainConfig, clips: Seque
             kept = torch.gather(full[..., 1:], 2, keep[:, None].expand(-1, 2, -1))
             tg = torch.cat([full[..., :1], kept], -1)
             attn_loss = capture.loss(tg, apos.cpu(), len(codec.prefix))
-            total = loss + cfg.attn_weight * attn_loss
+            time_loss = (temporal.loss(sel, len(codec.prefix)) if cfg.temporal_weight
+                         else torch.zeros(()))
+            total = loss + cfg.attn_weight * attn_loss + cfg.temporal_weight * time_loss
             opt.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -352,6 +502,7 @@ def train_video_lm(model, codec: VideoCodec, cfg: VideoTrainConfig, clips: Seque
                 acc = np.mean([x for h in hits.values() for x in h])
                 el = time.time() - t0
                 log(f"step {step + 1} loss={loss.item():.3f} attn={attn_loss.item():.3f} "
+                    f"time={time_loss.item():.3f} "
                     f"len={sel.shape[1]} "
                     f"acc={acc:.3f} [{accs}] t={el:.0f}s "
                     f"({(step + 1) * cfg.batch * k / el:.1f} q/s)")
@@ -365,6 +516,7 @@ def train_video_lm(model, codec: VideoCodec, cfg: VideoTrainConfig, clips: Seque
             step = cfg.steps
     finally:
         capture.remove()
+        temporal.remove()
         lm.eval()
         for p in model.parameters():
             p.requires_grad_(False)
