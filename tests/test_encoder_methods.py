@@ -99,7 +99,8 @@ def ats_rule(layers: tuple[int, ...], n_tokens: int | None):
 
 
 @pytest.mark.parametrize(("options", "layers"), [({"tokens": 24}, (1, 2, 3)),
-                                                 ({"tokens": 40, "layers": (0, 2)}, (0, 2))])
+                                                 ({"tokens": 40, "layers": (0, 2)}, (0, 2)),
+                                                 ({}, (1, 2, 3))])  # official: own counts
 def test_ats_equals_hand_run_tower_and_batch_equals_single(options, layers):
     """Images of one batch keep different counts: each real row of every layer's output
     equals that image run by hand alone (the official sampling re-stated); padding rows
@@ -113,7 +114,7 @@ def test_ats_equals_hand_run_tower_and_batch_equals_single(options, layers):
     trace = tm.get_state(m).encoder.last.current
     counts = []
     for i in range(3):
-        ref = hand_tower(m, pv[i:i + 1], ats_rule(layers, options["tokens"]))
+        ref = hand_tower(m, pv[i:i + 1], ats_rule(layers, options.get("tokens")))
         real = ref[-1].shape[1]
         counts.append(real)
         for a, r in zip(out.hidden_states, ref, strict=True):

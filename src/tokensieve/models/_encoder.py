@@ -524,13 +524,16 @@ class EncoderStage:
                 run.current.sizes.shape[1] != hidden_states.shape[1]:
             # A layer run on its own (outside a pass from layer 0): untouched.
             return self._original(i)(hidden_states, attention_mask, *args, **kwargs)
+        # a plan's parameter may be None (ATS: each image's own count), so membership says
+        # whether the layer reduces
+        reduces = i in self.plan
         param = self.plan.get(i)
-        if param is not None and masks_padding(attention_mask):
+        if reduces and masks_padding(attention_mask):
             raise ValueError(PADDED)
-        if param is not None and self.position == "pre":
+        if reduces and self.position == "pre":
             hidden_states = self._pre_step(run, i, hidden_states, attention_mask, param)
         mask = self._mask(run, attention_mask, hidden_states)
-        if param is None or self.position == "pre":
+        if not reduces or self.position == "pre":
             out = self._original(i)(hidden_states, mask, *args, **kwargs)
             return self._zero_padding(run, out)
         layer = self.layers[i]
@@ -584,7 +587,7 @@ class EncoderStage:
         kwargs = {**kwargs, **run.state.get("packed_kwargs", {})}
         out = self._original(i)(hidden_states, *args, **kwargs)
         param = self.plan.get(i)
-        if param is None:
+        if i not in self.plan:
             return out
         return self._packed_step(run, i, out, kwargs, param)
 
@@ -817,7 +820,9 @@ def apply_encoder(model: torch.nn.Module, adapter_cls: type, method: str,
     stage = EncoderStage(layers, spec, schedule, has_cls, until=until, feeds_llm=feeds_llm,
                          packed=packed)
     llm_stage = None
-    if llm is not None and llm != OFFICIAL:
+    if llm == OFFICIAL:  # the method's own later stages (MustDrop's prefill stage), if any
+        llm = spec.llm_stage if feeds_llm else None
+    if llm is not None:
         if not feeds_llm:
             raise ValueError(f"llm={llm!r}: a plain vision backbone has no LLM")
         llm_stage = _llm_step(model, llm, seed)
