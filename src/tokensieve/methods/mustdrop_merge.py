@@ -232,7 +232,7 @@ class MustDropMergeSchedule(EncoderSchedule):
         t = self.tokens
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ValueError(f"mustdrop-merge: tokens={t!r}: expected an int >= 1 or None")
-        self.config  # validates threshold, window, order
+        MustDropMergeConfig(self.threshold, self.window, self.order)  # validates them
 
     @property
     def config(self) -> MustDropMergeConfig:
