@@ -194,3 +194,55 @@ def test_vlm_runs_the_merge_then_mustdrops_prefill_stage():
         assert tm.get_state(model).llm is None
     finally:
         ts.remove(model)
+
+
+# -- the key set --------------------------------------------------------------------------------
+def test_key_set_is_the_last_layers_top_cls_attention():
+    """The official key set: the last layer's head-mean CLS attention row over its input (the
+    features), top ceil(0.08 * patches), per image of a padded batch."""
+    m = backbone("clip")
+    pv = pixels(2)
+    thr = threshold_for(m, pv)
+    last = len(m.encoder.layers) - 1
+    for i in range(2):
+        seen = {}
+
+        def rule(layer, where, x, probs, v, sizes, seen=seen):
+            if where == "post" and layer == last:
+                row = probs[0, :, 0, 1:].mean(0)
+                k = -(-8 * (x.shape[1] - 1) // 100)
+                seen["keys"] = sorted(torch.topk(row, k).indices.tolist())
+            return merge_rule(thr, 2)(layer, where, x, probs, v, sizes)
+
+        hand_tower(m, pv[i:i + 1], rule)
+        ts.apply(m, "mustdrop-merge", threshold=thr, window=2)
+        run(m, pv)
+        keys = tm.get_state(m).encoder.last.state["protect"]
+        ts.remove(m)
+        assert keys[i].tolist() == seen["keys"]
+    ts.apply(m, "mustdrop-merge", key_share=0.0)
+    assert len(tm.get_state(m).encoder.plan) == 1
+    ts.remove(m)
+
+
+def test_prefill_stage_never_drops_the_key_set():
+    from tokensieve.bench.tiny import random_tiny_llava
+    from tokensieve.zoo import build_prompt, scene_qa
+
+    model, processor = random_tiny_llava()
+    sample = scene_qa("test", 1)[0]
+    enc = processor(text=[build_prompt(processor, sample.question)], images=[sample.image],
+                    return_tensors="pt")
+    # thresholds of 1 drop every token the key set does not protect
+    drop_all = ts.ReduceConfig("mustdrop", None, options={"global_thr": 1.0, "individual_thr": 1.0})
+    ts.apply(model, "mustdrop-merge", threshold=1.0, llm=drop_all)  # no window merges
+    try:
+        with torch.inference_mode():
+            model(**enc, logits_to_keep=1)
+        state = tm.get_state(model)
+        keys = state.encoder.last.state["protect"][0]
+        cuts = state.llm.last
+    finally:
+        ts.remove(model)
+    assert len(keys) == 6  # ceil(0.08 * 64)
+    assert cuts and all(sorted(c.kept[0].tolist()) == keys.tolist() for c in cuts)

@@ -85,6 +85,12 @@ class EncoderSchedule:
         the budget solver use it; it must agree with :meth:`step`). Default: unchanged."""
         return tokens
 
+    def observes(self, param: Any) -> bool:
+        """Whether a plan entry only reads signals (reduces nothing), so that it runs even
+        after the last layer whose output is used (MustDrop's key set from the last
+        layer's CLS attention). Default: no."""
+        return False
+
     @classmethod
     def for_keep(cls, keep: int, tokens: int, has_cls: bool, depth: int, until: int,
                  options: dict[str, Any]) -> EncoderSchedule:

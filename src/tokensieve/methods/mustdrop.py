@@ -5,9 +5,10 @@ individually.
 (MustDrop, Liu et al., 2024). Official code: github.com/liuting20/MustDrop
 (``LlamaDynamicvitModel.dual_attention_filter`` in
 ``llava/model/language_model/modelling_sparse_llama.py``; thresholds from the
-``scripts/v1_5/eval/*.sh`` settings). Only the prefill stage is built here: the encoder
-stage (3x3 local merging and the key set) is not built yet, and the decode-stage KV-cache
-pruning is not reproduced (see :class:`MustDropConfig`).
+``scripts/v1_5/eval/*.sh`` settings). This is the prefill stage; the vision-encoder stage
+(3x3 local merging and the key set) is ``mustdrop-merge``, which runs this stage after it
+by default and protects its key set here; the decode-stage KV-cache pruning is not
+reproduced (see :class:`MustDropConfig`).
 """
 
 from __future__ import annotations
@@ -70,10 +71,9 @@ class MustDropConfig(LlmSchedule):
         individual_thr: i: ... and the most attention any one text token gives it is below
             ``i`` (64: 0.01; 128 and 192: 0.001).
         protect: indices of the tokens a call gets that are never dropped (MustDrop's key
-            set, built by its encoder stage, which does not exist here yet: without it no
-            token is protected). Function-level only (``ts.reduce``): an in-LLM stage
-            cannot map the indices onto the tokens left after a cut, so ``apply`` refuses
-            it; the stage would need a per-image key-set signal (see the module notes).
+            set). As an option, function-level only (``ts.reduce``: ``apply`` refuses it,
+            fixed indices cannot follow the tokens through the cuts); in a model the key
+            set comes from ``mustdrop-merge``'s encoder stage, mapped onto each cut.
         positions: "renumber" (official: the kept sequence's position ids are contiguous)
             or "keep" (original position ids with gaps).
 

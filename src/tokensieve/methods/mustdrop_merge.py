@@ -21,9 +21,10 @@ The official code merges the same number of windows in every image of a batch (t
 smallest count over the batch); here each image merges its own windows (the official
 code runs batch 1, where the two agree), so counts differ and a batch is padded with a
 mask. ``ts.apply(model, "mustdrop-merge")`` runs this stage after layer 0 of the vision
-tower and, by default, MustDrop's prefill stage (``mustdrop``) in the LLM. MustDrop's
-key set (the top 8 % of tokens by the last tower layer's CLS attention, never dropped in
-the LLM) is not built: no token is protected from the LLM stage.
+tower and, by default, MustDrop's prefill stage (``mustdrop``) in the LLM. The key set:
+in a tower with a CLS token, the last layer's head-mean CLS attention row over the tokens
+it gets (the features after the merge) picks ``ceil(0.08 * patches)`` tokens per image
+(official ``keep_rate``), which MustDrop's prefill stage never drops.
 """
 
 from __future__ import annotations
@@ -196,6 +197,21 @@ def mustdrop_merge(tokens: Tensor, k: int, signals: Signals, config: MustDropMer
 
 #: The official place: after the output of encoder layer 0 (of any depth).
 OFFICIAL_LAYER = 0
+#: The plan parameter of the layer that only picks the key set (the tower's last layer).
+KEY_SET = "key-set"
+
+
+def key_sets(cls_attn: Tensor, valid: Tensor | None, share: float) -> list[Tensor]:
+    """MustDrop's key set per image: the ``ceil(share * patches)`` patch tokens with the
+    largest CLS attention (``cls_attn`` ``[B, T]``, token 0 the CLS; ``valid`` ``[B, T]``
+    real tokens first), as ascending patch indices (CLS excluded)."""
+    out = []
+    for i in range(cls_attn.shape[0]):
+        real = cls_attn.shape[1] if valid is None else int(valid[i].sum())
+        k = math.ceil(share * (real - 1))
+        top = torch.topk(cls_attn[i, 1:real].float(), k).indices
+        out.append(torch.sort(top).values)
+    return out
 
 
 @register_encoder_schedule("mustdrop-merge")
@@ -214,6 +230,8 @@ class MustDropMergeSchedule(EncoderSchedule):
         threshold, window, order: as :class:`MustDropMergeConfig`.
         tokens: the most patch tokens an image keeps (``keep``); ``None``: the threshold
             alone (official).
+        key_share: the key set's share of each image's patch tokens (official 0.08),
+            picked by the tower's last layer; 0: no key set.
     """
 
     layer: int = OFFICIAL_LAYER
@@ -221,9 +239,12 @@ class MustDropMergeSchedule(EncoderSchedule):
     window: int = 3
     order: Literal["official", "raster"] = "official"
     tokens: int | None = None
+    key_share: float = 0.08
 
     position: ClassVar[str] = "post"
     pads: ClassVar[bool] = True
+    signals: ClassVar[tuple[str, ...]] = ("cls_attn",)
+    protects: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         lay = self.layer
@@ -233,6 +254,9 @@ class MustDropMergeSchedule(EncoderSchedule):
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ValueError(f"mustdrop-merge: tokens={t!r}: expected an int >= 1 or None")
         MustDropMergeConfig(self.threshold, self.window, self.order)  # validates them
+        k = self.key_share
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 <= k <= 1:
+            raise ValueError(f"mustdrop-merge: key_share={k!r}: expected a share in [0, 1]")
 
     @property
     def config(self) -> MustDropMergeConfig:
@@ -241,11 +265,30 @@ class MustDropMergeSchedule(EncoderSchedule):
 
     def plan(self, depth: int) -> dict[int, Any]:
         layer = encoder_layers("mustdrop-merge", (self.layer,), (OFFICIAL_LAYER,), 1, depth)[0]
-        return {layer: self.tokens}
+        plan: dict[int, Any] = {layer: self.tokens}
+        if self.key_share > 0 and depth - 1 > layer:
+            plan[depth - 1] = KEY_SET
+        return plan
+
+    def observes(self, param: Any) -> bool:
+        return param == KEY_SET
 
     def count(self, param: Any, tokens: int, has_cls: bool) -> int:
         """The most tokens left (the cap; the threshold alone may merge nothing)."""
-        return tokens if param is None else min(tokens, int(param) + int(has_cls))
+        if param is None or param == KEY_SET:
+            return tokens
+        return min(tokens, int(param) + int(has_cls))
+
+    def run_step(self, tokens: Tensor, sizes: Tensor | None, signals: dict[str, Tensor],
+                 param: Any, has_cls: bool, state: dict[str, Any]) -> LayerStep | None:
+        """The merge, or at the key-set layer (towers with a CLS token) the key set into
+        ``state["protect"]`` (:func:`key_sets`; nothing reduced)."""
+        if param != KEY_SET:
+            return self.step(tokens, sizes, signals, param, has_cls)
+        if has_cls:
+            state["protect"] = key_sets(signals["cls_attn"], signals.get("valid"),
+                                        self.key_share)
+        return None
 
     @classmethod
     def for_keep(cls, keep: int, tokens: int, has_cls: bool, depth: int, until: int,

@@ -45,6 +45,7 @@ config or attention implementation of the model:
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -327,7 +328,8 @@ class EncoderStage:
         self.packed = packed
         depth = len(layers)
         plan = schedule.plan(depth)
-        self.plan = {i: p for i, p in plan.items() if until is None or i <= until}
+        self.plan = {i: p for i, p in plan.items()
+                     if until is None or i <= until or schedule.observes(p)}
         self._saved: dict[int, tuple[bool, Any]] = {}
         self._measured: dict[int, list[int]] = {}  # layer -> [real tokens, images]
         self._handles: list[Any] = []
@@ -770,6 +772,14 @@ def schedule_for_keep(model: torch.nn.Module, method: str, keep: int | float,
     return cls.for_keep(k, patches + int(has_cls), has_cls, depth, last, dict(options))
 
 
+def protected_tokens(stage: EncoderStage, shift: int) -> list[Tensor] | None:
+    """Per image of the calling thread's last pass, the indices (into the image's tokens
+    as the LLM gets them: patch index + ``shift``) its schedule protected; None if none."""
+    run = stage.last
+    keys = None if run is None else run.state.get("protect")
+    return None if keys is None else [k + shift for k in keys]
+
+
 def apply_encoder(model: torch.nn.Module, adapter_cls: type, method: str,
                   keep: int | float | None, *, seed: int, signal_layers: Any, llm: Any,
                   options: dict[str, Any]) -> torch.nn.Module:
@@ -826,6 +836,13 @@ def apply_encoder(model: torch.nn.Module, adapter_cls: type, method: str,
         if not feeds_llm:
             raise ValueError(f"llm={llm!r}: a plain vision backbone has no LLM")
         llm_stage = _llm_step(model, llm, seed)
+    if llm_stage is not None and getattr(schedule, "protects", False) and "protect" in {
+            f.name for f in dataclasses.fields(llm_stage.spec.config)}:
+        # the in-LLM method never drops the tokens the encoder stage protects (MustDrop's
+        # key set); with the CLS token fed to the LLM, patch i is the image's token i + 1
+        full = getattr(model.config, "vision_feature_select_strategy", "default") == "full"
+        llm_stage.protect_source = functools.partial(protected_tokens, stage,
+                                                     int(full and has_cls))
     state = PatchState(config=config, spec=spec, adapter=adapter, llm=llm_stage,
                        encoder=stage)
     return install_state(model, state, patch_calls=feeds_llm)

@@ -176,6 +176,10 @@ class LlmStage:
             isinstance(getattr(rope, "rope_type", None), dict)
             or any(hasattr(rope, f"{t}_inv_freq") for t in self.layer_types))
         self.positions = "keep" if self.mrope else self.schedule.position_mode
+        #: ``() -> [per image: token indices] | None``: tokens a cut never drops (set by an
+        #: encoder stage that protects some, MustDrop's key set; the method takes
+        #: ``protect``).
+        self.protect_source: Callable[[], list[Tensor] | None] | None = None
         self._new_context()
         self._handles: list[Any] = []
         self._check_counts()
@@ -570,8 +574,13 @@ class LlmStage:
                 raise ValueError(f"{self.spec.name}: stage {stage} keeps {target} tokens of an "
                                  f"image that has {cols.numel()} left")
             tokens, signals = signals_of(row, cols, img)
+            extra: dict[str, Any] = {}
+            keys = None if self.protect_source is None else self.protect_source()
+            if keys is not None and img < len(keys):
+                hit = torch.isin(seg.rank[row, cols], keys[img].to(cols.device))
+                extra["protect"] = tuple(torch.nonzero(hit).squeeze(1).tolist())
             r = reduce(tokens, self.spec.name, target, seed=self.config.seed, **signals,
-                       **self.config.options)
+                       **self.config.options, **extra)
             real = slice(None) if r.mask is None else r.mask[0]
             if self.spec.kind == "subset":
                 chosen = cols[r.indices[0][real]]
