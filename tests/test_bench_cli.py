@@ -47,7 +47,9 @@ def test_list_marks_where_methods_run():
     assert rows["fastv"] == ["llm", "subset", "yes", "yes", "yes"]
     assert rows["pdrop"][2:] == ["yes", "yes", "yes"]
     assert rows["tome"] == ["encoder", "merge", "yes", "yes", "yes"]  # keep maps to r
-    assert rows["ats"] == ["encoder", "subset", "yes", "-", "-"]  # its own options only
+    assert rows["expedit"] == ["encoder", "merge", "yes", "-", "-"]  # its own options only
+    assert rows["ats"] == ["encoder", "subset", "yes", "yes", "yes"]  # keep caps each layer
+    assert rows["dycoke-llm"] == ["llm", "subset", "yes", "yes", "-"]  # decoding only
     assert rows["kmedoids"] == ["encoder", "subset", "yes", "yes", "yes"]  # keep = clusters
     assert "ts.reduce only: none." in " ".join(res.output.split())
 
@@ -113,7 +115,7 @@ def test_printed_table_warns_on_large_spread():
     (["--device", "tpu"], "device='tpu'"),
     (["--keep", "1.5"], "--keep '1.5': keep=1.5: expected a fraction in (0, 1]"),
     (["--keep", "0"], "--keep '0'"),
-    (["--methods", "ats"], "method 'ats' acts at stage 'encoder'"),
+    (["--methods", "expedit"], "method 'expedit' acts at stage 'encoder'"),
     (["--methods", "all,divprun"], "unknown method 'divprun'"),
     (["--signal-layers", "9,last"], "--signal-layers '9,last'"),
     (["--repeats", "0"], "timing_repeats=0"),
@@ -176,7 +178,7 @@ def test_viz_bad_inputs(no_long_work, tmp_path):
     assert res.exit_code == 2 and "expected a .png" in res.output
     res = _invoke("viz", str(good), "--method", "pool", "--keep", "1.5")
     assert res.exit_code == 2 and "--keep 1.5" in res.output
-    res = _invoke("viz", str(good), "--method", "ats", "--keep", "64")
+    res = _invoke("viz", str(good), "--method", "expedit", "--keep", "64")
     assert res.exit_code == 2 and "stage 'encoder'" in res.output
 
 

@@ -161,7 +161,7 @@ def test_failing_cell_is_recorded_not_fatal(tiny, samples, tmp_path, monkeypatch
     (dict(keeps=(65,)), r"keep=65: expected a count in \[1, 64\]"),
     (dict(keeps=(0,)), r"keep=0"),
     (dict(methods=("divprun",)), r"unknown method 'divprun'; did you mean 'divprune'"),
-    (dict(methods=("ats",)), r"method 'ats' acts at stage 'encoder'"),
+    (dict(methods=("expedit",)), r"method 'expedit' acts at stage 'encoder'"),
     (dict(methods=("random",), keeps=(1.5,)), r"keep=1.5: expected a fraction in \(0, 1\]"),
     (dict(signal_layers=(99,)), r"layer 99 is not an encoder layer of this 3-layer tower"),
     (dict(signal_layers="last"), r"signal_layers='last'"),

@@ -288,7 +288,8 @@ def method_runs(name: str) -> dict[str, bool]:
     ``bench`` (the protocol's grid of budgets: pre-LLM and in-LLM methods, and in-encoder
     ones whose schedule maps ``keep`` to its options: ToMe, EViT; video methods with
     ``--task video``) and ``viz`` (a pre-LLM or in-encoder reduction's picture of one image,
-    or an in-LLM one's panel per cut; not the video methods, which need clips)."""
+    or an in-LLM one's panel per cut; not the video methods, which need clips, nor the
+    decoding-time ones, which cut nothing at the prefill)."""
     spec = get_method(name)
     in_llm = spec.stage == "llm" and isinstance(spec.config, type) and issubclass(
         spec.config, LlmSchedule)
@@ -296,8 +297,9 @@ def method_runs(name: str) -> dict[str, bool]:
     in_encoder = spec.stage == "encoder" and _in_encoder_patch(spec.name)
     encoder_keep = in_encoder and _encoder_keep(spec.name)
     video = "frames" in spec.signals
+    decoding = bool(getattr(spec.config, "decode", False))  # no prefill picture to draw
     return {"apply": by_keep or in_encoder, "bench": by_keep or encoder_keep,
-            "viz": (by_keep or encoder_keep) and not video}
+            "viz": (by_keep or encoder_keep) and not video and not decoding}
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:

@@ -113,6 +113,7 @@ def _frame_counts(roles: list[Role], per: int, k: int, config: DyCokeConfig) -> 
     paper="DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models "
           "(Tao et al., CVPR 2025), stage 1 (temporal token merging)",
     stage="pre-llm", kind="subset", signals=("frames",), config=DyCokeConfig,
+    llm_stage="dycoke-llm",
 )
 def dycoke(tokens: Tensor, k: int, signals: Signals, config: DyCokeConfig,
            generator: torch.Generator | None) -> Reduction:

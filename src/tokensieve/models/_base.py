@@ -846,7 +846,7 @@ def apply(model: torch.nn.Module, method: str, keep: int | float | None = None, 
         if llm is not None and llm != OFFICIAL:
             raise ValueError(f"llm={llm!r}: {spec.name!r} already acts inside the LLM; a "
                              "pipeline is a pre-LLM method followed by an in-LLM one")
-        stage = LlmStage(model, spec, config)
+        stage = llm_stage(model, spec, config)
     else:
         adapter.check()
         if llm == OFFICIAL:  # the method's own later stages, if it has any
@@ -887,6 +887,16 @@ def _llm_step(model: torch.nn.Module, llm: str | ReduceConfig, seed: int) -> Llm
                          f"{list_llm_methods()})")
     config = ReduceConfig(method=spec.name, keep=llm.keep, options=dict(llm.options),
                           seed=llm.seed)
+    return llm_stage(model, spec, config)
+
+
+def llm_stage(model: torch.nn.Module, spec: MethodSpec, config: ReduceConfig) -> Any:
+    """The stage that runs an in-LLM method: its prefill cuts (:class:`LlmStage`) or, for a
+    decoding-time method (config ``decode = True``), :class:`DecodeStage`."""
+    if getattr(spec.config, "decode", False):
+        from tokensieve.models._decode import DecodeStage
+
+        return DecodeStage(model, spec, config)
     return LlmStage(model, spec, config)
 
 

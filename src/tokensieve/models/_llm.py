@@ -119,6 +119,31 @@ class _Continue:
     masks: dict[tuple[int, str], Any] = field(default_factory=dict)
 
 
+def layer_mask(text: torch.nn.Module, kind: str, window: int | None, layer_idx: int,
+               hidden: Tensor, mask2d: Tensor, cache: Any, block_ids: Tensor | None) -> Any:
+    """The attention mask decoder layer ``layer_idx`` (of type ``kind``) gets for ``hidden``
+    under the 2D mask ``mask2d`` (the columns of the cache and of ``hidden``), built by the
+    model's own mask functions (the form its attention implementation takes)."""
+    from transformers.masking_utils import (
+        blockwise_overlay,
+        create_causal_mask,
+        create_sliding_window_causal_mask,
+        sliding_window_overlay,
+    )
+
+    sliding = kind == "sliding_attention"
+    kw = dict(config=text.config, inputs_embeds=hidden, attention_mask=mask2d,
+              position_ids=None, layer_idx=layer_idx)
+    kw[cache_kwarg(create_causal_mask)] = cache
+    if block_ids is None:
+        fn = create_sliding_window_causal_mask if sliding else create_causal_mask
+        return fn(**kw)
+    if sliding:
+        return create_causal_mask(**kw, or_mask_function=blockwise_overlay(block_ids),
+                                  and_mask_function=sliding_window_overlay(window))
+    return create_causal_mask(**kw, block_sequence_ids=block_ids)
+
+
 def find_text_model(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack of a VLM's language model (``layers``, ``norm``)."""
     inner = getattr(model, "model", model)
@@ -364,24 +389,8 @@ class LlmStage:
 
     def _mask(self, layer_idx: int, hidden: Tensor, mask2d: Tensor, cache: Any,
               block_ids: Tensor | None) -> Any:
-        from transformers.masking_utils import (
-            blockwise_overlay,
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-            sliding_window_overlay,
-        )
-
-        sliding = self.layer_types[layer_idx] == "sliding_attention"
-        kw = dict(config=self.text.config, inputs_embeds=hidden, attention_mask=mask2d,
-                  position_ids=None, layer_idx=layer_idx)
-        kw[cache_kwarg(create_causal_mask)] = cache
-        if block_ids is None:
-            fn = create_sliding_window_causal_mask if sliding else create_causal_mask
-            return fn(**kw)
-        if sliding:
-            return create_causal_mask(**kw, or_mask_function=blockwise_overlay(block_ids),
-                                      and_mask_function=sliding_window_overlay(self.window))
-        return create_causal_mask(**kw, block_sequence_ids=block_ids)
+        return layer_mask(self.text, self.layer_types[layer_idx], self.window, layer_idx,
+                          hidden, mask2d, cache, block_ids)
 
     def _position_embeddings(self, run: _Prefill, layer_idx: int, hidden: Tensor,
                              given: Any) -> Any:

@@ -92,3 +92,31 @@ def attention_rows(attn: torch.nn.Module, q_proj: Tensor, k_proj: Tensor,
     logits = logits.masked_fill(~visible.unsqueeze(1), -torch.inf)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return probs.mean(dim=1)
+
+
+def cached_attention_row(attn: torch.nn.Module, q_proj: Tensor, cos: Tensor, sin: Tensor,
+                         keys: Tensor, visible: Tensor) -> Tensor:
+    """Head-mean attention probabilities of one new token over a layer's KV cache.
+
+    Args:
+        attn: the decoder layer's attention module.
+        q_proj: ``[B, 1, Hq * hd]`` the new token's ``q_proj`` output.
+        cos, sin: ``[B or 1, 1, hd]`` its position embeddings.
+        keys: ``[B, Hkv, S, hd]`` the cached keys (the layer's k norm and rotary already
+            applied, the new token's included).
+        visible: ``[B, S]`` the keys it sees.
+
+    Returns:
+        ``[B, S]`` float32 (rows that see no key are 0).
+    """
+    b = q_proj.shape[0]
+    q = _heads(attn, q_proj, "q_norm")
+    q = _rotate(q, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
+    hq, hkv = q.shape[1], keys.shape[1]
+    q = q.reshape(b, hkv, hq // hkv, q.shape[-1])
+    logits = (q.float() @ keys.float().transpose(-1, -2)).reshape(b, hq, -1) * attn.scaling
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    logits = logits.masked_fill(~visible.unsqueeze(1), -torch.inf)
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
