@@ -372,3 +372,25 @@ def test_low_precision_keeps_dtype_and_matches_float32_structure(method):
     assert torch.isfinite(low.tokens.float()).all()
     if ref.sizes is not None:
         assert (low.sizes.sum(1) == ref.sizes.sum(1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_wavg_equals_the_weighted_mean_of_every_slot(dtype):
+    """Only the slots that received merged tokens are recomputed; every slot equals the
+    size-weighted mean of its members, and a slot that received none is its survivor."""
+    from tokensieve.methods._matching import bipartite_soft_matching
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 41, 16, generator=g).to(dtype)
+    sizes = torch.randint(1, 5, (3, 41), generator=g).float()
+    m = bipartite_soft_matching(torch.randn(3, 41, 8, generator=g), 15, protect_first=True)
+    out, new_sizes = m.merge_wavg(x, sizes)
+    for b in range(3):
+        num = torch.zeros(m.num_out, 16).index_add_(0, m.slot[b], x[b].float() * sizes[b, :, None])
+        den = torch.zeros(m.num_out).index_add_(0, m.slot[b], sizes[b])
+        torch.testing.assert_close(new_sizes[b], den)
+        torch.testing.assert_close(out[b].float(), (num / den[:, None]).to(dtype).float(),
+                                   atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0)
+        lone = torch.ones(m.num_out, dtype=torch.bool)
+        lone[m.slot[b, m.src[b]]] = False
+        assert torch.equal(out[b][lone], x[b, m.kept[b]][lone])

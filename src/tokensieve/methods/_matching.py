@@ -135,10 +135,44 @@ class Matching:
         Returns:
             ``(x' [B, T - r, C] in x's dtype, sizes' [B, T - r] float32)``.
         """
-        s = torch.ones(x.shape[:2], device=x.device) if sizes is None else sizes.float()
-        total = self.merge(x.float() * s.unsqueeze(-1), "sum")
-        new_sizes = self.merge(s.unsqueeze(-1), "sum").squeeze(-1)
-        return (total / new_sizes.unsqueeze(-1)).to(x.dtype), new_sizes
+        b, t, c = x.shape
+        if t != self.slot.shape[1]:
+            raise ValueError(f"x has {t} tokens, expected {self.slot.shape[1]} (the matched set)")
+        s = torch.ones(b, t, device=x.device) if sizes is None else sizes.float()
+        new_sizes = self._sum(s.unsqueeze(-1)).squeeze(-1)
+        # A slot that received no merged token is its survivor unchanged: gather them in x's
+        # dtype, then recompute only the slots that did (at most r per image), in float32
+        # and in _sum's order (survivor first, merged tokens level by level), so those are
+        # bitwise what merging every slot gives. Measured at CLIP-L/14 width, bf16, one CPU
+        # thread: the merge no longer converts and rescales every token of the layer.
+        out = gather_tokens(x, self.kept)
+        r = self.src.shape[1]
+        if r == 0:
+            return out, new_sizes
+        k, dev = self.num_out, x.device
+        rows = torch.arange(b, device=dev).unsqueeze(1)
+        dst_slot = self.slot.gather(1, self.src)
+        order = torch.argsort(dst_slot * t + self.src, dim=1)  # unique keys
+        slot_sorted = dst_slot.gather(1, order)
+        src_sorted = self.src.gather(1, order)
+        pos = torch.arange(r, device=dev).expand(b, -1)
+        first = torch.ones_like(slot_sorted, dtype=torch.bool)
+        first[:, 1:] = slot_sorted[:, 1:] != slot_sorted[:, :-1]
+        level = (pos - torch.where(first, pos, 0).cummax(dim=1).values).reshape(-1)
+        flat_slot = (slot_sorted + k * rows).reshape(-1)
+        touched = torch.unique(flat_slot)  # sorted flat slots
+        at = torch.searchsorted(touched, flat_slot)
+        flat_x, flat_s = x.reshape(b * t, c), s.reshape(-1)
+        survivor = (self.kept + t * rows).reshape(-1)[touched]
+        acc = flat_x.index_select(0, survivor).float() * flat_s[survivor].unsqueeze(-1)
+        in_row = (src_sorted + t * rows).reshape(-1)
+        contrib = flat_x.index_select(0, in_row).float() * flat_s[in_row].unsqueeze(-1)
+        for j in range(int(level.max()) + 1):
+            sel = level == j  # distinct slots within a level: one add per row
+            acc.index_add_(0, at[sel], contrib[sel])
+        acc = acc / new_sizes.reshape(-1)[touched].unsqueeze(-1)
+        out.view(b * k, c)[touched] = acc.to(x.dtype)
+        return out, new_sizes
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, *, protect_first: bool = False,
