@@ -68,8 +68,10 @@ def attention_received(q: Tensor, k: Tensor, num_heads: int, scale: float,
 
 
 def mean_keys(k: Tensor, num_heads: int) -> Tensor:
-    """Head-mean keys ``[B, N, Dh]`` (float32) from a key projection ``[B, N, H*Dh]``."""
-    return _heads(k, num_heads).mean(dim=1)
+    """Head-mean keys ``[B, N, Dh]`` (float32) from a key projection ``[B, N, H*Dh]``
+    (summed in float32 straight from the projection's dtype: no float32 copy of it)."""
+    b, n, _ = k.shape
+    return k.reshape(b, n, num_heads, -1).sum(dim=2, dtype=torch.float32) / num_heads
 
 
 def received_sums(q: Tensor, k: Tensor, num_heads: int, scale: float, bounds: list[int],
