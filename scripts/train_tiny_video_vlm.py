@@ -25,7 +25,12 @@ import torch
 
 from tokensieve.zoo import load_tiny_vlm
 from tokensieve.zoo.clips import CLIP_TEST_SIZE, chance_levels, clip_qa
-from tokensieve.zoo.video_api import VIDEO_CHECKPOINT_DIR, accuracy_by_family, answer_video
+from tokensieve.zoo.video_api import (
+    VIDEO_CHECKPOINT_DIR,
+    accuracy_by_family,
+    answer_video,
+    load_tiny_video_vlm,
+)
 from tokensieve.zoo.video_build import TinyVideoProcessor, build_video_model, build_video_tokenizer
 from tokensieve.zoo.video_train import (
     VideoCodec,
@@ -52,6 +57,9 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=CLIP_TEST_SIZE, help="test samples scored")
     ap.add_argument("--budget-min", type=float, default=55.0,
                     help="training stops (schedule unchanged) after this many minutes of it")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from this video checkpoint (a second, shorter schedule) "
+                         "instead of building the model from the image model")
     ap.add_argument("--feature-store", type=Path, default=None,
                     help="keep the cached clip features here across runs (default: none)")
     args = ap.parse_args()
@@ -68,10 +76,14 @@ def main() -> None:
 
     log(f"config {json.dumps(cfg.to_dict())} device={args.device} "
         f"threads={torch.get_num_threads()}")
-    image_model, _ = load_tiny_vlm()
     tokenizer = build_video_tokenizer()
-    model = build_video_model(image_model, tokenizer, seed=cfg.seed).to(args.device).eval()
-    del image_model
+    if args.init is not None:
+        model = load_tiny_video_vlm(path=args.init)[0].float().to(args.device).eval()
+        log(f"continuing from {args.init}")
+    else:
+        image_model, _ = load_tiny_vlm()
+        model = build_video_model(image_model, tokenizer, seed=cfg.seed).to(args.device).eval()
+        del image_model
     processor = TinyVideoProcessor(tokenizer)
     codec = VideoCodec(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
