@@ -68,6 +68,17 @@ class VideoTrainConfig:
     max_extra: float = 0.25  # subsets: at most this share of the other tokens added
     temporal_weight: float = 1.0  # layer-0 "where was this cell" loss (TemporalCapture)
     renumber_prob: float = 0.2  # subsets: share given contiguous positions (as ts.apply does)
+    focus: str = ""  # comma-separated families drawn 3x as often (a second, shorter schedule)
+    last_frame: bool = False  # order / appeared / vanished targets on the last frame only
+
+    def family_weights(self) -> dict[str, float]:
+        """FAMILY_WEIGHTS with the ``focus`` families tripled (unknown names refused)."""
+        names = [f for f in self.focus.split(",") if f]
+        bad = sorted(set(names) - set(FAMILY_WEIGHTS))
+        if bad:
+            raise ValueError(f"focus: unknown families {bad}; expected some of "
+                             f"{sorted(FAMILY_WEIGHTS)}")
+        return {f: w * (3.0 if f in names else 1.0) for f, w in FAMILY_WEIGHTS.items()}
 
     def to_dict(self) -> dict:
         """Plain dict (for logs)."""
@@ -83,11 +94,14 @@ class VideoCodec(PromptCodec):
         self.video_id = self.image_id
 
 
-def attention_target(clip: Clip, q: ClipQuestion, masks: np.ndarray) -> np.ndarray:
+def attention_target(clip: Clip, q: ClipQuestion, masks: np.ndarray,
+                     last_frame: bool = False) -> np.ndarray:
     """[2, 1 + 1153] bool: where heads of the answer position should look (0: the sink).
 
     ``masks``: :meth:`Clip.token_masks`. Counts: each present object's first token in
     the asked frame plus the sink; ``order``: the asked object, then the other one.
+    ``last_frame``: ``order``, ``appeared`` and ``vanished`` look at the last frame only,
+    whose tokens carry the most history (the whole onset, the cell's occupancy).
     """
     target = np.zeros((2, 1 + VIDEO_TOKENS), bool)
     n = NUM_FRAMES * TOKENS_PER_FRAME
@@ -113,6 +127,14 @@ def attention_target(clip: Clip, q: ClipQuestion, masks: np.ndarray) -> np.ndarr
         target[0, 1:1 + n] = masks[list(q.objects)].any(0)
     else:
         target[0, 0] = True
+    if last_frame and q.family in ("order", "appeared", "vanished"):
+        cells = masks[list(q.objects)].reshape(len(q.objects), NUM_FRAMES,
+                                               TOKENS_PER_FRAME).any(1)
+        last = 1 + (NUM_FRAMES - 1) * TOKENS_PER_FRAME
+        target[:, 1:] = False
+        for h in range(len(q.objects) if q.family == "order" else 1):
+            target[h, last:last + TOKENS_PER_FRAME] = cells[h] if q.family == "order" \
+                else cells.any(0)
     return target
 
 
@@ -126,8 +148,9 @@ class BankItem:
     target: int  # index into the clip's target list
 
 
-def build_bank(clips: Sequence[Clip], codec: VideoCodec):
-    """Per clip: questions by family, and the stacked attention targets [Q, 2, 1 + 1153]."""
+def build_bank(clips: Sequence[Clip], codec: VideoCodec, last_frame: bool = False):
+    """Per clip: questions by family, and the stacked attention targets [Q, 2, 1 + 1153]
+    (:func:`attention_target`)."""
     bank, targets = [], []
     for clip in clips:
         masks = clip.token_masks()
@@ -136,7 +159,7 @@ def build_bank(clips: Sequence[Clip], codec: VideoCodec):
         for q in all_questions(clip):
             item = BankItem(codec.suffix(q.question), codec.answer_id(q.answer), q.family,
                             len(tg))
-            tg.append(attention_target(clip, q, masks))
+            tg.append(attention_target(clip, q, masks, last_frame))
             fams.setdefault(q.family, []).append(item)
         bank.append(fams)
         targets.append(np.stack(tg))
@@ -393,12 +416,13 @@ def subset_answer_logits(model, codec: VideoCodec, video_embeds: torch.Tensor,
     return model.lm_head(out.last_hidden_state), lens
 
 
-def sample_rows(bank: list, idx: Sequence[int], k: int, rng: np.random.Generator):
-    """``k`` questions per clip (families drawn by FAMILY_WEIGHTS among those defined)."""
+def sample_rows(bank: list, idx: Sequence[int], k: int, rng: np.random.Generator,
+                weights: dict[str, float] = FAMILY_WEIGHTS):
+    """``k`` questions per clip (families drawn by ``weights`` among those defined)."""
     rows = []
     for i in idx:
         fams = sorted(bank[i])
-        w = np.array([FAMILY_WEIGHTS[f] for f in fams])
+        w = np.array([weights[f] for f in fams])
         picks = rng.choice(len(fams), size=k, p=w / w.sum())
         for p in picks:
             items = bank[i][fams[int(p)]]
@@ -448,6 +472,7 @@ def train_video_lm(model, codec: VideoCodec, cfg: VideoTrainConfig, clips: Seque
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     capture = AttentionCapture(lm)
     temporal = TemporalCapture(lm)
+    weights = cfg.family_weights()
     n, k = len(bank), cfg.questions_per_clip
     order, pos = rng.permutation(n), 0
     hits: dict[str, list[bool]] = {}
@@ -463,7 +488,7 @@ def train_video_lm(model, codec: VideoCodec, cfg: VideoTrainConfig, clips: Seque
                 order, pos = rng.permutation(n), 0
             idx = [int(i) for i in order[pos:pos + cfg.batch]]
             pos += cfg.batch
-            rows = sample_rows(bank, idx, k, rng)
+            rows = sample_rows(bank, idx, k, rng, weights)
             full_step = rng.random() < cfg.full_prob
             sel_np = select_tokens(relevant[idx], rng, full_step, cfg.max_extra)
             renumber = not full_step and rng.random() < cfg.renumber_prob
