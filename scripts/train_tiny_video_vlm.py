@@ -92,7 +92,7 @@ def main() -> None:
 
     t0 = time.time()
     clips, feats = cache_clips(model, "train", cfg.clips, log=log, store=args.feature_store)
-    bank, targets = build_bank(clips, codec, cfg.last_frame)
+    bank, targets = build_bank(clips, codec, cfg.last_frame, cfg.two_hop)
     val_samples = clip_qa("val", cfg.val) if cfg.val else []
     val = None
     if val_samples:

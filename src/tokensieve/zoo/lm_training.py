@@ -409,29 +409,42 @@ class AttentionCapture:
         """Mean over hooked layers and target sets of -log(best head's mass on the set).
 
         ``targets`` [R, S, 1 + K] bool: S target sets over the sink (the first
-        prompt token) and the K kept visual tokens (empty sets are skipped);
+        prompt token) and the K kept visual tokens (empty sets are skipped), or
+        [R, L, S, 1 + K]: sets per hooked layer;
         ``answer_pos`` [R]: suffix index of the answer row.
         ``count_sink_weight`` c > 0: on count sets (the sink and n objects) the
         last layer's best head must also split its attention within the set as
         c : 1 : ... : 1, so its sink share c / (n + c) says n (the mass term
         alone lets a head put everything on the objects, which carries no count).
         """
-        valid = targets.any(-1)  # [R, S]
-        if not self.store or not valid.any():
+        if not self.store or not targets.any():
             return torch.zeros(())
         total = torch.zeros(())
         rows = torch.arange(len(targets))
-        # every hooked layer sees the same keys: one mask over them serves all layers
+        # every hooked layer sees the same keys: one mask over them serves all layers,
+        # unless the targets differ per layer ([R, L, S, 1 + K]: a two-hop lookup)
         n_keys = self.store[0][1].shape[2]
-        mask = torch.zeros(*targets.shape[:2], n_keys)
-        mask[..., 0] = targets[..., 0].float()
-        mask[..., n_text:n_text + targets.shape[-1] - 1] = targets[..., 1:].float()
-        # count sets (the sink and n objects), split c : 1 : ... : 1 (see above)
-        r, t = (targets[..., 0] & targets[..., 1:].any(-1)).nonzero(as_tuple=True)
-        split = mask[r, t].clone()
-        split[:, 0] *= count_sink_weight
-        split = split / split.sum(-1, keepdim=True).clamp(min=1e-12)
+        per_layer = targets.dim() == 4
+
+        def sets(tg: torch.Tensor):
+            valid = tg.any(-1)  # [R, S]
+            mask = torch.zeros(*tg.shape[:2], n_keys)
+            mask[..., 0] = tg[..., 0].float()
+            mask[..., n_text:n_text + tg.shape[-1] - 1] = tg[..., 1:].float()
+            # count sets (the sink and n objects), split c : 1 : ... : 1 (see above)
+            r, t = (tg[..., 0] & tg[..., 1:].any(-1)).nonzero(as_tuple=True)
+            split = mask[r, t].clone()
+            split[:, 0] *= count_sink_weight
+            split = split / split.sum(-1, keepdim=True).clamp(min=1e-12)
+            return valid, mask, r, t, split
+
+        if not per_layer:
+            valid, mask, r, t, split = sets(targets)
         for layer, (q, keys, scaling) in enumerate(self.store):
+            if per_layer:
+                valid, mask, r, t, split = sets(targets[:, layer])
+                if not valid.any():
+                    continue
             plen = keys.shape[2] - q.shape[2]
             qr = q[rows, :, answer_pos].float()  # [R, H, d]
             scores = torch.einsum("rhd,rhkd->rhk", qr, keys.float()) * scaling

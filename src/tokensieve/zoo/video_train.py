@@ -70,6 +70,7 @@ class VideoTrainConfig:
     renumber_prob: float = 0.2  # subsets: share given contiguous positions (as ts.apply does)
     focus: str = ""  # comma-separated families drawn 3x as often (a second, shorter schedule)
     last_frame: bool = False  # order / appeared / vanished targets on the last frame only
+    two_hop: bool = False  # vanished: layer 1 on what is there at the end, layer 2 on it
 
     def family_weights(self) -> dict[str, float]:
         """FAMILY_WEIGHTS with the ``focus`` families tripled (unknown names refused)."""
@@ -92,6 +93,24 @@ class VideoCodec(PromptCodec):
     def __init__(self, tokenizer) -> None:
         super().__init__(tokenizer, VIDEO_TOKEN, VIDEO_PROMPT, strict=True)
         self.video_id = self.image_id
+
+
+def two_hop_target(clip: Clip, q: ClipQuestion, masks: np.ndarray,
+                   target: np.ndarray) -> np.ndarray:
+    """[2, 2, 1 + 1153]: ``target`` for both hooked LM layers, except ``vanished``: layer 1
+    looks at every object of the last frame (the colours still there), layer 2 at the
+    vanished object's own tokens (the frame-0 object whose colour is not among them)."""
+    out = np.stack([target, target])
+    if q.family == "vanished":
+        n = NUM_FRAMES * TOKENS_PER_FRAME
+        at_end = [j for j, o in enumerate(clip.objects) if o.present(NUM_FRAMES - 1)]
+        grid = masks[at_end].any(0).reshape(NUM_FRAMES, TOKENS_PER_FRAME)
+        end = np.zeros_like(grid)
+        end[-1] = grid[-1]
+        out[:, :, 1:] = False
+        out[0, 0, 1:1 + n] = end.reshape(-1)
+        out[1, 0, 1:1 + n] = masks[q.objects[0]]
+    return out
 
 
 def attention_target(clip: Clip, q: ClipQuestion, masks: np.ndarray,
@@ -148,9 +167,10 @@ class BankItem:
     target: int  # index into the clip's target list
 
 
-def build_bank(clips: Sequence[Clip], codec: VideoCodec, last_frame: bool = False):
+def build_bank(clips: Sequence[Clip], codec: VideoCodec, last_frame: bool = False,
+               two_hop: bool = False):
     """Per clip: questions by family, and the stacked attention targets [Q, 2, 1 + 1153]
-    (:func:`attention_target`)."""
+    (:func:`attention_target`), or [Q, 2 layers, 2, 1 + 1153] with ``two_hop``."""
     bank, targets = [], []
     for clip in clips:
         masks = clip.token_masks()
@@ -159,7 +179,8 @@ def build_bank(clips: Sequence[Clip], codec: VideoCodec, last_frame: bool = Fals
         for q in all_questions(clip):
             item = BankItem(codec.suffix(q.question), codec.answer_id(q.answer), q.family,
                             len(tg))
-            tg.append(attention_target(clip, q, masks, last_frame))
+            target = attention_target(clip, q, masks, last_frame)
+            tg.append(two_hop_target(clip, q, masks, target) if two_hop else target)
             fams.setdefault(q.family, []).append(item)
         bank.append(fams)
         targets.append(np.stack(tg))
@@ -510,7 +531,8 @@ def train_video_lm(model, codec: VideoCodec, cfg: VideoTrainConfig, clips: Seque
                 logits[r, apos + 1].float(), torch.full_like(ans, codec.eos_id))
             full = torch.from_numpy(np.stack([targets[i][it.target] for i, it in rows]))
             keep = torch.from_numpy(sel_np).repeat_interleave(k, 0)
-            kept = torch.gather(full[..., 1:], 2, keep[:, None].expand(-1, 2, -1))
+            idx = keep.view(len(keep), *([1] * (full.dim() - 2)), -1)
+            kept = torch.gather(full[..., 1:], -1, idx.expand(*full.shape[:-1], -1))
             tg = torch.cat([full[..., :1], kept], -1)
             attn_loss = capture.loss(tg, apos.cpu(), len(codec.prefix))
             time_loss = (temporal.loss(sel, len(codec.prefix)) if cfg.temporal_weight
