@@ -150,7 +150,7 @@ def test_checkpoint_answers_clips():
     samples = clip_qa("test", 24)
     preds = answer_video(model, processor, samples, batch_size=12)
     acc = accuracy_by_family(samples, preds)
-    assert acc["overall"] >= 0.5, acc  # test split: 71.5 %; chance 33.5 %
+    assert acc["overall"] >= 0.85, acc  # test split: 92.5 %; chance 33.5 %
     # left padding: a sample answers the same alone and in a batch
     assert answer_video(model, processor, samples[:1], batch_size=1) == preds[:1]
 

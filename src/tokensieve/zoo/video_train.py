@@ -52,8 +52,8 @@ FAMILY_WEIGHTS = {"moved": 1.5, "direction": 1.5, "appeared": 1.5, "vanished": 1
 class VideoTrainConfig:
     """Sizes and schedule of the video LM training."""
 
-    clips: int = 1600  # training clips (features cached once)
-    steps: int = 850
+    clips: int = 3000  # training clips (features cached once)
+    steps: int = 2000
     batch: int = 8  # clips per step
     questions_per_clip: int = 12
     lr: float = 1e-3
