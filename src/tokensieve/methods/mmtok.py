@@ -44,6 +44,20 @@ class MMTokConfig:
                 raise ValueError(f"{name}={v!r}: expected a finite temperature > 0")
 
 
+def unit_scales(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, 1 / ||x||)``: float32 tokens ``[N, D]`` and the inverse norms ``[N]`` that make
+    ``x_i . x_j * inv_i * inv_j`` their cosine, without a normalised copy of the tokens.
+    Tokens whose norms leave ``[2^-40, 2^40]`` (where float32 dot products could overflow
+    or lose the direction) are normalised first (:func:`~tokensieve.core.ops.normalize`)."""
+    xf = tokens.float()
+    norm = xf.norm(2, -1)
+    lo, hi = torch.aminmax(norm)
+    if not (float(hi) <= 2.0 ** 40 and float(lo) >= 2.0 ** -40):
+        xf = normalize(tokens)
+        norm = xf.norm(2, -1)
+    return xf, 1.0 / norm.clamp_min(1e-12)
+
+
 def coverage_matrix(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
                     config: MMTokConfig, out: Tensor | None = None) -> Tensor:
     """MMTok's coverage matrix of one sample: ``[m + N, N]`` float32, ``C = [P; alpha Q]``.
@@ -52,30 +66,25 @@ def coverage_matrix(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
     ``Q = softmax_row(cos(x, x) / tau_vv) / N``, for ``tokens`` ``[N, D]``, ``text`` ``[M, D]``.
     ``out`` (``[m + N, N]`` contiguous float32) receives it if given.
     """
-    xn = normalize(tokens)
+    xs, inv = unit_scales(tokens)
     zn = normalize(text if text_mask is None else text[text_mask])
-    m, n = zn.shape[0], xn.shape[0]
-    cover = torch.empty(m + n, n, device=xn.device) if out is None else out
-    cover[:m] = torch.softmax(zn @ xn.T * (1.0 / config.tau_tv), dim=1) / m
+    m, n = zn.shape[0], xs.shape[0]
+    cover = torch.empty(m + n, n, device=xs.device) if out is None else out
+    cover[:m] = torch.softmax((zn @ xs.T).mul_(inv).mul_(1.0 / config.tau_tv), dim=1) / m
     inv_tau = 1.0 / config.tau_vv
-    # the one N x N matrix, already divided by the temperature, softmaxed in place (no
-    # N x N temporary: a fresh buffer of that size costs page faults on every call)
-    q = cover[m:]
-    if n <= FULL_GEMM_MAX_N:
-        torch.mm(xn, xn.T, out=q).mul_(inv_tau)
-    else:
-        symmetric_gram(xn, out=q, transform=lambda blk, rows, cols: blk.mul_(inv_tau))
+
+    def cosine_over_tau(blk: Tensor, rows: slice, cols: slice) -> Tensor:
+        return blk.mul_(inv[rows, None]).mul_(inv[cols] * inv_tau)
+
+    # the one N x N matrix of cosines, already divided by the temperature, softmaxed in
+    # place (no N x N temporary: a fresh buffer of that size costs page faults every call)
+    q = symmetric_gram(xs, out=cover[m:], exact=False, transform=cosine_over_tau)
     step = max(1, (1 << 19) // n)             # row chunks of ~2 MB stay in cache
     for s in range(0, n, step):
         chunk = q[s:s + step]
         torch.softmax(chunk, dim=1, out=chunk).mul_(config.alpha / n)
     return cover
 
-
-#: Up to this many tokens one GEMM builds the vision-vision similarities: at N = 576 on one
-#: CPU thread it beats :func:`symmetric_gram`'s half-size blocks (5.7 vs 6.2 ms at D = 1024),
-#: which win from about a thousand tokens on (18 vs 22 ms at 1,152).
-FULL_GEMM_MAX_N = 768
 
 
 #: The coverage matrices of a batch go through one greedy loop this many bytes at a time.
