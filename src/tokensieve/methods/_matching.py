@@ -90,6 +90,21 @@ class Matching:
         count.scatter_add_(1, dst_slot, torch.ones_like(dst_slot))  # integer: exact
         return count.float()
 
+    def _levels(self, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The merged A tokens grouped by destination slot, by ascending input index
+        within a slot: ``(slot [B, r], src [B, r], level [B * r])``; ``level`` is each one's
+        rank within its slot, so no two tokens of one level share a slot."""
+        b, r = self.src.shape
+        dst_slot = self.slot.gather(1, self.src)
+        order = torch.argsort(dst_slot * t + self.src, dim=1)  # unique keys
+        slot_sorted = dst_slot.gather(1, order)
+        src_sorted = self.src.gather(1, order)
+        pos = torch.arange(r, device=self.src.device).expand(b, -1)
+        first = torch.ones_like(slot_sorted, dtype=torch.bool)
+        first[:, 1:] = slot_sorted[:, 1:] != slot_sorted[:, :-1]
+        level = (pos - torch.where(first, pos, 0).cummax(dim=1).values).reshape(-1)
+        return slot_sorted, src_sorted, level
+
     def _sum(self, x: Tensor) -> Tensor:
         """Slot sums of float32 ``x`` ``[B, T, C]``, in a fixed order on every device.
 
@@ -105,14 +120,7 @@ class Matching:
         flat_x = x.reshape(b * t, c)
         out = flat_x.index_select(0, (self.kept + t * rows).reshape(-1))  # [B * k, C]
         if r:
-            dst_slot = self.slot.gather(1, self.src)
-            order = torch.argsort(dst_slot * t + self.src, dim=1)  # unique keys
-            slot_sorted = dst_slot.gather(1, order)
-            src_sorted = self.src.gather(1, order)
-            pos = torch.arange(r, device=dev).expand(b, -1)
-            first = torch.ones_like(slot_sorted, dtype=torch.bool)
-            first[:, 1:] = slot_sorted[:, 1:] != slot_sorted[:, :-1]
-            level = (pos - torch.where(first, pos, 0).cummax(dim=1).values).reshape(-1)
+            slot_sorted, src_sorted, level = self._levels(t)
             out_row = (slot_sorted + k * rows).reshape(-1)
             in_row = (src_sorted + t * rows).reshape(-1)
             for j in range(int(level.max()) + 1):
@@ -149,16 +157,9 @@ class Matching:
         r = self.src.shape[1]
         if r == 0:
             return out, new_sizes
-        k, dev = self.num_out, x.device
-        rows = torch.arange(b, device=dev).unsqueeze(1)
-        dst_slot = self.slot.gather(1, self.src)
-        order = torch.argsort(dst_slot * t + self.src, dim=1)  # unique keys
-        slot_sorted = dst_slot.gather(1, order)
-        src_sorted = self.src.gather(1, order)
-        pos = torch.arange(r, device=dev).expand(b, -1)
-        first = torch.ones_like(slot_sorted, dtype=torch.bool)
-        first[:, 1:] = slot_sorted[:, 1:] != slot_sorted[:, :-1]
-        level = (pos - torch.where(first, pos, 0).cummax(dim=1).values).reshape(-1)
+        k = self.num_out
+        rows = torch.arange(b, device=x.device).unsqueeze(1)
+        slot_sorted, src_sorted, level = self._levels(t)
         flat_slot = (slot_sorted + k * rows).reshape(-1)
         touched = torch.unique(flat_slot)  # sorted flat slots
         at = torch.searchsorted(touched, flat_slot)

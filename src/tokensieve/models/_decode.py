@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +29,14 @@ from torch import Tensor
 from tokensieve.core.api import ReduceConfig
 from tokensieve.core.registry import MethodSpec
 from tokensieve.methods.dycoke_llm import top_attended
-from tokensieve.models._llm import _CALL, CallInputs, _cache_of, find_text_model, layer_mask
+from tokensieve.models._llm import (
+    _CALL,
+    CallInputs,
+    HookedStage,
+    _cache_of,
+    find_text_model,
+    layer_mask,
+)
 from tokensieve.models._llm_scores import cached_attention_row
 
 
@@ -52,7 +57,7 @@ class _Step:
     masks: dict[str, Any] = field(default_factory=dict)
 
 
-class DecodeStage:
+class DecodeStage(HookedStage):
     """Per-instance hooks that run a decoding-time method inside the language model.
 
     Args:
@@ -85,15 +90,6 @@ class DecodeStage:
         """Tokens of a run of ``n`` that a pruning step leaves visible."""
         return min(n, self.schedule.visible(n, self.config.keep))
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        del state["_run"], state["_last"], state["records"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._new_context()
-
     def _new_context(self) -> None:
         self.records: weakref.WeakKeyDictionary[Any, _Runs] = weakref.WeakKeyDictionary()
         self._run: contextvars.ContextVar[CallInputs | _Step | None] = contextvars.ContextVar(
@@ -121,20 +117,6 @@ class DecodeStage:
         for i in range(self.layer, self.depth):
             self._handles.append(text.layers[i].register_forward_pre_hook(
                 part(self._later_layer, i), with_kwargs=True))
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    @contextmanager
-    def call(self, inputs: CallInputs) -> Iterator[None]:
-        """Run the model's own forward with ``inputs`` visible to the hooks."""
-        token = _CALL.set(inputs)
-        try:
-            yield
-        finally:
-            _CALL.reset(token)
 
     # -- hooks ----------------------------------------------------------------------------------
     def _text_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -119,6 +119,41 @@ class _Continue:
     masks: dict[tuple[int, str], Any] = field(default_factory=dict)
 
 
+class HookedStage:
+    """What the in-LLM stages share: their hook handles and the call's inputs, which the
+    patched forward hands them for the length of the model's own forward."""
+
+    _handles: list[Any]
+
+    def _new_context(self) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles keep the hooks (bound to the copy) but no per-call state: the
+        copy continues no cache of the original (it refuses a cut one)."""
+        state = dict(self.__dict__)
+        del state["_run"], state["_last"], state["records"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._new_context()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def call(self, inputs: CallInputs) -> Iterator[None]:
+        """Run the model's own forward with ``inputs`` visible to the hooks."""
+        token = _CALL.set(inputs)
+        try:
+            yield
+        finally:
+            _CALL.reset(token)
+
+
 def layer_mask(text: torch.nn.Module, kind: str, window: int | None, layer_idx: int,
                hidden: Tensor, mask2d: Tensor, cache: Any, block_ids: Tensor | None) -> Any:
     """The attention mask decoder layer ``layer_idx`` (of type ``kind``) gets for ``hidden``
@@ -172,7 +207,7 @@ def _take(x: Tensor, gather: Tensor) -> Tensor:
     return torch.gather(x, 1, idx)
 
 
-class LlmStage:
+class LlmStage(HookedStage):
     """Hooks that cut image tokens inside the LLM with one in-LLM method.
 
     Args:
@@ -208,17 +243,6 @@ class LlmStage:
         self._new_context()
         self._handles: list[Any] = []
         self._check_counts()
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles keep the hooks (bound to the copy) but no per-call state: the
-        copy continues no cache of the original (it refuses a cut one)."""
-        state = dict(self.__dict__)
-        del state["_run"], state["_last"], state["records"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._new_context()
 
     def _new_context(self) -> None:
         """Per-call state: the cache records of this stage, and per thread the running call
@@ -257,20 +281,6 @@ class LlmStage:
             for cut in self.layers:
                 self._capture(cut - 1)
         self._handles.append(text.norm.register_forward_pre_hook(self._norm_pre))
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    @contextmanager
-    def call(self, inputs: CallInputs) -> Iterator[None]:
-        """Run the model's own forward with ``inputs`` visible to the hooks."""
-        token = _CALL.set(inputs)
-        try:
-            yield
-        finally:
-            _CALL.reset(token)
 
     # -- per call -----------------------------------------------------------------------------
     def _text_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
