@@ -25,7 +25,6 @@ Run with the vLLM environment's python::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -36,6 +35,8 @@ from typing import Any
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tokensieve.integrations.vllm._common import shutdown_llm  # noqa: E402
 
 BUDGETS = (192, 128, 64)
 IMAGE_TOKENS = 576
@@ -52,14 +53,6 @@ def make_llm(overrides: dict[str, Any], max_num_seqs: int) -> Any:
                max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
                enable_prefix_caching=False, mm_processor_cache_gb=0,
                distributed_executor_backend="uni", seed=0, disable_log_stats=False)
-
-
-def close(llm: Any) -> None:
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
-    del llm
-    gc.collect()
 
 
 def run_batch(llm: Any, requests: list[dict[str, Any]], max_tokens: int,
@@ -90,7 +83,7 @@ def bench(setting: str, overrides: dict[str, Any], batches: list[list[dict[str, 
         run_batch(llm, batches[0][:max(4, len(batches[0]) // 8)], max_tokens)  # warm-up
         runs = [run_batch(llm, b, max_tokens) for b in batches]
     finally:
-        close(llm)
+        shutdown_llm(llm)
     n = len(batches[0])
     walls = [r["wall"] for r in runs]
     return {"setting": setting, "engine_start_s": start,

@@ -11,7 +11,6 @@ seconds each once vLLM is imported.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -28,6 +27,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed "
                     "(scripts/setup_vllm_env.sh builds an environment with it)")
 
 from tokensieve.integrations.vllm import hf_overrides, parse  # noqa: E402
+from tokensieve.integrations.vllm._common import shutdown_llm  # noqa: E402
 from tokensieve.zoo import CHECKPOINT_DIR, scene_qa  # noqa: E402
 from tokensieve.zoo.build import PROMPT, build_tokenizer  # noqa: E402
 
@@ -89,14 +89,6 @@ def _answers(llm: Any, samples: list) -> tuple[list[str], list[int]]:
     return [o.outputs[0].text.strip() for o in outs], [len(o.prompt_token_ids) for o in outs]
 
 
-def _close(llm: Any) -> None:
-    shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if shutdown is not None and hasattr(shutdown, "shutdown"):
-        shutdown.shutdown()
-    del llm
-    gc.collect()
-
-
 @pytest.fixture(scope="module", params=("plain", *METHODS))
 def served(request: pytest.FixtureRequest, samples: list) -> tuple[str, list[str], list[int]]:
     """One engine per setting (plain: the plugin's architecture without a method):
@@ -110,7 +102,7 @@ def served(request: pytest.FixtureRequest, samples: list) -> tuple[str, list[str
     try:
         answers, lengths = _answers(llm, samples)
     finally:
-        _close(llm)
+        shutdown_llm(llm)
     return name, answers, lengths
 
 

@@ -14,7 +14,6 @@ written). Engines run in this process, a few seconds each once vLLM is imported.
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 import tokensieve as ts  # noqa: E402
 from tokensieve.core.budget import resolve_keep  # noqa: E402
 from tokensieve.integrations.vllm import hf_overrides  # noqa: E402
+from tokensieve.integrations.vllm._common import shutdown_llm  # noqa: E402
 
 PROMPT = "<|vision_start|><|image_pad|><|vision_end|>What is shown ?"
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -165,14 +165,6 @@ def make_llm(path: Path, overrides: dict[str, Any]) -> Any:
                distributed_executor_backend="uni", seed=0)
 
 
-def close(llm: Any) -> None:
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
-    del llm
-    gc.collect()
-
-
 def vllm_answers(path: Path, overrides: dict[str, Any]) -> list[Answer]:
     from vllm import SamplingParams
 
@@ -182,7 +174,7 @@ def vllm_answers(path: Path, overrides: dict[str, Any]) -> list[Answer]:
         outs = llm.generate(reqs, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                  logprobs=1), use_tqdm=False)
     finally:
-        close(llm)
+        shutdown_llm(llm)
     answers = []
     for o in outs:
         c = o.outputs[0]
@@ -260,4 +252,4 @@ def test_image_below_budget_fails_its_request_only(checkpoints: dict[str, Path])
                            params, use_tqdm=False)
         assert len(out[0].prompt_token_ids) == TEXT_TOKENS + 16
     finally:
-        close(llm)
+        shutdown_llm(llm)

@@ -96,3 +96,15 @@ def patch_cpu_runner() -> None:
 
     load_model._tokensieve = True  # type: ignore[attr-defined]
     CPUModelRunner.load_model = load_model  # type: ignore[method-assign]
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop an offline ``vllm.LLM``'s engine core (its worker processes and sockets) and
+    collect what it held, so that the next engine in the same process starts clean."""
+    import gc
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
