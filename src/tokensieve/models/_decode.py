@@ -34,7 +34,6 @@ from tokensieve.models._llm import (
     CallInputs,
     HookedStage,
     _cache_of,
-    find_text_model,
     layer_mask,
 )
 from tokensieve.models._llm_scores import cached_attention_row
@@ -68,22 +67,13 @@ class DecodeStage(HookedStage):
     """
 
     def __init__(self, model: torch.nn.Module, spec: MethodSpec, config: ReduceConfig) -> None:
-        self.text = find_text_model(model)
-        self.spec = spec
-        self.config = config
-        self.schedule = spec.make_config(dict(config.options))
-        self.depth = len(self.text.layers)
+        super().__init__(model, spec, config)
         self.layer = self.schedule.decode_layer(self.depth)
-        cfg = self.text.config
-        self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] *
-                                self.depth)
-        self.window = getattr(cfg, "sliding_window", None)
         if self.layer_types[self.layer - 1] == "sliding_attention":
             raise ValueError(f"{spec.name}: layer {self.layer - 1}, whose attention selects the "
                              "visual tokens, attends within a sliding window (its cache holds "
                              "only the window); choose `layer` after a full-attention layer")
         self.visible(576)  # the budget's type and range, at apply time
-        self._handles: list[Any] = []
         self._new_context()
 
     def visible(self, n: int) -> int:

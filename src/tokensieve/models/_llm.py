@@ -123,7 +123,17 @@ class HookedStage:
     """What the in-LLM stages share: their hook handles and the call's inputs, which the
     patched forward hands them for the length of the model's own forward."""
 
-    _handles: list[Any]
+    def __init__(self, model: torch.nn.Module, spec: MethodSpec, config: ReduceConfig) -> None:
+        self.text = find_text_model(model)
+        self.spec = spec
+        self.config = config
+        self.schedule = spec.make_config(dict(config.options))
+        self.depth = len(self.text.layers)
+        cfg = self.text.config
+        self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] *
+                                self.depth)
+        self.window = getattr(cfg, "sliding_window", None)
+        self._handles: list[Any] = []
 
     def _new_context(self) -> None:
         raise NotImplementedError
@@ -217,17 +227,12 @@ class LlmStage(HookedStage):
             ``None`` for the method's official budget).
     """
 
+    schedule: LlmSchedule
+
     def __init__(self, model: torch.nn.Module, spec: MethodSpec, config: ReduceConfig) -> None:
-        self.text = find_text_model(model)
-        self.spec = spec
-        self.config = config
-        self.schedule: LlmSchedule = spec.make_config(dict(config.options))
-        self.depth = len(self.text.layers)
+        super().__init__(model, spec, config)
         self.layers = self.schedule.cut_layers(self.depth)
         cfg = self.text.config
-        self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] *
-                                self.depth)
-        self.window = getattr(cfg, "sliding_window", None)
         rope = getattr(self.text, "rotary_emb", None)
         self.mrope = "mrope_section" in str(getattr(cfg, "rope_parameters", None) or {}) or \
             hasattr(rope, "mrope_section")
@@ -241,7 +246,6 @@ class LlmStage(HookedStage):
         #: ``protect``).
         self.protect_source: Callable[[], list[Tensor] | None] | None = None
         self._new_context()
-        self._handles: list[Any] = []
         self._check_counts()
 
     def _new_context(self) -> None:
