@@ -161,6 +161,23 @@ def test_stage_equals_hand_run_tower_and_batches_pad():
     assert_untouched(m, before)
 
 
+def test_a_batch_where_one_image_merges_nothing_equals_single_images():
+    m = backbone("clip")
+    pv = pixels(2)
+    out = run(m, pv).hidden_states[1][:, 1:]
+    best = window_similarity(out, (8, 8), 2).max(dim=1).values
+    thr = float(best.mean())  # between the two images' most similar windows
+    lo = int(best.argmin())
+    ts.apply(m, "mustdrop-merge", threshold=thr, window=2)
+    alone = run(m, pv[lo:lo + 1]).last_hidden_state
+    ts.remove(m)
+    assert alone.shape[1] == 65  # this image merges nothing, the other does
+    both = check_batch_equals_single(m, pv, "mustdrop-merge", threshold=thr, window=2)
+    untouched = run(m, pv).last_hidden_state
+    assert both.shape[1] == 65 and torch.equal(both[lo], untouched[lo])
+    assert bool((both[1 - lo, -1] == 0).all())  # the other image merged: padded
+
+
 def test_nothing_similar_is_untouched():
     m = backbone("clip")
     pv = pixels(2)

@@ -315,20 +315,19 @@ class MustDropMergeSchedule(EncoderSchedule):
         side = math.isqrt(n)
         if side * side != n:
             raise ValueError(f"mustdrop-merge: {n} patch tokens are not a square grid")
-        cap = None if param is None or int(param) >= n else int(param)
-        sim = window_similarity(tokens[:, c:], (side, side), self.window)
-        assignment, positions, counts = merge_plan(sim, (side, side), self.window,
-                                                   self.threshold, cap, self.order)
-        if max(counts) == n:
+        # the schedule's only reduction: no earlier step has given the tokens sizes
+        assert sizes is None
+        r = mustdrop_merge(tokens[:, c:], n if param is None else min(int(param), n),
+                           Signals(grid=(side, side)), self.config, None)
+        if r.mask is None and r.tokens.shape[1] == n:  # no image merged a window
             return None
         dev = tokens.device
-        width = positions.shape[1] + c
         head = torch.zeros(b, c, dtype=torch.long, device=dev)
-        slot = torch.cat([head, assignment + c], dim=1)
-        kept = torch.cat([head, positions + c], dim=1)
-        prior = torch.ones(b, t, device=dev) if sizes is None else sizes.float()
-        out, new_sizes = merge_into_slots(tokens, slot, width, weights=prior)
-        real = torch.arange(width, device=dev)[None] < (torch.tensor(counts, device=dev)
-                                                         + c)[:, None]
-        mask = None if len(set(counts)) == 1 else real
-        return PaddedLayerStep(tokens=out, sizes=new_sizes, slot=slot, kept=kept, mask=mask)
+        assert r.assignment is not None and r.positions is not None and r.sizes is not None
+        mask = None if r.mask is None else torch.cat(
+            [torch.ones(b, c, dtype=torch.bool, device=dev), r.mask], dim=1)
+        return PaddedLayerStep(
+            tokens=torch.cat([tokens[:, :c], r.tokens], dim=1),
+            sizes=torch.cat([torch.ones(b, c, device=dev), r.sizes], dim=1),
+            slot=torch.cat([head, r.assignment + c], dim=1),
+            kept=torch.cat([head, r.positions + c], dim=1), mask=mask)
