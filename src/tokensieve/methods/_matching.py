@@ -54,6 +54,13 @@ class Matching:
     src: Tensor
     dst: Tensor
 
+    def _shape(self, x: Tensor) -> tuple[int, int, int]:
+        """``x``'s ``(B, T, C)``; ValueError unless ``T`` is the matched set's size."""
+        b, t, c = x.shape
+        if t != self.slot.shape[1]:
+            raise ValueError(f"x has {t} tokens, expected {self.slot.shape[1]} (the matched set)")
+        return b, t, c
+
     @property
     def num_out(self) -> int:
         """``T - r``, the number of output slots."""
@@ -67,9 +74,7 @@ class Matching:
         """
         if mode not in _MERGE_MODES:
             raise ValueError(f"mode={mode!r}: expected one of {_MERGE_MODES}")
-        b, t, c = x.shape
-        if t != self.slot.shape[1]:
-            raise ValueError(f"x has {t} tokens, expected {self.slot.shape[1]} (the matched set)")
+        b, t, c = self._shape(x)
         k = self.num_out
         xf = x.float()
         if mode == "amax":  # order-independent, so the atomic reduction is deterministic
@@ -143,9 +148,7 @@ class Matching:
         Returns:
             ``(x' [B, T - r, C] in x's dtype, sizes' [B, T - r] float32)``.
         """
-        b, t, c = x.shape
-        if t != self.slot.shape[1]:
-            raise ValueError(f"x has {t} tokens, expected {self.slot.shape[1]} (the matched set)")
+        b, t, c = self._shape(x)
         s = torch.ones(b, t, device=x.device) if sizes is None else sizes.float()
         new_sizes = self._sum(s.unsqueeze(-1)).squeeze(-1)
         # A slot that received no merged token is its survivor unchanged: gather them in x's
