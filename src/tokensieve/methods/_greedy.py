@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -375,10 +376,14 @@ def greedy_coverage(cover: Tensor, k: int) -> Tensor:
     costs ``O(changed rows x N)`` instead of ``O(R x N)``. Returns picks in pick order.
 
     The rows a pick improves shrink fast (at N = 576 a few dozen after the first picks), so
-    a step's cost is mostly per-call overhead: the loop keeps to about a dozen tensor calls
-    per step, each on the improved rows only, and gathers no rows when every row improved.
+    a step's cost is mostly per-call overhead. On CPU the loop therefore runs on NumPy views
+    of the same memory (a NumPy call costs about a fifth of a torch call), with the same
+    float32 operations in the same order; elsewhere it keeps to about a dozen tensor calls
+    per step, each on the improved rows only.
     """
     cover = cover.float()
+    if cover.device.type == "cpu" and not cover.requires_grad:
+        return torch.from_numpy(_greedy_coverage_cpu(cover.contiguous(), k))
     dev = cover.device
     best = torch.zeros(cover.shape[0], device=dev)
     gain = cover.sum(dim=0)
@@ -396,6 +401,41 @@ def greedy_coverage(cover: Tensor, k: int) -> Tensor:
         best.index_copy_(0, rows, new)
         gain[j] = -math.inf
     return torch.tensor(picks, dtype=torch.long, device=dev)
+
+
+def _greedy_coverage_cpu(cover: Tensor, k: int) -> np.ndarray:
+    """:func:`greedy_coverage`'s loop on NumPy views of a contiguous CPU ``cover``: the
+    same float32 operations in chunks of the same size, the row sums by torch (NumPy sums
+    in another order, and near-ties then pick differently), so the same gains and picks
+    (first index on ties)."""
+    c = cover.numpy()
+    r, n = c.shape
+    best = np.zeros(r, dtype=np.float32)
+    gain = cover.sum(dim=0).numpy().copy()
+    chunk = _coverage_chunk(n)
+    picks = np.empty(k, dtype=np.int64)
+    for t in range(k):
+        j = int(gain.argmax())
+        picks[t] = j
+        if t == k - 1:
+            break
+        col = c[:, j]
+        rows = np.flatnonzero(col > best)
+        for s in range(0, rows.shape[0], chunk):
+            part = rows[s:s + chunk]
+            if t == 0 and part.shape[0] == r:
+                # the first pick improves every row from 0: max(c, 0) - 0 is c (c >= 0)
+                lost = np.minimum(c, col[:, None])
+            else:
+                old = best[part][:, None]
+                lost = c[part]
+                np.maximum(lost, old, out=lost)
+                np.minimum(lost, col[part][:, None], out=lost)
+                lost -= old
+            gain -= torch.from_numpy(lost).sum(dim=0).numpy()   # torch's summation order
+        best[rows] = col[rows]
+        gain[j] = -np.inf
+    return picks
 
 
 def greedy_coverage_batch(cover: Tensor, k: int) -> Tensor:

@@ -124,9 +124,20 @@ def mmtok(tokens: Tensor, k: int, signals: Signals, config: MMTokConfig,
     text_dim_check(tokens, text, "mmtok")
     mask = signals.text_mask
     b, n = tokens.shape[:2]
+    if tokens.device.type == "cpu":
+        # one sample at a time in one reused buffer: the greedy loop (NumPy on CPU, see
+        # greedy_coverage) reads the matrix while it is still in cache
+        buf = torch.empty(n + text.shape[1], n)
+        picks = []
+        for i in range(b):
+            m = text.shape[1] if mask is None else int(mask[i].sum())
+            cover = coverage_matrix(tokens[i], text[i], None if mask is None else mask[i],
+                                    config, out=buf[: n + m])
+            picks.append(greedy_coverage(cover, k))
+        return select(tokens, torch.stack(picks))
     rows = n + (text.shape[1] if mask is None else int(mask.sum(dim=1).max()))
-    # samples whose coverage matrices share a shape run one batched greedy loop, up to
-    # COVER_BATCH_BYTES of matrices at a time
+    # elsewhere samples whose coverage matrices share a shape run one batched greedy loop
+    # (fewer kernel launches), up to COVER_BATCH_BYTES of matrices at a time
     step = max(1, COVER_BATCH_BYTES // max(1, 4 * rows * n))
     picks = []
     for s in range(0, b, step):
