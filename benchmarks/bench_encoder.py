@@ -7,11 +7,18 @@ A ``CLIPVisionModel`` with CLIP-L/14 at 336 px sizes (24 layers, width 1024, 16 
 
 - the tower's forward per batch size (wall and process CPU seconds; with ``--threads 1``
   the CPU time is the compute cost, robust to other jobs on a shared machine);
+- the speed-up, the median over rounds of the round's untouched / patched CPU time;
 - the FLOPs-ideal speed-up ``MACs(untouched) / MACs(patched)`` from the tokens every layer
   runs on (``EncoderStage.layer_tokens``, ``tokensieve.bench.flops``), and measured / ideal;
 - the overhead of the reduction per reducing layer: the signal from the layer's q / k and
   the schedule's step (ToMe's matching and merge, EViT's ranking and fusion) timed alone on
-  inputs of that layer's shape, summed over the layers that reduce.
+  inputs of that layer's shape, summed over the layers that reduce;
+- the static-shape speed-up: the untouched tower's own layers run on the token counts the
+  method leaves at every layer (attention and MLP each on its count; the tokens are simply
+  cut, no method work), timed in the same rounds. It is the best any reduction with those
+  counts can reach on this machine: ``measured / static`` is the method's own efficiency,
+  ``static / ideal`` how far the layers' matmuls fall short of scaling with their FLOPs at
+  the reduced counts.
 
 Run: ``python benchmarks/bench_encoder.py --threads 1 --batches 1,2,4 --repeats 5``.
 """
@@ -55,6 +62,28 @@ def tower_macs(model: CLIPVisionModel, tokens: list[tuple[int, int]]) -> int:
     second); the patch embedding is the same for every variant and left out."""
     dims = StackDims.from_config(model.config, gated=False)
     return sum(dims.layer_macs(a, mlp_tokens=b) for a, b in tokens)
+
+
+def paired_ratio(ref: list[float], other: list[float]) -> float:
+    """Median over rounds of ``ref[i] / other[i]``: each round times every variant back to
+    back, so a round's ratio cancels the slow drifts of a shared machine that a ratio of
+    two medians keeps."""
+    return statistics.median(a / b for a, b in zip(ref, other, strict=True))
+
+
+def static_forward(model: CLIPVisionModel, pixels: torch.Tensor,
+                   tokens: list[tuple[int, int]]) -> torch.Tensor:
+    """The untouched tower with its tokens cut to ``tokens`` ``[(attention, mlp)]`` per layer
+    (each layer's attention on the first count, its MLP on the second): the same modules and
+    kernels as the untouched forward, no reduction work."""
+    vm = model.vision_model if hasattr(model, "vision_model") else model
+    h = vm.pre_layrnorm(vm.embeddings(pixels))
+    for layer, (a, m) in zip(vm.encoder.layers, tokens, strict=True):
+        h = h[:, :a].contiguous()
+        h = h + layer.self_attn(layer.layer_norm1(h), attention_mask=None)[0]
+        h = h[:, :m].contiguous()
+        h = h + layer.mlp(layer.layer_norm2(h))
+    return vm.post_layernorm(h[:, 0])
 
 
 def step_overhead(model: CLIPVisionModel, batch: int, reps: int) -> float:
@@ -108,6 +137,7 @@ def main() -> None:
     ideal: dict[str, float] = {}
     overhead: dict[str, dict[int, float]] = {}
     tokens_out: dict[str, int] = {}
+    counts: dict[str, list[tuple[int, int]]] = {}
     base = tower_macs(model, [(577, 577)] * 24)
     for name, v in VARIANTS.items():
         if v is None:
@@ -115,12 +145,14 @@ def main() -> None:
             continue
         ts.apply(model, v[0], **v[1])
         per = get_state(model).encoder.layer_tokens(577)
+        counts[name] = per
         ideal[name] = base / tower_macs(model, per)
         tokens_out[name] = per[-1][1]
         overhead[name] = {b: step_overhead(model, b, 5) for b in batches}
         ts.remove(model)
     wall: dict[tuple[str, int], list[float]] = {}
     cpu: dict[tuple[str, int], list[float]] = {}
+    static_cpu: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
         for rnd in range(args.repeats + 1):  # round 0: warm-up, not kept
             for b in batches:
@@ -137,27 +169,36 @@ def main() -> None:
                     if rnd:
                         wall.setdefault((name, b), []).append(t1 - t0)
                         cpu.setdefault((name, b), []).append(c1 - c0)
+                    if v is not None:
+                        c0 = time.process_time()
+                        static_forward(model, pixels[b], counts[name])
+                        if rnd:
+                            static_cpu.setdefault((name, b), []).append(
+                                time.process_time() - c0)
     rows = []
     print(f"CLIP-L/14-336, bf16, CPU, {args.threads} thread(s), {args.repeats} interleaved "
           "rounds; times: median [IQR] (min-max) seconds")
     print(f"{'variant':<11} {'B':>2} {'tokens out':>10} {'wall s':>24} {'cpu s':>8} "
-          f"{'speed-up':>8} {'ideal':>6} {'meas/ideal':>10} {'overhead %':>10}")
+          f"{'speed-up':>8} {'ideal':>6} {'meas/ideal':>10} {'overhead %':>10} "
+          f"{'static':>6} {'meas/static':>11}")
     for b in batches:
-        ref = statistics.median(cpu[("untouched", b)])
+        ref = cpu[("untouched", b)]
         for name in VARIANTS:
             w, c = spread(wall[(name, b)]), spread(cpu[(name, b)])
-            sp = ref / c["median"]
+            sp = paired_ratio(ref, cpu[(name, b)])
             ov = overhead.get(name, {}).get(b, 0.0)
+            st = paired_ratio(ref, static_cpu[(name, b)]) if (name, b) in static_cpu else 1.0
             row = {"variant": name, "batch": b, "tokens_out": tokens_out[name], "wall": w,
                    "cpu": c, "speedup_cpu": sp, "ideal": ideal[name],
                    "measured_over_ideal": sp / ideal[name], "overhead_s": ov,
-                   "overhead_share": ov / c["median"]}
+                   "overhead_share": ov / c["median"], "static_speedup": st,
+                   "measured_over_static": sp / st}
             rows.append(row)
             print(f"{name:<11} {b:>2} {tokens_out[name]:>10} "
                   f"{w['median']:>7.3f} [{w['q1']:.3f}-{w['q3']:.3f}] "
                   f"({w['min']:.2f}-{w['max']:.2f}) {c['median']:>6.3f} {sp:>8.2f} "
                   f"{ideal[name]:>6.2f} {sp / ideal[name]:>10.2f} "
-                  f"{100 * ov / c['median']:>10.1f}")
+                  f"{100 * ov / c['median']:>10.1f} {st:>6.2f} {sp / st:>11.2f}")
     env = {"torch": torch.__version__, "threads": args.threads, "platform": platform.platform(),
            "repeats": args.repeats}
     with open(args.out, "w") as f:
