@@ -21,6 +21,7 @@ from test_models_video import qwen_inputs
 import tokensieve as ts
 import tokensieve.models as tm
 from tokensieve.core.budget import resolve_keep
+from tokensieve.core.schedule import AS_RUN, ScoreForm
 from tokensieve.models._llm import find_text_model
 
 # -- re-statements of the official selections ----------------------------------------------
@@ -111,6 +112,10 @@ def test_schedules_and_pipelines():
         ts.describe("holitom-llm").make_config({"layer": 5}).cut_layers(4)
     with pytest.raises(ValueError, match="alpha"):
         ts.describe("prunevid-llm").make_config({"alpha": 1.5})
+    assert prune.score_form == ScoreForm(rotary=False, causal=False, heads="max")
+    assert ts.describe("prunevid-llm").make_config({"attention": "as-run"}).score_form == AS_RUN
+    with pytest.raises(ValueError, match="attention"):
+        ts.describe("prunevid-llm").make_config({"attention": "eager"})
     with pytest.raises(ValueError, match="merge"):
         ts.describe("holitom-llm").make_config({"merge": "sum"})
 
@@ -123,13 +128,18 @@ Choose = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]],
 
 @torch.no_grad()
 def one_cut_by_hand(model, eager, kw: dict, layer: int, cols: list[torch.Tensor],
-                    choose: Choose) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    choose: Choose, official_scores: bool = False,
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits of one sample (batch 1, no padding) cut by hand before decoder ``layer``:
     the untouched layers run by hand up to it, ``choose(h [T, D], attn [T, T], cols)``
     (``attn``: layer-1's eager attention, head-mean) gives the kept columns (ascending)
     and their states; the later layers run on those with the kept columns' position
     embeddings (original positions; M-RoPE (t, h, w) for Qwen) and a causal mask; every
-    column cut keeps its state at the cut. Also the kept indices per visual run."""
+    column cut keeps its state at the cut. Also the kept indices per visual run.
+
+    ``official_scores``: ``attn`` is PruneVid's official score instead: the same eager
+    attention with the identity rotation (cos 1, sin 0) and no mask at all (every key),
+    maximum over heads."""
     rec = record(model, kw)
     lm, elm = find_text_model(model), find_text_model(eager)
     h = rec.hidden
@@ -138,7 +148,12 @@ def one_cut_by_hand(model, eager, kw: dict, layer: int, cols: list[torch.Tensor]
     for i in range(layer):
         before = h
         h = lm.layers[i](h, attention_mask=ok[None, None], position_embeddings=rec.pos_emb[i])
-    attn = attention(elm, layer - 1, before, rec.pos_emb[layer - 1], ok)[0].mean(0)
+    if official_scores:
+        cos, sin = rec.pos_emb[layer - 1]
+        identity = (torch.ones_like(cos), torch.zeros_like(sin))
+        attn = attention(elm, layer - 1, before, identity, torch.ones_like(ok))[0].amax(0)
+    else:
+        attn = attention(elm, layer - 1, before, rec.pos_emb[layer - 1], ok)[0].mean(0)
     full = h.clone()
     keep, states = choose(h[0], attn, cols)
     h = states[None]
@@ -171,7 +186,7 @@ def prunevid_choose(h, attn, cols):
     for c in cols:
         text = torch.nonzero(~visual).squeeze(1)
         text = text[text > c.max()]  # the text after the run rates it
-        kept = official_prunevid(attn[text][:, c][None])  # head-mean rows (the stage's)
+        kept = official_prunevid(attn[text][:, c][None])  # rows combined over heads
         keep[c[kept]] = True
     idx = torch.nonzero(keep).squeeze(1)
     return idx, h[idx]
@@ -204,7 +219,8 @@ def _check_by_hand(model, eager, kw, cols, method, options):
     with torch.no_grad(), tm.applied(model, method, **options):
         out = model(**kw).logits
         cuts = tm.get_state(model).llm.last
-    ref, ref_kept = one_cut_by_hand(model, eager, kw, layer, cols, CHOOSE[method])
+    official = method == "prunevid-llm" and options.get("attention", "official") == "official"
+    ref, ref_kept = one_cut_by_hand(model, eager, kw, layer, cols, CHOOSE[method], official)
     assert [c.layer for c in cuts] == [layer]
     assert [k.tolist() for k in cuts[0].kept] == [k.tolist() for k in ref_kept]
     assert [len(k) for k in ref_kept] == [spec.counts(len(c), None, 4)[0] for c in cols]
@@ -214,12 +230,26 @@ def _check_by_hand(model, eager, kw, cols, method, options):
 
 @pytest.mark.parametrize("method,options", [("holitom-llm", {}), ("holitom-llm", {"layer": 2}),
                                             ("prunevid-llm", {}),
-                                            ("prunevid-llm", {"layer": 2})])
+                                            ("prunevid-llm", {"layer": 2}),
+                                            ("prunevid-llm", {"attention": "as-run"})])
 @pytest.mark.parametrize("sample", [0, 1])
 def test_llava_matches_hand_reference(llava, method, options, sample):
     model, eager = llava
     kw = inputs([sample])
     _check_by_hand(model, eager, kw, image_cols(kw["input_ids"]), method, options)
+
+
+def test_prunevid_official_scores_choose_other_tokens(llava):
+    """The two score forms pick different tokens on this prompt, so the references above
+    tell them apart."""
+    model, _ = llava
+    kw = inputs([0])
+    kept = {}
+    for form in ("official", "as-run"):
+        with torch.no_grad(), tm.applied(model, "prunevid-llm", attention=form):
+            model(**kw)
+            kept[form] = [k.tolist() for k in tm.get_state(model).llm.last[0].kept]
+    assert kept["official"] != kept["as-run"]
 
 
 @pytest.mark.parametrize("method", ["holitom-llm", "prunevid-llm"])

@@ -29,6 +29,26 @@ QueryRows = Literal["last", "text", "image"]
 Positions = Literal["keep", "renumber"]
 
 
+@dataclass(frozen=True)
+class ScoreForm:
+    """How the attention rows a cut ranks with are computed from the layer's q and k.
+
+    Attributes:
+        rotary: apply the layer's rotary embedding to q and k (as attention runs).
+        causal: a query row sees the keys at or before it (as attention runs); ``False``:
+            every valid key of the sequence.
+        heads: how the heads' probabilities combine: ``"mean"`` or ``"max"``.
+    """
+
+    rotary: bool = True
+    causal: bool = True
+    heads: Literal["mean", "max"] = "mean"
+
+
+#: The layer's attention as it runs, averaged over heads: what most in-LLM methods rank by.
+AS_RUN = ScoreForm()
+
+
 def check_positions(value: object) -> None:
     if value not in ("keep", "renumber"):
         raise ValueError(f"positions={value!r}: expected 'keep' (kept tokens keep their "
@@ -94,6 +114,11 @@ class LlmSchedule:
     scores: ClassVar[ScoreSource] = "previous"
     query: ClassVar[QueryRows] = "last"
     adaptive: ClassVar[bool] = False
+
+    @property
+    def score_form(self) -> ScoreForm:
+        """How the attention rows are computed (default: as the layer runs, head-mean)."""
+        return AS_RUN
 
     def cut_layers(self, depth: int) -> tuple[int, ...]:
         """Decoder layers (ascending) before which image tokens are cut."""

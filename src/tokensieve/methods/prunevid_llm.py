@@ -21,8 +21,10 @@ from tokensieve.core.options import Share
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
 from tokensieve.core.schedule import (
+    AS_RUN,
     LlmSchedule,
     QueryRows,
+    ScoreForm,
     ScoreSource,
     check_layer,
     check_positions,
@@ -35,6 +37,10 @@ from tokensieve.core.signals import Signals
 OFFICIAL_LAYER, OFFICIAL_DEPTH = 11, 32
 #: The official ``--alpha 0.4``: the share of visual tokens kept (``int(size * alpha)``).
 OFFICIAL_ALPHA = 0.4
+#: The official scores: the softmax of layer K-1's q / k logits before the rotary embedding
+#: and over every key (the patched eager attention returns them for the prefill), maximum
+#: over heads.
+OFFICIAL_SCORES = ScoreForm(rotary=False, causal=False, heads="max")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ class PruneVidLlmConfig(LlmSchedule):
             (``int(N * alpha)``, floored as the official code; 0.4).
         positions: "keep" (official: kept tokens keep their position ids, decoding
             continues the original numbering) or "renumber".
+        attention: "official" (the official scores: layer K-1's attention logits before the
+            rotary embedding, softmaxed over every key of the sequence (no causal mask),
+            maximum over heads) or "as-run" (the layer's attention as it runs: rotary,
+            causal, head-mean, as the other in-LLM methods rank).
 
     Counts: without ``keep`` ``int(N * alpha)``; with ``keep`` the ``keep`` tokens (a count
     or a fraction of the run) from layer K on.
@@ -62,11 +72,19 @@ class PruneVidLlmConfig(LlmSchedule):
     layer: int | None = None
     alpha: Share = OFFICIAL_ALPHA
     positions: str = "keep"
+    attention: str = "official"
 
     def __post_init__(self) -> None:
         if self.layer is not None:
             check_layer("layer", self.layer, minimum=1)
         check_positions(self.positions)
+        if self.attention not in ("official", "as-run"):
+            raise ValueError(f"attention={self.attention!r}: expected 'official' (scores "
+                             "before rotary, every key, maximum over heads) or 'as-run'")
+
+    @property
+    def score_form(self) -> ScoreForm:
+        return OFFICIAL_SCORES if self.attention == "official" else AS_RUN
 
     def cut_layers(self, depth: int) -> tuple[int, ...]:
         return single_cut(self.layer, depth, OFFICIAL_LAYER / OFFICIAL_DEPTH)
@@ -98,20 +116,21 @@ def prunevid_llm(tokens: Tensor, k: int, signals: Signals, config: PruneVidLlmCo
 
     Args (via ``reduce``):
         tokens: ``[B, N, D]`` one visual run's tokens per row (hidden states at layer K).
-        query_attn: ``[B, R, N]`` the head-mean attention probabilities of layer K-1 from
-            the ``R`` text tokens after the run (all-zero rows: padding) to its tokens;
-            ``[B, N]``: one row.
+        query_attn: ``[B, R, N]`` the attention probabilities of layer K-1 from the ``R``
+            text tokens after the run (all-zero rows: padding) to its tokens, combined over
+            heads (see ``attention``); ``[B, N]``: one row.
 
     In a model (``tokensieve.apply``) the cut happens before layer K: layers from K on see
     and cache only the kept visual tokens, at their original positions.
 
+    Scores (``attention="official"``, the default): as the official patched eager attention
+    returns them for the prefill, the softmax of layer K-1's q / k logits before the rotary
+    embedding and over every key (no causal mask), reduced by the maximum over heads, then
+    over the text rows (padding keys excluded). ``attention="as-run"``: the layer's
+    attention as it runs (rotary, causal), averaged over heads.
+
     Differences from the official code:
 
-    - Scores: the official eager attention returns, for the prefill, the softmax of the
-      layer's q/k logits *before* the rotary embedding and *without* the causal mask (over
-      every key), and reduces it by the maximum over heads, then over the text rows. The
-      in-LLM stage gives the layer's attention as it runs (rotary, causal), averaged over
-      heads; the maximum over the text rows is kept.
     - Groups: the official code keeps ``int(alpha * size)`` of every static group and of
       every frame's dynamic tokens of its pre-LLM merge (one top-k per group); the in-LLM
       stage does not see that layout, so the whole visual run is one group.

@@ -516,9 +516,12 @@ class LlmStage(HookedStage):
                                                  kwargs.get("position_embeddings"))
         attn = self.text.layers[source].self_attn
         window = self.window if self.layer_types[source] == "sliding_attention" else None
-        visible = visible_keys(cols, seg.valid, window)
+        form = self.schedule.score_form
+        visible = visible_keys(cols, seg.valid, window, causal=form.causal)
         run.captured["score_keys"] = (attn, k, cos, sin)
-        return attention_rows(attn, q, k, cos, sin, cols, visible), cols
+        rows = attention_rows(attn, q, k, cos, sin, cols, visible, rotary=form.rotary,
+                              heads=form.heads)
+        return rows, cols
 
     def _signal_source(self, run: _Prefill, layer_idx: int, hidden: Tensor, kwargs: dict,
                        ) -> Callable[[int, Tensor, int], tuple[Tensor, dict[str, Tensor]]]:

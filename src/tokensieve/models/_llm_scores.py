@@ -38,14 +38,16 @@ def _heads(attn: torch.nn.Module, x: Tensor, norm: str) -> Tensor:
     return x.transpose(1, 2)
 
 
-def visible_keys(query_cols: Tensor, key_valid: Tensor, window: int | None) -> Tensor:
+def visible_keys(query_cols: Tensor, key_valid: Tensor, window: int | None,
+                 causal: bool = True) -> Tensor:
     """``[B, Q, T]`` which keys a query column sees: valid keys at or before it, within the
-    last ``window`` keys for sliding-window layers (``q - k < window``)."""
+    last ``window`` keys for sliding-window layers (``q - k < window``). ``causal=False``:
+    valid keys on both sides (within ``window`` on either side for sliding-window layers)."""
     cols = torch.arange(key_valid.shape[1], device=key_valid.device)
-    q = query_cols.unsqueeze(-1)
-    seen = (cols <= q) & key_valid.unsqueeze(1)
+    ahead = query_cols.unsqueeze(-1) - cols                      # [B, Q, T]: q - k
+    seen = key_valid.unsqueeze(1) & ((ahead >= 0) if causal else torch.ones_like(ahead).bool())
     if window is not None:
-        seen = seen & (q - cols < window)
+        seen = seen & ((ahead if causal else ahead.abs()) < window)
     return seen
 
 
@@ -58,8 +60,9 @@ def rotated_keys(attn: torch.nn.Module, k_proj: Tensor, cos: Tensor, sin: Tensor
 
 
 def attention_rows(attn: torch.nn.Module, q_proj: Tensor, k_proj: Tensor,
-                   cos: Tensor, sin: Tensor, query_cols: Tensor, visible: Tensor) -> Tensor:
-    """Head-mean attention probabilities of some query rows of one layer.
+                   cos: Tensor, sin: Tensor, query_cols: Tensor, visible: Tensor,
+                   rotary: bool = True, heads: str = "mean") -> Tensor:
+    """Head-mean (or head-max) attention probabilities of some query rows of one layer.
 
     Args:
         attn: the decoder layer's attention module (``head_dim``, ``scaling``, optional
@@ -69,18 +72,25 @@ def attention_rows(attn: torch.nn.Module, q_proj: Tensor, k_proj: Tensor,
         cos, sin: ``[B or 1, T, hd]`` the layer's position embeddings for all columns.
         query_cols: ``[B, Q]`` the column of every query row (for its cos/sin).
         visible: ``[B, Q, T]`` the keys each query row sees (see :func:`visible_keys`).
+        rotary: ``False``: q and k without the rotary embedding (``cos`` / ``sin`` unused).
+        heads: ``"mean"`` or ``"max"`` over the query heads.
 
     Returns:
         ``[B, Q, T]`` float32, each row a probability distribution over the visible keys
-        (the softmax of the layer's attention logits), averaged over heads; rows that see
+        (the softmax of the layer's attention logits), combined over heads; rows that see
         no key are 0.
     """
+    if heads not in ("mean", "max"):
+        raise ValueError(f"heads={heads!r}: expected 'mean' or 'max'")
     b, nq = q_proj.shape[:2]
     q = _heads(attn, q_proj, "q_norm")
-    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-    idx = query_cols.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
-    q = _rotate(q, torch.gather(cos, 1, idx), torch.gather(sin, 1, idx))
-    k = rotated_keys(attn, k_proj, cos, sin)
+    if rotary:
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        idx = query_cols.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+        q = _rotate(q, torch.gather(cos, 1, idx), torch.gather(sin, 1, idx))
+        k = rotated_keys(attn, k_proj, cos, sin)
+    else:
+        k = _heads(attn, k_proj, "k_norm")
     # Grouped-query heads: query head h reads key head h // g; fold the g query heads of a
     # key head into its rows instead of expanding the keys.
     hq, hkv = q.shape[1], k.shape[1]
@@ -91,7 +101,7 @@ def attention_rows(attn: torch.nn.Module, q_proj: Tensor, k_proj: Tensor,
         logits = torch.tanh(logits / cap) * cap
     logits = logits.masked_fill(~visible.unsqueeze(1), -torch.inf)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return probs.mean(dim=1)
+    return probs.mean(dim=1) if heads == "mean" else probs.amax(dim=1)
 
 
 def cached_attention_row(attn: torch.nn.Module, q_proj: Tensor, cos: Tensor, sin: Tensor,
