@@ -310,3 +310,64 @@ def test_pipeline_on_qwen_video(qwen, method, llm):
     expect = ts.describe(llm).make_config({}).counts(entering, None, 4)[0]
     assert len(video) == expect < entering
     assert not tm.is_applied(model)
+
+
+# -- prunevid-llm's cache: decoding after the prefill sees the kept tokens only ---------------
+
+
+def _kv(cache, i):
+    layer = cache.layers[i]
+    return layer.keys, layer.values
+
+
+@pytest.mark.parametrize("sample", [0, 1])
+def test_prunevid_decoding_equals_a_hand_pruned_cache(llava, sample):
+    """A decoding step after prunevid-llm's prefill equals the untouched model continuing
+    from a cache whose every layer holds the kept columns only (what the official code
+    leaves: layers from the cut on never saw the dropped tokens, the earlier layers' cache
+    is pruned after the prefill), at the next original position. ``cache="keep"`` (the
+    earlier layers keep every column) decodes differently."""
+    from transformers import DynamicCache
+
+    model, _ = llava
+    kw = inputs([sample])
+    t = kw["input_ids"].shape[1]
+    steps = {}
+    for mode in ("official", "keep"):
+        with torch.no_grad(), tm.applied(model, "prunevid-llm", layer=2, cache=mode):
+            out = model(**kw, use_cache=True)
+            kept = tm.get_state(model).llm.last[0].kept
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            pruned = DynamicCache()
+            cols = image_cols(kw["input_ids"])
+            keep = torch.ones(t, dtype=torch.bool)
+            for c, k in zip(cols, kept, strict=True):
+                keep[c] = False
+                keep[c[k]] = True
+            idx = torch.nonzero(keep).squeeze(1)
+            for i in range(len(cache.layers)):
+                k, v = _kv(cache, i)
+                if k.shape[2] == t:                     # the layers before the cut: prune
+                    k, v = k[:, :, idx], v[:, :, idx]
+                assert k.shape[2] == idx.numel()
+                pruned.update(k.clone(), v.clone(), i)
+            mask = torch.cat([kw["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
+            steps[mode] = model(input_ids=nxt, attention_mask=mask, past_key_values=cache,
+                                use_cache=True).logits[:, -1]
+        ref = model(input_ids=nxt, attention_mask=torch.ones(1, idx.numel() + 1,
+                                                              dtype=torch.long),
+                    position_ids=torch.tensor([[t]]), past_key_values=pruned).logits[:, -1]
+        if mode == "official":
+            torch.testing.assert_close(steps[mode], ref, atol=ATOL, rtol=0)
+        else:
+            assert not torch.allclose(steps[mode], ref, atol=1e-3)
+
+
+def test_prunevid_official_cache_batched_generation_equals_single(llava):
+    model, _ = llava
+    with torch.no_grad(), tm.applied(model, "prunevid-llm", layer=2):
+        both = model.generate(**inputs([0, 1]), max_new_tokens=6, do_sample=False)[:, -6:]
+        for row, s in enumerate((0, 1)):
+            one = model.generate(**inputs([s]), max_new_tokens=6, do_sample=False)[:, -6:]
+            assert both[row].tolist() == one[0].tolist()

@@ -120,6 +120,13 @@ class LlmSchedule:
         """How the attention rows are computed (default: as the layer runs, head-mean)."""
         return AS_RUN
 
+    @property
+    def hides_dropped_before_cut(self) -> bool:
+        """Whether decoding after the prefill also hides the dropped image tokens from the
+        layers before the (single) cut, as if their cache had been pruned too (default: no,
+        those layers keep their whole cache)."""
+        return False
+
     def cut_layers(self, depth: int) -> tuple[int, ...]:
         """Decoder layers (ascending) before which image tokens are cut."""
         raise NotImplementedError

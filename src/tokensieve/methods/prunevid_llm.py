@@ -61,6 +61,10 @@ class PruneVidLlmConfig(LlmSchedule):
             rotary embedding, softmaxed over every key of the sequence (no causal mask),
             maximum over heads) or "as-run" (the layer's attention as it runs: rotary,
             causal, head-mean, as the other in-LLM methods rank).
+        cache: "official" (after the prefill the official code prunes the dropped tokens
+            from the cache of the layers before the cut too: tokens decoded later see the
+            kept tokens only, in every layer) or "keep" (the layers before the cut keep the
+            whole cache, as the other in-LLM methods do).
 
     Counts: without ``keep`` ``int(N * alpha)``; with ``keep`` the ``keep`` tokens (a count
     or a fraction of the run) from layer K on.
@@ -73,6 +77,7 @@ class PruneVidLlmConfig(LlmSchedule):
     alpha: Share = OFFICIAL_ALPHA
     positions: str = "keep"
     attention: str = "official"
+    cache: str = "official"
 
     def __post_init__(self) -> None:
         if self.layer is not None:
@@ -81,6 +86,14 @@ class PruneVidLlmConfig(LlmSchedule):
         if self.attention not in ("official", "as-run"):
             raise ValueError(f"attention={self.attention!r}: expected 'official' (scores "
                              "before rotary, every key, maximum over heads) or 'as-run'")
+        if self.cache not in ("official", "keep"):
+            raise ValueError(f"cache={self.cache!r}: expected 'official' (decoding no longer "
+                             "sees the dropped tokens in any layer) or 'keep' (the layers "
+                             "before the cut keep them)")
+
+    @property
+    def hides_dropped_before_cut(self) -> bool:
+        return self.cache == "official"
 
     @property
     def score_form(self) -> ScoreForm:
@@ -129,15 +142,17 @@ def prunevid_llm(tokens: Tensor, k: int, signals: Signals, config: PruneVidLlmCo
     over the text rows (padding keys excluded). ``attention="as-run"``: the layer's
     attention as it runs (rotary, causal), averaged over heads.
 
+    Cache (``cache="official"``, the default): the official code prunes the dropped tokens
+    from the KV cache of the layers before the cut after the prefill, so decoded tokens
+    see only the kept ones in every layer. Here those layers' masks hide them while
+    decoding (the same outputs; the columns stay allocated); ``cache="keep"``: those
+    layers keep seeing the whole cache.
+
     Differences from the official code:
 
     - Groups: the official code keeps ``int(alpha * size)`` of every static group and of
       every frame's dynamic tokens of its pre-LLM merge (one top-k per group); the in-LLM
       stage does not see that layout, so the whole visual run is one group.
-    - Cache: after the prefill the official code also prunes the KV cache of layers
-      ``0 .. selected_layer`` (decoded tokens never see the dropped visual tokens); here the
-      layers before the cut keep their whole cache, as in every in-LLM method of the
-      toolkit. The prefill (its logits) is the same; decoding differs in those layers.
     - The official code handles one visual block of a batch of one; here every visual run
       of every row is pruned on its own.
     """

@@ -232,6 +232,10 @@ class LlmStage(HookedStage):
     def __init__(self, model: torch.nn.Module, spec: MethodSpec, config: ReduceConfig) -> None:
         super().__init__(model, spec, config)
         self.layers = self.schedule.cut_layers(self.depth)
+        if self.schedule.hides_dropped_before_cut and (
+                len(self.layers) != 1 or spec.kind != "subset"):
+            raise ValueError(f"{spec.name}: hiding dropped tokens from the layers before the "
+                             "cut needs one cut of a subset method")
         cfg = self.text.config
         rope = getattr(self.text, "rotary_emb", None)
         self.mrope = "mrope_section" in str(getattr(cfg, "rope_parameters", None) or {}) or \
@@ -277,7 +281,10 @@ class LlmStage(HookedStage):
         text = self.text
         self._handles.append(text.register_forward_pre_hook(self._text_pre, with_kwargs=True))
         self._handles.append(text.register_forward_hook(self._text_post, always_call=True))
-        for layer_idx in range(self.layers[0], self.depth):
+        # Hiding dropped tokens from the earlier layers while decoding needs those layers'
+        # masks too.
+        first = 0 if self.schedule.hides_dropped_before_cut else self.layers[0]
+        for layer_idx in range(first, self.depth):
             hook = self._layer_hook(layer_idx)
             self._handles.append(text.layers[layer_idx].register_forward_pre_hook(
                 hook, with_kwargs=True))
@@ -363,6 +370,8 @@ class LlmStage(HookedStage):
         hidden = args[0] if args else kwargs["hidden_states"]
         if isinstance(run, _Continue):
             return self._continue_layer(run, layer_idx, hidden, args, kwargs)
+        if layer_idx < self.layers[0]:       # a prefill before the first cut: untouched
+            return None
         if layer_idx in self.layers:
             hidden = self._cut(run, layer_idx, hidden, kwargs)
         seg = run.seg
@@ -648,6 +657,10 @@ class LlmStage(HookedStage):
         cache = _cache_of(kwargs)
         if run.record is None:
             run.record = _Record(length=int(run.call.image_of.shape[1]), segments=[])
+            if self.schedule.hides_dropped_before_cut:
+                # decoding: the layers before the cut see the kept columns only (this first
+                # cut's columns are the input's)
+                run.record.segments.append((0, keep.long()))
             if cache is not None:
                 self.records[cache] = run.record
         run.record.segments.append((layer_idx, valid.long()))
