@@ -27,6 +27,7 @@ def make_inputs(b: int = 2, n: int = 576, d: int = 64, *, seed: int = 0,
         "grid": (side, n // side),
         "query_attn": torch.rand(b, n, generator=g).softmax(-1).to(dtype),
         "text_keys": torch.randn(b, m, 16, generator=g).to(dtype),
+        "groups": torch.randint(0, 9, (b, n), generator=g),
     }
 
 

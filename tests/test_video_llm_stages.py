@@ -22,6 +22,7 @@ import tokensieve as ts
 import tokensieve.models as tm
 from tokensieve.core.budget import resolve_keep
 from tokensieve.core.schedule import AS_RUN, ScoreForm
+from tokensieve.methods._temporal import FLOOR, apportion
 from tokensieve.models._llm import find_text_model
 
 # -- re-statements of the official selections ----------------------------------------------
@@ -80,6 +81,81 @@ def test_holitom_llm_matches_official_merge(n):
         torch.testing.assert_close(mean.tokens[0, j], group.mean(0), atol=1e-6, rtol=1e-5)
     # Keeping every token changes nothing.
     assert torch.equal(ts.reduce(hidden, "holitom-llm", n, query_attn=row).tokens, hidden)
+
+
+def official_prunevid_windows(score: torch.Tensor, static_sizes: list[int],
+                              dynamic_sizes: list[int], window_sizes: list[int],
+                              alpha: float = 0.4) -> list[int]:
+    """``VTPWindowCache.process_attention`` on the official layout (per window: its static
+    tokens, then its frames' dynamic tokens frame after frame) from the reduced scores
+    ``[N]``: the top ``int(static * alpha)`` static tokens and, per frame, the top
+    ``int(per_frame * alpha)`` dynamic ones; the kept columns as a sorted list."""
+    kept, start = [], 0
+    for static, dynamic, window in zip(static_sizes, dynamic_sizes, window_sizes, strict=True):
+        part = score[start:start + static + dynamic]
+        kept += (part[:static].topk(int(static * alpha)).indices + start).tolist()
+        frames = part[static:].view(window, -1)
+        top = frames.topk(int(frames.shape[-1] * alpha), dim=-1).indices
+        for f in range(window):
+            kept += (top[f] + start + static + f * frames.shape[-1]).tolist()
+        start += static + dynamic
+    return sorted(kept)
+
+
+def _window_groups(static_sizes, dynamic_sizes, window_sizes) -> torch.Tensor:
+    ids, g = [], 0
+    for static, dynamic, window in zip(static_sizes, dynamic_sizes, window_sizes, strict=True):
+        ids += [g] * static
+        g += 1
+        for _ in range(window):
+            ids += [g] * (dynamic // window)
+            g += 1
+    return torch.tensor(ids)
+
+
+@pytest.mark.parametrize("layout", [([30, 12], [40, 60], [2, 3]), ([7], [96], [4]),
+                                    ([0, 25, 9], [36, 24, 50], [3, 2, 5])])
+def test_prunevid_llm_groups_match_official_windows(layout):
+    """With PruneVid's groups, the selection is the official per-window, per-frame one
+    (the group ids scrambled: a group is a set of columns, not a block)."""
+    static, dynamic, window = layout
+    ids = _window_groups(static, dynamic, window)
+    n = ids.numel()
+    g = torch.Generator().manual_seed(n)
+    attn = torch.rand(1, 4, n, generator=g).softmax(-1)
+    x = torch.randn(1, n, 8, generator=g)
+    relabel = torch.randperm(int(ids.max()) + 1, generator=g)
+    k = int(n * 0.4)
+    r = ts.reduce(x, "prunevid-llm", k, query_attn=attn, groups=relabel[ids][None])
+    want = official_prunevid_windows(attn[0].max(dim=0).values, static, dynamic, window)
+    assert r.indices[0].tolist() == want
+
+
+def test_prunevid_llm_groups_share_an_explicit_count_and_pad_a_batch():
+    ids = _window_groups([12, 5], [30, 16], [3, 2])
+    n = ids.numel()
+    g = torch.Generator().manual_seed(1)
+    attn = torch.rand(2, n, generator=g)
+    x = torch.randn(2, n, 8, generator=g)
+    groups = torch.stack([ids, torch.zeros_like(ids)])   # row 1: one group
+    r = ts.reduce(x, "prunevid-llm", 20, query_attn=attn, groups=groups)
+    assert r.mask is None and r.indices.shape == (2, 20)  # an explicit count: exactly 20
+    sizes = torch.bincount(ids).tolist()
+    counts = torch.bincount(ids[r.indices[0]], minlength=len(sizes)).tolist()
+    assert counts == apportion(sizes, 20, [FLOOR] * len(sizes))
+    for grp, c in enumerate(counts):                         # each group's top scores
+        members = torch.nonzero(ids == grp).squeeze(1)
+        top = members[attn[0, members].topk(c).indices] if c else members[:0]
+        assert sorted(top.tolist()) == sorted(r.indices[0][ids[r.indices[0]] == grp].tolist())
+    assert r.indices[1].tolist() == attn[1].topk(20).indices.sort().values.tolist()
+    k = int(n * 0.4)                                         # the official floors: rows differ
+    r = ts.reduce(x, "prunevid-llm", k, query_attn=attn, groups=groups)
+    real = r.mask.sum(dim=1).tolist()
+    assert real == [sum(int(s * 0.4) for s in sizes), k]
+    with pytest.raises(ValueError, match="groups"):
+        ts.reduce(x, "prunevid-llm", k, query_attn=attn, groups=groups.float())
+    with pytest.raises(ValueError, match="groups"):
+        ts.reduce(x, "prunevid-llm", k, query_attn=attn, groups=groups - 1)
 
 
 @pytest.mark.parametrize("n,rows", [(20, 3), (49, 6), (144, 1)])
@@ -294,6 +370,7 @@ def test_pipeline_on_qwen_video(qwen, method, llm):
         state = tm.get_state(model)
         described = state.to_dict()
         cuts = state.llm.last
+        (groups,) = state.last_groups
         gen = model.generate(**kw, max_new_tokens=3, do_sample=False, pad_token_id=0,
                              eos_token_id=None)
     assert described["method"] == method and described["stage"] == "pre-llm"
@@ -308,6 +385,9 @@ def test_pipeline_on_qwen_video(qwen, method, llm):
     assert 0 < entering <= resolve_keep(0.5, n_video)
     (video,) = cuts[0].kept
     expect = ts.describe(llm).make_config({}).counts(entering, None, 4)[0]
+    if groups is not None:  # PruneVid: int(0.4 * size) of each group of its merge
+        assert method == "prunevid" and groups.numel() == entering
+        expect = sum(int(s * 0.4) for s in torch.bincount(groups).tolist())
     assert len(video) == expect < entering
     assert not tm.is_applied(model)
 
@@ -371,3 +451,42 @@ def test_prunevid_official_cache_batched_generation_equals_single(llava):
         for row, s in enumerate((0, 1)):
             one = model.generate(**inputs([s]), max_new_tokens=6, do_sample=False)[:, -6:]
             assert both[row].tolist() == one[0].tolist()
+
+
+def test_prunevid_pipeline_prunes_per_group_of_its_merge(qwen, monkeypatch):
+    """``apply(model, "prunevid")`` hands the groups of its pre-LLM merge (a segment's
+    static tokens, each frame's dynamic ones) to its in-LLM stage, which keeps
+    ``int(size * 0.4)`` of each group by the layer's scores: the kept set equals the
+    per-group top of the scores the stage rated with, on a 16-frame clip."""
+    import test_models_video as tmv
+
+    model, _ = qwen
+    monkeypatch.setattr(tmv, "QWEN_SAMPLES", [([[1, 11], [12, 13]], [("video", (16, 8, 8))])])
+    kw = qwen_inputs(model, [0])
+    seen = []
+    real_reduce = ts.reduce
+
+    def spy(tokens, method, k, **kwargs):
+        r = real_reduce(tokens, method, k, **kwargs)
+        if method == "prunevid-llm":
+            seen.append((kwargs["groups"], kwargs["query_attn"], r))
+        return r
+
+    monkeypatch.setattr(tm._llm, "reduce", spy)
+    with torch.no_grad(), tm.applied(model, "prunevid", 0.5):
+        model(**kw)
+        state = tm.get_state(model)
+        (red, _), = state.last
+        (video,) = state.llm.last[0].kept
+    (groups, attn, r), = seen
+    pre = red.groups[0] if red.mask is None else red.groups[0][red.mask[0]]
+    assert groups[0].tolist() == pre.tolist()           # every token entering, in order
+    sizes = torch.bincount(pre).tolist()
+    assert len([s for s in sizes if s]) > 3             # static groups and frames
+    assert len(video) == sum(int(s * 0.4) for s in sizes) > 0
+    score = attn[0].amax(dim=0)
+    for g, size in enumerate(sizes):
+        members = torch.nonzero(pre == g).squeeze(1)
+        top = members[torch.sort(score[members], descending=True, stable=True).indices]
+        assert sorted(top[:int(size * 0.4)].tolist()) == \
+            sorted(video[pre[video] == g].tolist())

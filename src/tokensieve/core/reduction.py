@@ -26,6 +26,9 @@ class Reduction:
             methods whose counts differ across the batch (padding is False).
         assignment: ``[B, N]`` the output slot each source token went into, ``-1``
             if dropped (``None`` when not tracked). Used for visualising merges.
+        groups: ``[B, K']`` long, the group each output token belongs to, for methods whose
+            later stage selects per group (PruneVid: a segment's static tokens, a frame's
+            dynamic ones); ``-1`` on padding; ``None`` otherwise.
     """
 
     tokens: Tensor
@@ -34,6 +37,7 @@ class Reduction:
     sizes: Tensor | None = None
     mask: Tensor | None = None
     assignment: Tensor | None = None
+    groups: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.positions is None and self.indices is not None:

@@ -29,6 +29,8 @@ SIGNAL_DOCS: dict[str, str] = {
     "text_keys": "attention keys of the text tokens (aligned with text), [B, M, Dk]",
     "frames": "video: number of frames T; the tokens are T frames of N / T tokens each, "
               "frame-major (with grid (H, W) per frame when given)",
+    "groups": "integer group id >= 0 of each token, [B, N] (the groups an earlier stage "
+              "formed, e.g. PruneVid's static and per-frame dynamic tokens)",
 }
 SIGNAL_NAMES: tuple[str, ...] = tuple(SIGNAL_DOCS)
 
@@ -70,6 +72,7 @@ class Signals:
     query_attn: Tensor | None = None
     text_keys: Tensor | None = None
     frames: int | None = None
+    groups: Tensor | None = None
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -235,6 +238,15 @@ def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
         if not isinstance(ids, Tensor) or tuple(ids.shape) != (b, n):
             raise ValueError(f"partitions.ids: expected shape {(b, n)}, got "
                              f"{tuple(ids.shape) if isinstance(ids, Tensor) else ids!r}")
+    groups = raw.get("groups")
+    if groups is not None:
+        if (not isinstance(groups, Tensor) or tuple(groups.shape) != (b, n)
+                or groups.is_floating_point() or groups.dtype == torch.bool):
+            got = (f"{tuple(groups.shape)} {groups.dtype}" if isinstance(groups, Tensor)
+                   else type(groups).__name__)
+            raise ValueError(f"groups: expected an integer tensor of shape {(b, n)}, got {got}")
+        if groups.numel() and int(groups.min()) < 0:
+            raise ValueError(f"groups: expected group ids >= 0, got {int(groups.min())}")
     return Signals(
         cls_attn=raw.get("cls_attn"),  # type: ignore[arg-type]
         attn_received=raw.get("attn_received"),  # type: ignore[arg-type]
@@ -247,6 +259,7 @@ def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
         query_attn=raw.get("query_attn"),  # type: ignore[arg-type]
         text_keys=text_keys,  # type: ignore[arg-type]
         frames=frames,
+        groups=groups,  # type: ignore[arg-type]
     )
 
 

@@ -90,12 +90,14 @@ def stream(seed: int | None, key: int) -> torch.Generator | None:
 
 
 def pack(parts: list[tuple[Tensor, Tensor, Tensor]], width: int, dtype: torch.dtype,
-         indices: Tensor | None = None) -> Reduction:
+         indices: Tensor | None = None, groups: list[Tensor] | None = None) -> Reduction:
     """One reduction from per-sample ``(tokens [K_i, D], positions [K_i], sizes [K_i])``.
 
     Each sample's outputs are sorted by position. ``width`` columns: samples with fewer
     outputs are padded with zero tokens of size 0 repeating their last position, and
-    ``mask`` marks the real ones (``None`` when every sample fills ``width``).
+    ``mask`` marks the real ones (``None`` when every sample fills ``width``). ``groups``:
+    per sample the group id of each output (``[K_i]``), kept as ``Reduction.groups``
+    (``-1`` on padding).
     """
     b, d = len(parts), parts[0][0].shape[-1]
     dev = parts[0][0].device
@@ -103,6 +105,8 @@ def pack(parts: list[tuple[Tensor, Tensor, Tensor]], width: int, dtype: torch.dt
     positions = torch.zeros(b, width, dtype=torch.long, device=dev)
     sizes = torch.zeros(b, width, dtype=torch.long, device=dev)
     mask = torch.zeros(b, width, dtype=torch.bool, device=dev)
+    group_ids = None if groups is None else torch.full((b, width), -1, dtype=torch.long,
+                                                       device=dev)
     for i, (tok, pos, size) in enumerate(parts):
         k = tok.shape[0]
         order = torch.sort(pos, stable=True).indices
@@ -110,8 +114,10 @@ def pack(parts: list[tuple[Tensor, Tensor, Tensor]], width: int, dtype: torch.dt
         positions[i, :k] = pos[order]
         sizes[i, :k] = size[order]
         mask[i, :k] = True
+        if group_ids is not None:
+            group_ids[i, :k] = groups[i][order]  # type: ignore[index]
         if 0 < k < width:
             positions[i, k:] = positions[i, k - 1]
     full = bool(mask.all())
     return Reduction(tokens=tokens, indices=indices, positions=positions, sizes=sizes,
-                     mask=None if full else mask)
+                     mask=None if full else mask, groups=group_ids)

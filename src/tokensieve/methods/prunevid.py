@@ -130,7 +130,9 @@ def prunevid(tokens: Tensor, k: int, signals: Signals, config: PruneVidConfig,
 
     Output: ``[B, keep, D]`` sorted by position (a static token sits at its centre's
     position in the segment's first frame; the official code emits a segment's static
-    tokens before its dynamic ones, in cluster order); ``sizes`` count source tokens.
+    tokens before its dynamic ones, in cluster order); ``sizes`` count source tokens;
+    ``groups`` the group of each output (a segment's static tokens, a frame's dynamic
+    ones), which the in-LLM stage prunes one by one as the official code does.
     The question-guided pruning inside the LLM (scores at layer 10 of 32, alpha 0.4) is
     the in-LLM method ``prunevid-llm``, which ``tokensieve.apply`` runs after this one by
     default (``llm=None``: this stage alone).
@@ -141,7 +143,7 @@ def prunevid(tokens: Tensor, k: int, signals: Signals, config: PruneVidConfig,
     t, h, w = frame_grid(signals, n_all, "prunevid")
     n = h * w
     seed = sample_seed(generator)
-    parts = []
+    parts, part_groups = [], []
     for i in range(b):
         x = tokens[i].view(t, n, -1)
         lengths = prunevid_segments(x.float().mean(dim=1), config.segment_ratio, config.knn,
@@ -158,7 +160,7 @@ def prunevid(tokens: Tensor, k: int, signals: Signals, config: PruneVidConfig,
         sizes = [g[2].numel() for g in groups]
         counts = apportion(sizes, k, [FLOOR] * len(groups),
                            whole=[s <= config.min_cluster for s in sizes])
-        out_tok, out_pos, out_size = [], [], []
+        out_tok, out_pos, out_size, out_group = [], [], [], []
         for g, ((f, frames, pos), c) in enumerate(zip(groups, counts, strict=True)):
             if c == 0:
                 continue
@@ -167,11 +169,13 @@ def prunevid(tokens: Tensor, k: int, signals: Signals, config: PruneVidConfig,
                 out_tok.append(group)
                 out_pos.append(pos + f * n)
                 out_size.append(torch.full_like(pos, frames))
-                continue
-            r = dpc_knn(group[None], c, knn=min(config.knn, pos.numel()),
-                        generator=stream(seed, g + 1))
-            out_tok.append(r.tokens[0])
-            out_pos.append(pos[r.centres[0]] + f * n)
-            out_size.append(r.sizes[0] * frames)
+            else:
+                r = dpc_knn(group[None], c, knn=min(config.knn, pos.numel()),
+                            generator=stream(seed, g + 1))
+                out_tok.append(r.tokens[0])
+                out_pos.append(pos[r.centres[0]] + f * n)
+                out_size.append(r.sizes[0] * frames)
+            out_group.append(torch.full_like(out_pos[-1], g))
         parts.append((torch.cat(out_tok), torch.cat(out_pos), torch.cat(out_size)))
-    return pack(parts, k, tokens.dtype)
+        part_groups.append(torch.cat(out_group))
+    return pack(parts, k, tokens.dtype, groups=part_groups)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tokensieve.core.budget import resolve_keep
-from tokensieve.core.ops import select, topk_indices
+from tokensieve.core.ops import select, select_mask, topk_indices
 from tokensieve.core.options import Share
 from tokensieve.core.reduction import Reduction
 from tokensieve.core.registry import register
@@ -31,6 +31,7 @@ from tokensieve.core.schedule import (
     single_cut,
 )
 from tokensieve.core.signals import Signals
+from tokensieve.methods._temporal import FLOOR, apportion
 
 #: The official ``--selected_layer 10`` of the 32 decoder layers of PLLaVA-7B (Vicuna-7B):
 #: layer 10 scores, layer 11 is the first without the dropped tokens.
@@ -72,6 +73,8 @@ class PruneVidLlmConfig(LlmSchedule):
 
     scores: ClassVar[ScoreSource] = "previous"
     query: ClassVar[QueryRows] = "text"
+    # with groups (after PruneVid's own merge) the per-group floors may keep fewer
+    adaptive: ClassVar[bool] = True
 
     layer: int | None = None
     alpha: Share = OFFICIAL_ALPHA
@@ -116,11 +119,22 @@ def question_scores(query_attn: Tensor) -> Tensor:
     return attn if attn.dim() == 2 else attn.amax(dim=1)
 
 
+def group_counts(sizes: list[int], k: int, n: int, alpha: float) -> list[int]:
+    """Tokens each group keeps: at the default count ``k = int(n * alpha)`` the official
+    ``int(size * alpha)`` per group (which may total fewer than ``k``); at another ``k``
+    the groups share exactly ``k`` by the same floor rule at the ratio that fits
+    (:func:`~tokensieve.methods._temporal.apportion`)."""
+    if k == int(n * alpha):
+        return [int(size * alpha) for size in sizes]
+    return apportion(sizes, k, [FLOOR] * len(sizes))
+
+
 @register(
     "prunevid-llm",
     paper="PruneVid: Visual Token Pruning for Efficient Video Large Language Models "
           "(Huang et al., Findings of ACL 2025), question-guided KV pruning",
-    stage="llm", kind="subset", signals=("query_attn",), config=PruneVidLlmConfig,
+    stage="llm", kind="subset", signals=("query_attn",), optional_signals=("groups",),
+    config=PruneVidLlmConfig,
 )
 def prunevid_llm(tokens: Tensor, k: int, signals: Signals, config: PruneVidLlmConfig,
                  generator: torch.Generator | None) -> Reduction:
@@ -132,6 +146,11 @@ def prunevid_llm(tokens: Tensor, k: int, signals: Signals, config: PruneVidLlmCo
         query_attn: ``[B, R, N]`` the attention probabilities of layer K-1 from the ``R``
             text tokens after the run (all-zero rows: padding) to its tokens, combined over
             heads (see ``attention``); ``[B, N]``: one row.
+        groups: optional ``[B, N]`` group ids (PruneVid's pre-LLM merge gives them: a
+            segment's static tokens, a frame's dynamic ones): the top tokens of each group
+            are kept, ``int(size * alpha)`` each at the default count as the official code
+            does (fewer than ``k`` in total, or none from a group that small; ``mask`` pads
+            a batch), the groups sharing ``k`` otherwise.
 
     In a model (``tokensieve.apply``) the cut happens before layer K: layers from K on see
     and cache only the kept visual tokens, at their original positions.
@@ -148,14 +167,25 @@ def prunevid_llm(tokens: Tensor, k: int, signals: Signals, config: PruneVidLlmCo
     decoding (the same outputs; the columns stay allocated); ``cache="keep"``: those
     layers keep seeing the whole cache.
 
-    Differences from the official code:
+    Groups: ``tokensieve.apply(model, "prunevid")`` hands the groups of its pre-LLM merge
+    to this stage, as the official code prunes per group; without them (this stage alone)
+    the whole visual run is one group.
 
-    - Groups: the official code keeps ``int(alpha * size)`` of every static group and of
-      every frame's dynamic tokens of its pre-LLM merge (one top-k per group); the in-LLM
-      stage does not see that layout, so the whole visual run is one group.
-    - The official code handles one visual block of a batch of one; here every visual run
-      of every row is pruned on its own.
+    Differences from the official code: it handles one visual block of a batch of one;
+    here every visual run of every row is pruned on its own.
     """
     scores = signals.require("query_attn", "prunevid-llm")
     assert isinstance(scores, Tensor)
-    return select(tokens, topk_indices(question_scores(scores), k), ascending=True)
+    rated = question_scores(scores)
+    if signals.groups is None:
+        return select(tokens, topk_indices(rated, k), ascending=True)
+    b, n = rated.shape
+    keep = torch.zeros(b, n, dtype=torch.bool, device=rated.device)
+    for i in range(b):
+        ids = signals.groups[i].to(rated.device)
+        members = [torch.nonzero(ids == g).squeeze(1) for g in torch.unique(ids).tolist()]
+        counts = group_counts([m.numel() for m in members], k, n, config.alpha)
+        for m, c in zip(members, counts, strict=True):
+            if c:
+                keep[i, m[topk_indices(rated[i, m][None], c)[0]]] = True
+    return select_mask(tokens, keep)

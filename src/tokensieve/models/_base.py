@@ -86,6 +86,24 @@ class Encoded:
     def kept(self) -> list[int]:
         return [int(f.shape[0]) for f in self.features]
 
+    def run_groups(self) -> list[Tensor | None]:
+        """Per item, the group of each token the LLM receives (``[K_i]`` long) when the
+        method formed groups (``Reduction.groups``), else ``None``; tokens after the
+        reduced ones (a video's newline tail) form one more group."""
+        out: list[Tensor | None] = []
+        for feats, (r, _grid) in zip(self.features, self.reductions, strict=True):
+            if r.groups is None:
+                out.append(None)
+                continue
+            g = r.groups[0] if r.mask is None else r.groups[0][r.mask[0]]
+            tail = int(feats.shape[0]) - int(g.numel())
+            if tail < 0:
+                out.append(None)
+                continue
+            extra = g.new_full((tail,), int(g.max()) + 1 if g.numel() else 0)
+            out.append(torch.cat([g, extra]))
+        return out
+
 
 @dataclass
 class PatchState:
@@ -123,6 +141,16 @@ class PatchState:
     @last.setter
     def last(self, value: list[tuple[Reduction, tuple[int, int] | None]]) -> None:
         self._local.last = value
+
+    @property
+    def last_groups(self) -> list[Tensor | None]:
+        """Per item of this thread's last reduced call, its tokens' groups (see
+        :meth:`Encoded.run_groups`)."""
+        return getattr(self._local, "last_groups", [])
+
+    @last_groups.setter
+    def last_groups(self, value: list[Tensor | None]) -> None:
+        self._local.last_groups = value
 
     @property
     def last_plan(self) -> SurgeryPlan | None:
@@ -439,6 +467,7 @@ class Adapter:
                 outputs.update(self.encoder_outputs(images))
         new["mm_encoder_outputs"] = {**outputs, **enc.extra}
         state.last = enc.reductions
+        state.last_groups = enc.run_groups()
         state.last_plan = plan
         return new
 
@@ -516,7 +545,8 @@ def _slice_reduction(r: Reduction, i: int) -> Reduction:
         return None if t is None else t[i:i + 1]
 
     return Reduction(tokens=r.tokens[i:i + 1], indices=cut(r.indices), positions=cut(r.positions),
-                     sizes=cut(r.sizes), mask=cut(r.mask), assignment=cut(r.assignment))
+                     sizes=cut(r.sizes), mask=cut(r.mask), assignment=cut(r.assignment),
+                     groups=cut(r.groups))
 
 
 # -- wrappers -------------------------------------------------------------------------------
@@ -628,7 +658,10 @@ def _forward(state: PatchState, original: Callable[..., Any], args: tuple,
     if state.llm is None:
         out = original(**named)
     else:
-        with state.llm.call(adapter.llm_inputs(named)):
+        call = adapter.llm_inputs(named)
+        if plan is not None and any(g is not None for g in state.last_groups):
+            call = dataclasses.replace(call, groups=state.last_groups)
+        with state.llm.call(call):
             out = original(**named)
     if plan is not None:
         _remember(state, out, plan)

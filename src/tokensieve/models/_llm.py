@@ -59,11 +59,14 @@ class CallInputs:
         image_of: ``[B, T]`` image (run) index of every image-token column, -1 elsewhere.
         mask: ``[B, T]`` the caller's 2D attention mask (``None``: all ones).
         block_ids: ``[B, T]`` bidirectional attention blocks (Gemma 3 images) or ``None``.
+        groups: per run (in ``image_of`` numbering) the group of each of its tokens when
+            the pre-LLM method formed groups (``Reduction.groups``), else ``None``.
     """
 
     image_of: Tensor | None
     mask: Tensor | None
     block_ids: Tensor | None = None
+    groups: list[Tensor | None] | None = None
 
 
 @dataclass
@@ -609,6 +612,9 @@ class LlmStage(HookedStage):
                 raise ValueError(f"{self.spec.name}: stage {stage} keeps {target} tokens of an "
                                  f"image that has {cols.numel()} left")
             tokens, signals = signals_of(row, cols, img)
+            groups = self._groups(run, img, row, cols)
+            if groups is not None:
+                signals["groups"] = groups
             extra: dict[str, Any] = {}
             keys = None if self.protect_source is None else self.protect_source()
             if keys is not None and img < len(keys):
@@ -666,6 +672,17 @@ class LlmStage(HookedStage):
         run.record.segments.append((layer_idx, valid.long()))
         self._last.set(run.cuts)
         return out
+
+    def _groups(self, run: _Prefill, img: int, row: int, cols: Tensor) -> Tensor | None:
+        """``[1, n]`` the groups of image ``img``'s tokens still at ``cols``, when its
+        pre-LLM reduction formed groups and the method takes them."""
+        given = run.call.groups
+        if "groups" not in self.spec.optional_signals or not given or img >= len(given):
+            return None
+        groups = given[img]
+        if groups is None or groups.numel() != run.counts[img]:
+            return None
+        return groups.to(cols.device)[run.seg.rank[row, cols]][None]
 
     def _norm_pre(self, module: torch.nn.Module, args: tuple) -> Any:
         run = self._run.get()

@@ -122,9 +122,17 @@ def _join(parts: list[Reduction], offsets: list[int]) -> Reduction:
             slots.append(slots[-1] + p.num_tokens)
         assignment = torch.cat([torch.where(p.assignment >= 0, p.assignment + s, -1)
                                 for p, s in zip(parts, slots, strict=False)], dim=1)
+    groups = None
+    if all(p.groups is not None for p in parts):     # each frame's groups kept apart
+        shifted, base = [], 0
+        for p in parts:
+            g = p.groups
+            shifted.append(torch.where(g >= 0, g + base, -1))  # type: ignore[operator]
+            base += int(g.max()) + 1 if g.numel() else 0       # type: ignore[union-attr]
+        groups = torch.cat(shifted, dim=1)
     return Reduction(tokens=torch.cat([p.tokens for p in parts], dim=1),
                      indices=cat("indices", True), positions=cat("positions", True),
-                     sizes=cat("sizes", False), assignment=assignment)
+                     sizes=cat("sizes", False), assignment=assignment, groups=groups)
 
 
 def _real(r: Reduction, i: int) -> Reduction:
@@ -139,7 +147,8 @@ def _real(r: Reduction, i: int) -> Reduction:
     indices = row(r.indices, masked=r.indices is not None and r.mask is not None and
                   r.indices.shape[1] == r.tokens.shape[1])
     return Reduction(tokens=row(r.tokens), indices=indices, positions=row(r.positions),
-                     sizes=row(r.sizes), assignment=row(r.assignment, masked=False))
+                     sizes=row(r.sizes), assignment=row(r.assignment, masked=False),
+                     groups=row(r.groups))
 
 
 def reduce_clips(adapter: Adapter, clips: list[Clip], mode: str,
