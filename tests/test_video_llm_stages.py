@@ -155,7 +155,7 @@ def test_prunevid_llm_groups_share_an_explicit_count_and_pad_a_batch():
     with pytest.raises(ValueError, match="groups"):
         ts.reduce(x, "prunevid-llm", k, query_attn=attn, groups=groups.float())
     with pytest.raises(ValueError, match="groups"):
-        ts.reduce(x, "prunevid-llm", k, query_attn=attn, groups=groups - 1)
+        ts.reduce(x, "prunevid-llm", k, query_attn=attn, groups=groups - 2)
 
 
 @pytest.mark.parametrize("n,rows", [(20, 3), (49, 6), (144, 1)])
@@ -490,3 +490,17 @@ def test_prunevid_pipeline_prunes_per_group_of_its_merge(qwen, monkeypatch):
         top = members[torch.sort(score[members], descending=True, stable=True).indices]
         assert sorted(top[:int(size * 0.4)].tolist()) == \
             sorted(video[pre[video] == g].tolist())
+
+
+def test_prunevid_llm_keeps_tokens_in_no_group():
+    """Group -1 (a video's newline after PruneVid's merge) is kept and counts towards an
+    explicit ``k``; the official floors apply to the groups at the default count."""
+    ids = torch.tensor([0] * 10 + [1] * 10 + [-1])
+    g = torch.Generator().manual_seed(3)
+    attn = torch.rand(1, 21, generator=g)
+    attn[0, -1] = 0.0                                        # the least attended token
+    x = torch.randn(1, 21, 8, generator=g)
+    r = ts.reduce(x, "prunevid-llm", int(21 * 0.4), query_attn=attn, groups=ids[None])
+    assert r.indices[0].tolist()[-1] == 20 and r.indices.shape[1] == 4 + 4 + 1
+    r = ts.reduce(x, "prunevid-llm", 5, query_attn=attn, groups=ids[None])
+    assert r.indices.shape[1] == 5 and 20 in r.indices[0].tolist()

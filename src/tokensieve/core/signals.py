@@ -29,8 +29,8 @@ SIGNAL_DOCS: dict[str, str] = {
     "text_keys": "attention keys of the text tokens (aligned with text), [B, M, Dk]",
     "frames": "video: number of frames T; the tokens are T frames of N / T tokens each, "
               "frame-major (with grid (H, W) per frame when given)",
-    "groups": "integer group id >= 0 of each token, [B, N] (the groups an earlier stage "
-              "formed, e.g. PruneVid's static and per-frame dynamic tokens)",
+    "groups": "integer group id of each token, [B, N] (the groups an earlier stage formed, "
+              "e.g. PruneVid's static and per-frame dynamic tokens; -1: in no group, kept)",
 }
 SIGNAL_NAMES: tuple[str, ...] = tuple(SIGNAL_DOCS)
 
@@ -245,8 +245,9 @@ def build_signals(tokens: Tensor, raw: dict[str, object]) -> Signals:
             got = (f"{tuple(groups.shape)} {groups.dtype}" if isinstance(groups, Tensor)
                    else type(groups).__name__)
             raise ValueError(f"groups: expected an integer tensor of shape {(b, n)}, got {got}")
-        if groups.numel() and int(groups.min()) < 0:
-            raise ValueError(f"groups: expected group ids >= 0, got {int(groups.min())}")
+        if groups.numel() and int(groups.min()) < -1:
+            raise ValueError(f"groups: expected group ids >= 0 (or -1: in no group), got "
+                             f"{int(groups.min())}")
     return Signals(
         cls_attn=raw.get("cls_attn"),  # type: ignore[arg-type]
         attn_received=raw.get("attn_received"),  # type: ignore[arg-type]

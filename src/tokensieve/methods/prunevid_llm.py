@@ -119,12 +119,12 @@ def question_scores(query_attn: Tensor) -> Tensor:
     return attn if attn.dim() == 2 else attn.amax(dim=1)
 
 
-def group_counts(sizes: list[int], k: int, n: int, alpha: float) -> list[int]:
-    """Tokens each group keeps: at the default count ``k = int(n * alpha)`` the official
-    ``int(size * alpha)`` per group (which may total fewer than ``k``); at another ``k``
-    the groups share exactly ``k`` by the same floor rule at the ratio that fits
+def group_counts(sizes: list[int], k: int, official: bool, alpha: float) -> list[int]:
+    """Tokens each group keeps: ``official`` (the default count) the official
+    ``int(size * alpha)`` per group (which may total fewer than ``k``); otherwise the groups
+    share exactly ``k`` by the same floor rule at the ratio that fits
     (:func:`~tokensieve.methods._temporal.apportion`)."""
-    if k == int(n * alpha):
+    if official:
         return [int(size * alpha) for size in sizes]
     return apportion(sizes, k, [FLOOR] * len(sizes))
 
@@ -150,7 +150,8 @@ def prunevid_llm(tokens: Tensor, k: int, signals: Signals, config: PruneVidLlmCo
             segment's static tokens, a frame's dynamic ones): the top tokens of each group
             are kept, ``int(size * alpha)`` each at the default count as the official code
             does (fewer than ``k`` in total, or none from a group that small; ``mask`` pads
-            a batch), the groups sharing ``k`` otherwise.
+            a batch), the groups sharing ``k`` otherwise; tokens of group ``-1`` (in no
+            group, e.g. a video's newline) are kept and count towards ``k``.
 
     In a model (``tokensieve.apply``) the cut happens before layer K: layers from K on see
     and cache only the kept visual tokens, at their original positions.
@@ -180,11 +181,13 @@ def prunevid_llm(tokens: Tensor, k: int, signals: Signals, config: PruneVidLlmCo
     if signals.groups is None:
         return select(tokens, topk_indices(rated, k), ascending=True)
     b, n = rated.shape
-    keep = torch.zeros(b, n, dtype=torch.bool, device=rated.device)
+    keep = signals.groups.to(rated.device) < 0          # in no group: kept
     for i in range(b):
         ids = signals.groups[i].to(rated.device)
-        members = [torch.nonzero(ids == g).squeeze(1) for g in torch.unique(ids).tolist()]
-        counts = group_counts([m.numel() for m in members], k, n, config.alpha)
+        members = [torch.nonzero(ids == g).squeeze(1) for g in torch.unique(ids).tolist()
+                   if g >= 0]
+        counts = group_counts([m.numel() for m in members], k - int(keep[i].sum()),
+                              k == int(n * config.alpha), config.alpha)
         for m, c in zip(members, counts, strict=True):
             if c:
                 keep[i, m[topk_indices(rated[i, m][None], c)[0]]] = True

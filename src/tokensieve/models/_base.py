@@ -89,7 +89,8 @@ class Encoded:
     def run_groups(self) -> list[Tensor | None]:
         """Per item, the group of each token the LLM receives (``[K_i]`` long) when the
         method formed groups (``Reduction.groups``), else ``None``; tokens after the
-        reduced ones (a video's newline tail) form one more group."""
+        reduced ones (a video's newline tail, which the pre-LLM step always keeps) are in
+        no group (``-1``: kept)."""
         out: list[Tensor | None] = []
         for feats, (r, _grid) in zip(self.features, self.reductions, strict=True):
             if r.groups is None:
@@ -100,8 +101,7 @@ class Encoded:
             if tail < 0:
                 out.append(None)
                 continue
-            extra = g.new_full((tail,), int(g.max()) + 1 if g.numel() else 0)
-            out.append(torch.cat([g, extra]))
+            out.append(torch.cat([g, g.new_full((tail,), -1)]))
         return out
 
 
