@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from tokensieve.bench import protocol
-from tokensieve.bench.flops import Plan, VLMDims, account
+from tokensieve.bench.flops import Plan, VLMDims, account, llava15_dims
 from tokensieve.bench.plot import pareto_front
 from tokensieve.bench.protocol import BenchConfig, prepare, run, run_protocol
 from tokensieve.bench.report import markdown_table, replace_between_markers
@@ -215,6 +215,25 @@ def test_in_llm_plans_use_the_method_layer():
     if "visionzip" in list_methods():  # reduces the tower's features: projector on 64
         assert protocol._plan("visionzip", 64, 576, {}) == Plan.pre_llm(64, True)
     assert protocol._plan("full", 576, 576, {}) == Plan.full()
+
+
+def test_pipeline_plans_count_the_in_llm_stage():
+    """A pre-LLM method with its in-LLM stage (PruneVid, HoliTom): the LLM runs on the
+    ``keep`` tokens entering it, then on what the stage keeps from its cut on."""
+    import tokensieve as ts
+
+    prune = ts.describe("prunevid-llm").make_config({})
+    plan = protocol._plan("prunevid", 576, 1152, {}, 32, then=(prune, None))
+    assert plan == Plan.llm_schedule([(0, 576), (11, int(576 * 0.4))])
+    holi = ts.describe("holitom-llm").make_config({})
+    plan = protocol._plan("holitom", 288, 1152, {}, 28, then=(holi, 0.25))
+    cut, = holi.cut_layers(28)
+    assert plan == Plan.llm_schedule([(0, 288), (cut, holi.image_tokens(288, [72])[0])])
+    assert protocol._plan("prunevid", 576, 1152, {}, 32) == Plan.pre_llm(576)  # llm=None
+    cost = account(llava15_dims(), protocol._plan("prunevid", 64, 576, {}, 32,
+                                                     then=(prune, None)), text_tokens=40)
+    alone = account(llava15_dims(), Plan.pre_llm(64), text_tokens=40)
+    assert cost.llm_prefill < alone.llm_prefill and cost.llm_tokens[:11] == alone.llm_tokens[:11]
 
 
 # -- timing ---------------------------------------------------------------------------------

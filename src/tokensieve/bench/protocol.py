@@ -55,6 +55,7 @@ from tokensieve.core.api import ReduceConfig
 from tokensieve.core.budget import resolve_keep
 from tokensieve.core.registry import get_method, list_methods
 from tokensieve.core.schedule import LlmSchedule
+from tokensieve.models._llm import LlmStage
 
 #: Default budgets, as counts out of LLaVA-1.5's 576 (scaled to other models' token counts).
 REFERENCE_TOKENS = 576
@@ -560,14 +561,23 @@ def _layer_option(method: str, options: dict[str, Any]) -> int | None:
 
 def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any],
           llm_layers: int | None = None,
-          tower: Sequence[tuple[int, int]] | None = None) -> Plan:
+          tower: Sequence[tuple[int, int]] | None = None,
+          then: tuple[LlmSchedule, int | float | None] | None = None) -> Plan:
     """The accounting plan of a cell; ``tower``: an in-encoder method's tokens per tower
-    layer (attention, MLP), read from the patched model's stage."""
+    layer (attention, MLP), read from the patched model's stage; ``then``: the schedule
+    and budget of the in-LLM stage a pre-LLM method runs after it (HoliTom, PruneVid),
+    counted on the ``keep`` tokens entering the LLM (its counts as caps)."""
     if method == FULL or keep >= n_tokens:
         return Plan.full()
     spec = get_method(method)
     if tower:
         return Plan.in_encoder_layers(tower, keep)
+    if then is not None and llm_layers is not None and spec.stage == "pre-llm" \
+            and spec.features != "vision":
+        sched, llm_keep = then
+        tokens = sched.image_tokens(keep, sched.counts(keep, llm_keep, llm_layers))
+        steps = dict(zip(sched.cut_layers(llm_layers), tokens, strict=True))
+        return Plan.llm_schedule([(0, keep), *sorted(steps.items())])
     if llm_layers is not None and isinstance(spec.config, type) and issubclass(
             spec.config, LlmSchedule):
         # the method's own schedule: its cut layers and the tokens kept from each on
@@ -962,7 +972,10 @@ def _run_cell(prepared: Prepared, method: str, keep: int, samples: Sequence[Any]
     ref = acc if method == FULL else full_acc
     retention = {f: (a / ref[f] if ref.get(f) else float("nan")) for f, a in acc.items()}
     n = prepared.dims.image_tokens
-    plan = _plan(method, llm_keep, n, dict(rc.options), prepared.dims.llm.layers, tower)
+    then = None
+    if state is not None and state.pre_llm and isinstance(state.llm, LlmStage):
+        then = (state.llm.schedule, state.llm.config.keep)  # the pipeline's in-LLM stage
+    plan = _plan(method, llm_keep, n, dict(rc.options), prepared.dims.llm.layers, tower, then)
     cost: Cost = account(prepared.dims, plan, text_tokens=text_tokens,
                          bytes_per_element=torch.finfo(prepared.dtype).bits // 8)
     row = Row(
