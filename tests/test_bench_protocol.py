@@ -234,6 +234,13 @@ def test_pipeline_plans_count_the_in_llm_stage():
                                                      then=(prune, None)), text_tokens=40)
     alone = account(llava15_dims(), Plan.pre_llm(64), text_tokens=40)
     assert cost.llm_prefill < alone.llm_prefill and cost.llm_tokens[:11] == alone.llm_tokens[:11]
+    todre = ts.describe("todre-llm").make_config({})     # a pipeline on the tower's features
+    plan = protocol._plan("todre", 64, 576, {}, 32, then=(todre, None))
+    assert plan.before_projector and plan.schedule[0] == (0, 64)
+    both = account(llava15_dims(), plan, text_tokens=40)
+    first = account(llava15_dims(), Plan.pre_llm(64, before_projector=True), text_tokens=40)
+    assert both.projector == first.projector < alone.projector   # the projector on 64
+    assert both.llm_prefill <= first.llm_prefill
 
 
 # -- timing ---------------------------------------------------------------------------------

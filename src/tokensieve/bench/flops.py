@@ -344,8 +344,12 @@ class Plan:
         return cls("llm", ((layer, keep),))
 
     @classmethod
-    def llm_schedule(cls, steps: Sequence[tuple[int, int]]) -> Plan:
-        return cls("llm", tuple((int(a), int(b)) for a, b in steps))
+    def llm_schedule(cls, steps: Sequence[tuple[int, int]],
+                     before_projector: bool = False) -> Plan:
+        """Cuts inside the LLM; a step at layer 0 is a pre-LLM cut (a pipeline's first
+        stage), which with ``before_projector`` acts on the tower's features, so the
+        projector runs on its tokens only."""
+        return cls("llm", tuple((int(a), int(b)) for a, b in steps), before_projector)
 
     @property
     def final_tokens(self) -> int | None:
@@ -480,6 +484,8 @@ def account(dims: VLMDims, plan: Plan | None = None, *, text_tokens: int = 0,
         if plan.stage == "encoder" or (plan.stage == "pre-llm" and plan.before_projector):
             into_projector = plan.final_tokens or n_img
             llm_visual = [into_projector] * dims.llm.layers
+        elif plan.stage == "llm" and plan.before_projector and plan.schedule[0][0] == 0:
+            into_projector = plan.schedule[0][1]  # the pipeline's cut on the features
         vision_macs *= dims.crops
         if dims.crops > 1 and into_projector == n_img:
             # anyres: every crop's patches are projected before unpadding / newlines

@@ -565,19 +565,20 @@ def _plan(method: str, keep: int, n_tokens: int, options: dict[str, Any],
           then: tuple[LlmSchedule, int | float | None] | None = None) -> Plan:
     """The accounting plan of a cell; ``tower``: an in-encoder method's tokens per tower
     layer (attention, MLP), read from the patched model's stage; ``then``: the schedule
-    and budget of the in-LLM stage a pre-LLM method runs after it (HoliTom, PruneVid),
-    counted on the ``keep`` tokens entering the LLM (its counts as caps)."""
+    and budget of the in-LLM stage a pre-LLM method runs after it (HoliTom, PruneVid,
+    ToDRE, VisionDrop), counted on the ``keep`` tokens entering the LLM (its counts as
+    caps)."""
     if method == FULL or keep >= n_tokens:
         return Plan.full()
     spec = get_method(method)
     if tower:
         return Plan.in_encoder_layers(tower, keep)
-    if then is not None and llm_layers is not None and spec.stage == "pre-llm" \
-            and spec.features != "vision":
+    if then is not None and llm_layers is not None and spec.stage == "pre-llm":
         sched, llm_keep = then
         tokens = sched.image_tokens(keep, sched.counts(keep, llm_keep, llm_layers))
         steps = dict(zip(sched.cut_layers(llm_layers), tokens, strict=True))
-        return Plan.llm_schedule([(0, keep), *sorted(steps.items())])
+        return Plan.llm_schedule([(0, keep), *sorted(steps.items())],
+                                 before_projector=spec.features == "vision")
     if llm_layers is not None and isinstance(spec.config, type) and issubclass(
             spec.config, LlmSchedule):
         # the method's own schedule: its cut layers and the tokens kept from each on
