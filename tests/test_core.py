@@ -10,7 +10,7 @@ from conftest import make_anyres_inputs, make_inputs
 import tokensieve as ts
 from tokensieve.core.budget import resolve_keep
 from tokensieve.core.grid import target_grid
-from tokensieve.core.ops import merge_into_slots, topk_indices
+from tokensieve.core.ops import merge_into_slots, select_mask, topk_indices
 
 
 @pytest.mark.parametrize("keep,n,expected", [(64, 576, 64), (576, 576, 576), (0.5, 576, 288),
@@ -195,3 +195,16 @@ def test_describe_lists_defaults_and_needs():
     spec = ts.describe("fastervlm")
     assert spec.signals == ("cls_attn",) and "FasterVLM" in spec.paper
     assert isinstance(spec.defaults(), dict)
+
+
+def test_select_mask_rows_that_keep_nothing():
+    """A row that keeps no token pads with index 0 (masked), and a batch in which no row
+    keeps any gives [B, 0, D]; the kept rows are unchanged."""
+    x = torch.randn(2, 5, 3)
+    r = select_mask(x, torch.tensor([[0, 1, 0, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool))
+    assert r.indices.tolist() == [[1, 3], [0, 0]]
+    assert r.mask.tolist() == [[True, True], [False, False]]
+    torch.testing.assert_close(r.tokens[0], x[0, [1, 3]])
+    assert not r.tokens[1].any()
+    r = select_mask(x, torch.zeros(2, 5, dtype=torch.bool), always_mask=True)
+    assert r.tokens.shape == (2, 0, 3) and r.indices.shape == (2, 0) and r.mask.shape == (2, 0)

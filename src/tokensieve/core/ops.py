@@ -80,8 +80,8 @@ def select_mask(tokens: Tensor, keep: Tensor, always_mask: bool = False) -> Redu
 
     Equal counts: a plain :func:`select` (``mask`` None unless ``always_mask``). Otherwise
     real tokens come first in original order, padded to the largest count with zero tokens
-    whose ``indices`` repeat the row's last real index, and ``mask`` ``[B, K']`` is False on
-    the padding.
+    whose ``indices`` repeat the row's last real index (0 in a row that keeps none), and
+    ``mask`` ``[B, K']`` is False on the padding.
     """
     b, n = keep.shape
     counts = keep.sum(dim=1)
@@ -91,7 +91,8 @@ def select_mask(tokens: Tensor, keep: Tensor, always_mask: bool = False) -> Redu
     pos = torch.arange(n, device=keep.device).unsqueeze(0)
     order = torch.sort(torch.where(keep, pos, pos + n), dim=1).values[:, :width]
     mask = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
-    last = order.gather(1, (counts - 1).clamp(min=0).unsqueeze(1))
+    last = order.gather(1, (counts - 1).clamp(min=0).unsqueeze(1)) if width else order
+    last = torch.where(counts.unsqueeze(1) > 0, last, 0)   # a row that keeps nothing
     indices = torch.where(mask, order, last)
     kept = gather_tokens(tokens, indices)
     kept = torch.where(mask.unsqueeze(-1), kept, torch.zeros_like(kept))
