@@ -86,7 +86,6 @@ def coverage_matrix(tokens: Tensor, text: Tensor, text_mask: Tensor | None,
     return cover
 
 
-
 #: The coverage matrices of a batch go through one greedy loop this many bytes at a time.
 COVER_BATCH_BYTES = 1 << 26
 

@@ -181,9 +181,10 @@ def prunevid_llm(tokens: Tensor, k: int, signals: Signals, config: PruneVidLlmCo
     if signals.groups is None:
         return select(tokens, topk_indices(rated, k), ascending=True)
     b, n = rated.shape
-    keep = signals.groups.to(rated.device) < 0          # in no group: kept
+    groups = signals.groups.to(rated.device)
+    keep = groups < 0                                    # in no group: kept
     for i in range(b):
-        ids = signals.groups[i].to(rated.device)
+        ids = groups[i]
         members = [torch.nonzero(ids == g).squeeze(1) for g in torch.unique(ids).tolist()
                    if g >= 0]
         counts = group_counts([m.numel() for m in members], k - int(keep[i].sum()),

@@ -45,7 +45,9 @@ def visible_keys(query_cols: Tensor, key_valid: Tensor, window: int | None,
     valid keys on both sides (within ``window`` on either side for sliding-window layers)."""
     cols = torch.arange(key_valid.shape[1], device=key_valid.device)
     ahead = query_cols.unsqueeze(-1) - cols                      # [B, Q, T]: q - k
-    seen = key_valid.unsqueeze(1) & ((ahead >= 0) if causal else torch.ones_like(ahead).bool())
+    seen = key_valid.unsqueeze(1).expand(-1, query_cols.shape[1], -1)
+    if causal:
+        seen = seen & (ahead >= 0)
     if window is not None:
         seen = seen & ((ahead if causal else ahead.abs()) < window)
     return seen
